@@ -1,0 +1,222 @@
+//! A [`Backend`] in process memory: the reference model.
+//!
+//! It follows the same contract as the GPU backends, including the parts
+//! that are easy to get wrong above the trait: a new chunk holds garbage
+//! (0xA5 bytes, as stale VRAM would) until the block store zeroes it, and a
+//! memory limit makes allocations fail the way a full GPU does. The
+//! conformance tests run the same checks against it and against every GPU
+//! backend present; it never stands in for one.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{
+    Backend, BackendError, BackendKind, ChunkId, DeviceInfo, DeviceKind, Lane, MemoryReport,
+    TransferOp, CHUNK_SIZE,
+};
+
+/// What a new chunk contains before anyone writes it.
+pub const GARBAGE: u8 = 0xA5;
+/// The size the reference "device" claims; a `memory_limit` caps what it
+/// lends, as it caps a GPU backend.
+const HEAP: u64 = 1 << 40;
+
+struct Chunks {
+    slots: Vec<Option<Box<[u8]>>>,
+    free: Vec<u32>,
+    allocated: u64,
+}
+
+struct Shared {
+    chunks: Mutex<Chunks>,
+    limit: u64,
+    info: DeviceInfo,
+}
+
+/// Chunks in process memory; copies are `memcpy`s done at submit time.
+pub struct HostBackend {
+    shared: Arc<Shared>,
+}
+
+impl HostBackend {
+    /// A host "device" that lends at most `memory_limit` bytes (no limit
+    /// when `None`).
+    pub fn new(memory_limit: Option<u64>) -> Self {
+        let limit = memory_limit.unwrap_or(HEAP).min(HEAP);
+        HostBackend {
+            shared: Arc::new(Shared {
+                chunks: Mutex::new(Chunks {
+                    slots: Vec::new(),
+                    free: Vec::new(),
+                    allocated: 0,
+                }),
+                limit,
+                info: Self::device_info(limit),
+            }),
+        }
+    }
+
+    pub(crate) fn device_info(limit: u64) -> DeviceInfo {
+        DeviceInfo {
+            backend: BackendKind::Host,
+            index: 0,
+            name: "host memory (reference model)".into(),
+            vendor: "none".into(),
+            vendor_id: 0,
+            device_id: 0,
+            kind: DeviceKind::Cpu,
+            uuid: *b"vramswap-host-v1",
+            pci_bus_id: None,
+            dedicated_transfer_queue: false,
+            memory: MemoryReport {
+                total: HEAP,
+                available: limit,
+            },
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Chunks> {
+        // A poisoned lock means a test panicked mid-copy; the bytes are
+        // still plain memory, so carry on rather than cascade.
+        self.chunks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Backend for HostBackend {
+    fn device(&self) -> &DeviceInfo {
+        &self.shared.info
+    }
+
+    fn memory(&self) -> MemoryReport {
+        let used = self.shared.lock().allocated;
+        MemoryReport {
+            total: HEAP,
+            available: self.shared.limit.saturating_sub(used),
+        }
+    }
+
+    fn allocate_chunk(&self) -> Result<ChunkId, BackendError> {
+        let mut chunks = self.shared.lock();
+        if chunks.allocated + CHUNK_SIZE > self.shared.limit {
+            return Err(BackendError::OutOfDeviceMemory);
+        }
+        let data = vec![GARBAGE; CHUNK_SIZE as usize].into_boxed_slice();
+        let id = match chunks.free.pop() {
+            Some(id) => {
+                chunks.slots[id as usize] = Some(data);
+                id
+            }
+            None => {
+                chunks.slots.push(Some(data));
+                (chunks.slots.len() - 1) as u32
+            }
+        };
+        chunks.allocated += CHUNK_SIZE;
+        Ok(ChunkId(id))
+    }
+
+    fn free_chunk(&self, chunk: ChunkId) {
+        let mut chunks = self.shared.lock();
+        if let Some(slot) = chunks.slots.get_mut(chunk.0 as usize) {
+            if slot.take().is_some() {
+                chunks.free.push(chunk.0);
+                chunks.allocated -= CHUNK_SIZE;
+            }
+        }
+    }
+
+    fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
+        Ok(Box::new(HostLane {
+            shared: self.shared.clone(),
+            staging: vec![0; staging_bytes].into_boxed_slice(),
+            result: None,
+        }))
+    }
+}
+
+struct HostLane {
+    shared: Arc<Shared>,
+    staging: Box<[u8]>,
+    result: Option<Result<(), BackendError>>,
+}
+
+impl HostLane {
+    fn run(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
+        let mut chunks = self.shared.lock();
+        for op in ops {
+            let (chunk, chunk_offset, len) = match *op {
+                TransferOp::Upload {
+                    chunk,
+                    chunk_offset,
+                    len,
+                    ..
+                }
+                | TransferOp::Download {
+                    chunk,
+                    chunk_offset,
+                    len,
+                    ..
+                }
+                | TransferOp::Zero {
+                    chunk,
+                    chunk_offset,
+                    len,
+                } => (chunk, chunk_offset, len),
+            };
+            let data = chunks
+                .slots
+                .get_mut(chunk.0 as usize)
+                .and_then(Option::as_mut)
+                .ok_or(BackendError::BadChunk(chunk))?;
+            let range = byte_range(chunk_offset, len, CHUNK_SIZE)?;
+            match *op {
+                TransferOp::Upload { staging_offset, .. } => {
+                    let src = byte_range(staging_offset as u64, len, self.staging.len() as u64)?;
+                    data[range].copy_from_slice(&self.staging[src]);
+                }
+                TransferOp::Download { staging_offset, .. } => {
+                    let dst = byte_range(staging_offset as u64, len, self.staging.len() as u64)?;
+                    self.staging[dst].copy_from_slice(&data[range]);
+                }
+                TransferOp::Zero { .. } => {
+                    if chunk_offset % 4 != 0 || len % 4 != 0 {
+                        return Err(BackendError::OutOfBounds(format!(
+                            "zero at {chunk_offset}+{len} is not 4-byte aligned"
+                        )));
+                    }
+                    data[range].fill(0);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `offset..offset+len` as a slice range, checked against `limit`.
+fn byte_range(offset: u64, len: u64, limit: u64) -> Result<std::ops::Range<usize>, BackendError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= limit && len > 0 => Ok(offset as usize..end as usize),
+        _ => Err(BackendError::OutOfBounds(format!(
+            "{offset}+{len} against {limit} bytes"
+        ))),
+    }
+}
+
+impl Lane for HostLane {
+    fn staging(&mut self) -> &mut [u8] {
+        &mut self.staging
+    }
+
+    fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
+        if self.result.is_some() {
+            return Err(BackendError::Busy);
+        }
+        self.result = Some(self.run(ops));
+        Ok(())
+    }
+
+    fn wait(&mut self) -> Result<(), BackendError> {
+        self.result.take().unwrap_or(Ok(()))
+    }
+}

@@ -1,0 +1,185 @@
+//! Host memory for staging buffers: locked regions, and the copy into them.
+//!
+//! Backends import this memory into the GPU API (Vulkan's
+//! `VK_EXT_external_memory_host`, CUDA's `cuMemHostRegister`) rather than
+//! letting the driver allocate it: on the H100 machine, `memcpy` into the
+//! NVIDIA driver's own HOST_CACHED Vulkan memory ran at 15 GB/s, into plain
+//! locked anonymous memory at 30 GB/s, and that copy is most of what a large
+//! request costs. The region is locked so the swap server never has to
+//! page its own staging buffers in.
+
+use std::ptr::NonNull;
+
+use tracing::debug;
+
+/// An anonymous, page-aligned, populated and (where permitted) locked
+/// mapping. Unmapped on drop.
+#[cfg_attr(not(feature = "vulkan"), allow(dead_code))]
+pub(crate) struct LockedRegion {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the region is plain memory owned by this value; access goes
+// through `&self`/`&mut self`, so the usual borrow rules make it race-free.
+unsafe impl Send for LockedRegion {}
+// SAFETY: as above; shared references only hand out shared slices.
+unsafe impl Sync for LockedRegion {}
+
+#[cfg_attr(not(feature = "vulkan"), allow(dead_code))]
+impl LockedRegion {
+    /// Maps at least `len` bytes, rounded up to `align` (a power of two
+    /// that is a multiple of the page size) and aligned to it.
+    pub(crate) fn new(len: usize, align: usize) -> std::io::Result<Self> {
+        let page = page_size();
+        let align = align.max(page);
+        if !align.is_power_of_two() || len == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        }
+        let len = len.div_ceil(align) * align;
+        // Over-map by `align` so an aligned start can be carved out.
+        let mapped_len = len + align;
+        // SAFETY: a fresh anonymous private mapping; no existing memory is
+        // touched. The result is checked against MAP_FAILED.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let base = base as usize;
+        let start = base.div_ceil(align) * align;
+        let end = start + len;
+        // SAFETY: both trims lie inside the mapping made above and outside
+        // the `start..end` range that is kept.
+        unsafe {
+            if start > base {
+                libc::munmap(base as *mut libc::c_void, start - base);
+            }
+            if base + mapped_len > end {
+                libc::munmap(end as *mut libc::c_void, base + mapped_len - end);
+            }
+        }
+        // SAFETY: `start..end` is mapped read-write by this process.
+        if unsafe { libc::mlock(start as *const libc::c_void, len) } != 0 {
+            debug!(
+                "mlock of {len} staging bytes failed ({}); the driver pins them instead",
+                std::io::Error::last_os_error()
+            );
+        }
+        let ptr = NonNull::new(start as *mut u8).ok_or(std::io::ErrorKind::OutOfMemory)?;
+        Ok(LockedRegion { ptr, len })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr..ptr+len` is mapped and owned by `self`; `&mut self`
+        // makes this the only live reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for LockedRegion {
+    fn drop(&mut self) {
+        // SAFETY: the range was mapped by `new` and nothing refers to it
+        // any more (GPU imports are released before their region).
+        unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Copies `src` into staging memory (`dst`, same length) that the CPU will
+/// not read again: the DMA engine reads it. Non-temporal stores skip
+/// fetching each destination line first; on the H100 machine this took
+/// a 1-core copy into staging from 10.1 to 12.7 GB/s, and the copy is most
+/// of what a large write costs. Ends with a store fence, so the bytes are
+/// visible before the batch that reads them is submitted.
+pub fn copy_to_staging(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len(), "copy_to_staging needs equal lengths");
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+        // Plain copy up to the first 16-byte aligned destination byte.
+        let head = dst.as_ptr().align_offset(16).min(dst.len());
+        dst[..head].copy_from_slice(&src[..head]);
+        let body = (dst.len() - head) / 64 * 64;
+        let (d, s) = (dst[head..].as_mut_ptr(), src[head..].as_ptr());
+        let mut i = 0;
+        while i < body {
+            // SAFETY: SSE2 is part of the x86_64 baseline. `i + 64 <= body`
+            // keeps every access inside both slices; `d + i` is 16-byte
+            // aligned (head alignment, steps of 64) as streaming stores need;
+            // loads are unaligned.
+            unsafe {
+                let a = _mm_loadu_si128(s.add(i) as *const __m128i);
+                let b = _mm_loadu_si128(s.add(i + 16) as *const __m128i);
+                let c = _mm_loadu_si128(s.add(i + 32) as *const __m128i);
+                let e = _mm_loadu_si128(s.add(i + 48) as *const __m128i);
+                _mm_stream_si128(d.add(i) as *mut __m128i, a);
+                _mm_stream_si128(d.add(i + 16) as *mut __m128i, b);
+                _mm_stream_si128(d.add(i + 32) as *mut __m128i, c);
+                _mm_stream_si128(d.add(i + 48) as *mut __m128i, e);
+            }
+            i += 64;
+        }
+        let tail = head + body;
+        dst[tail..].copy_from_slice(&src[tail..]);
+        // SAFETY: a fence has no memory-safety preconditions.
+        unsafe { _mm_sfence() };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    dst.copy_from_slice(src);
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 {
+        size as usize
+    } else {
+        4096
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_copy_is_exact_at_every_alignment_and_length() {
+        let src: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
+        for offset in 0..20 {
+            for len in [0, 1, 15, 16, 17, 63, 64, 65, 127, 200, 900] {
+                let mut dst = vec![0u8; 1000];
+                copy_to_staging(&mut dst[offset..offset + len], &src[3..3 + len]);
+                assert_eq!(&dst[offset..offset + len], &src[3..3 + len]);
+                assert!(dst[..offset].iter().all(|b| *b == 0));
+                assert!(dst[offset + len..].iter().all(|b| *b == 0));
+            }
+        }
+    }
+
+    #[test]
+    fn regions_are_aligned_rounded_and_writable() {
+        let mut region = LockedRegion::new(10_000, 64 << 10).unwrap();
+        assert_eq!(region.as_ptr() as usize % (64 << 10), 0);
+        assert_eq!(region.len(), 64 << 10);
+        region.as_mut_slice().fill(0xab);
+        assert!(region.as_mut_slice().iter().all(|b| *b == 0xab));
+        assert!(LockedRegion::new(0, 4096).is_err());
+        assert!(LockedRegion::new(4096, 3 * 4096).is_err());
+    }
+}

@@ -1,0 +1,506 @@
+//! The one seam between the block store and a GPU API.
+//!
+//! A [`Backend`] hands out fixed-size device-memory chunks ([`CHUNK_SIZE`])
+//! and [`Lane`]s: a lane is a pinned host staging buffer plus the command
+//! context that moves bytes between it and chunks on the GPU's transfer queue.
+//! A lane runs one batch of [`TransferOp`]s at a time: [`Lane::submit`]
+//! starts it and returns at once, [`Lane::wait`] blocks until it is done, so a
+//! caller holding two lanes keeps two batches in flight while it copies the
+//! next piece into host memory.
+//!
+//! Raw API handles stay inside the backend modules; nothing above this trait
+//! sees `ash` or CUDA. Only backend modules contain `unsafe`.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+pub mod host;
+mod hostmem;
+
+pub use hostmem::copy_to_staging;
+#[cfg(feature = "vulkan")]
+pub mod vulkan;
+
+/// Size of one device allocation. VRAM is taken and given back in these.
+pub const CHUNK_SIZE: u64 = 4 << 20;
+/// Size of one block: the unit of zero tracking inside a chunk, and the
+/// preferred I/O size of the exported device.
+pub const BLOCK_SIZE: u64 = 64 << 10;
+/// Blocks per chunk (64, so one `u64` bitmap covers a chunk).
+pub const BLOCKS_PER_CHUNK: usize = (CHUNK_SIZE / BLOCK_SIZE) as usize;
+
+/// Which GPU API a backend drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// Vulkan through `ash`: AMD, Intel, NVIDIA and Mesa's lavapipe.
+    Vulkan,
+    /// Process memory: the reference model the conformance tests compare
+    /// the GPU backends with. It holds nothing in VRAM.
+    Host,
+}
+
+impl BackendKind {
+    /// The backends this build can open, in the order they are preferred.
+    pub fn compiled_in() -> &'static [BackendKind] {
+        &[
+            #[cfg(feature = "vulkan")]
+            BackendKind::Vulkan,
+        ]
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Vulkan => "vulkan",
+            BackendKind::Host => "host",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = BackendError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "vulkan" => Ok(BackendKind::Vulkan),
+            "host" => Ok(BackendKind::Host),
+            _ => Err(BackendError::UnknownBackend(s.to_string())),
+        }
+    }
+}
+
+/// Which device to open: by position in the backend's list, by a piece of
+/// its name (case-insensitive, must match exactly one device), or by UUID.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DeviceSelector {
+    /// The first device that can serve (discrete GPUs before others).
+    #[default]
+    First,
+    Index(usize),
+    Name(String),
+    Uuid([u8; 16]),
+}
+
+impl FromStr for DeviceSelector {
+    type Err = BackendError;
+
+    /// `0`, `1`… select by index; 32 hex digits (dashes allowed, optional
+    /// `GPU-` prefix as `nvidia-smi -L` prints) select by UUID; anything else
+    /// is a name substring.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(BackendError::BadSelector(s.to_string()));
+        }
+        if let Ok(index) = s.parse::<usize>() {
+            return Ok(DeviceSelector::Index(index));
+        }
+        let hex: String = s
+            .strip_prefix("GPU-")
+            .unwrap_or(s)
+            .chars()
+            .filter(|c| *c != '-')
+            .collect();
+        if hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            let mut uuid = [0u8; 16];
+            for (i, byte) in uuid.iter_mut().enumerate() {
+                *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                    .map_err(|_| BackendError::BadSelector(s.to_string()))?;
+            }
+            return Ok(DeviceSelector::Uuid(uuid));
+        }
+        Ok(DeviceSelector::Name(s.to_string()))
+    }
+}
+
+impl fmt::Display for DeviceSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSelector::First => f.write_str("the first usable device"),
+            DeviceSelector::Index(i) => write!(f, "device {i}"),
+            DeviceSelector::Name(n) => write!(f, "device named '{n}'"),
+            DeviceSelector::Uuid(u) => write!(f, "device {}", format_uuid(u)),
+        }
+    }
+}
+
+/// Picks one device from a list the way every backend must, so that
+/// `device=` means the same under Vulkan and CUDA.
+pub fn select_device<'a>(
+    devices: &'a [DeviceInfo],
+    selector: &DeviceSelector,
+) -> Result<&'a DeviceInfo, BackendError> {
+    let not_found = || BackendError::NoDevice {
+        selector: selector.to_string(),
+        available: devices.iter().map(DeviceInfo::short).collect(),
+    };
+    match selector {
+        DeviceSelector::First => devices
+            .iter()
+            .min_by_key(|d| (d.kind.preference(), d.index))
+            .ok_or_else(not_found),
+        DeviceSelector::Index(i) => devices.iter().find(|d| d.index == *i).ok_or_else(not_found),
+        DeviceSelector::Uuid(u) => devices.iter().find(|d| &d.uuid == u).ok_or_else(not_found),
+        DeviceSelector::Name(name) => {
+            let needle = name.to_lowercase();
+            let matches: Vec<&DeviceInfo> = devices
+                .iter()
+                .filter(|d| d.name.to_lowercase().contains(&needle))
+                .collect();
+            match matches.as_slice() {
+                [one] => Ok(one),
+                [] => Err(not_found()),
+                many => Err(BackendError::AmbiguousDevice {
+                    selector: name.clone(),
+                    matches: many.iter().map(|d| d.short()).collect(),
+                }),
+            }
+        }
+    }
+}
+
+/// What kind of processor a device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Discrete,
+    Integrated,
+    Virtual,
+    Cpu,
+    Other,
+}
+
+impl DeviceKind {
+    fn preference(self) -> u8 {
+        match self {
+            DeviceKind::Discrete => 0,
+            DeviceKind::Integrated => 1,
+            DeviceKind::Virtual => 2,
+            DeviceKind::Other => 3,
+            DeviceKind::Cpu => 4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Discrete => "discrete",
+            DeviceKind::Integrated => "integrated",
+            DeviceKind::Virtual => "virtual",
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Other => "other",
+        }
+    }
+}
+
+/// What a backend knows about one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub backend: BackendKind,
+    /// Position in this backend's device list; what `device=N` selects.
+    pub index: usize,
+    pub name: String,
+    pub vendor: String,
+    pub vendor_id: u32,
+    pub device_id: u32,
+    pub kind: DeviceKind,
+    /// The device UUID (Vulkan's `deviceUUID`, CUDA's `cuDeviceGetUuid`:
+    /// the same bytes for the same NVIDIA GPU).
+    pub uuid: [u8; 16],
+    /// `domain:bus:device.function`, where the API reports it.
+    pub pci_bus_id: Option<String>,
+    /// Whether copies run on a queue that does transfers only (a DMA engine
+    /// of its own), rather than sharing a graphics or compute queue.
+    pub dedicated_transfer_queue: bool,
+    pub memory: MemoryReport,
+}
+
+impl DeviceInfo {
+    pub fn uuid_string(&self) -> String {
+        format_uuid(&self.uuid)
+    }
+
+    /// `0: NVIDIA H100 (…uuid…)`, as error messages list devices.
+    pub fn short(&self) -> String {
+        format!("{}: {} ({})", self.index, self.name, self.uuid_string())
+    }
+}
+
+/// Formats a UUID the way `vulkaninfo` and `nvidia-smi` do.
+pub fn format_uuid(uuid: &[u8; 16]) -> String {
+    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// Device-local memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryReport {
+    /// Size of the device-local heap chunks come from.
+    pub total: u64,
+    /// What this process could still allocate there now: the driver's budget
+    /// minus what is in use (`VK_EXT_memory_budget`, `cuMemGetInfo`), or
+    /// less where a `memory_limit` caps the backend.
+    pub available: u64,
+}
+
+/// A chunk of device memory, [`CHUNK_SIZE`] bytes, owned by the backend
+/// that allocated it. The number means nothing to anyone else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkId(pub u32);
+
+/// One step of a lane's batch. Steps run in order: a fill is complete
+/// before a later step of the same batch touches the same bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferOp {
+    /// Copy `len` bytes from the lane's staging buffer to a chunk.
+    Upload {
+        staging_offset: usize,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        len: u64,
+    },
+    /// Copy `len` bytes from a chunk to the lane's staging buffer.
+    Download {
+        staging_offset: usize,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        len: u64,
+    },
+    /// Set `len` bytes of a chunk to zero on the device. Offset and length
+    /// are multiples of 4 (Vulkan's `vkCmdFillBuffer` rule).
+    Zero {
+        chunk: ChunkId,
+        chunk_offset: u64,
+        len: u64,
+    },
+}
+
+/// A pinned host staging buffer with the command context that moves it.
+///
+/// A lane is used by one thread at a time (`&mut self`); several lanes run
+/// at once. The staging buffer is allocated once, when the lane is made,
+/// and never on the I/O path.
+pub trait Lane: Send {
+    /// The staging buffer: host memory the device can reach by DMA.
+    fn staging(&mut self) -> &mut [u8];
+
+    /// Starts a batch and returns without waiting for it. The staging bytes
+    /// an upload reads must be written before this call; the bytes a
+    /// download writes are valid only after [`Lane::wait`] returns `Ok`.
+    /// Submitting while a batch is still pending is an error.
+    fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError>;
+
+    /// Blocks until the pending batch is done. Returns at once when none is.
+    fn wait(&mut self) -> Result<(), BackendError>;
+}
+
+/// A GPU API that lends device memory and moves bytes in and out of it.
+pub trait Backend: Send + Sync {
+    /// The device this backend opened.
+    fn device(&self) -> &DeviceInfo;
+
+    /// Device-local memory now (total and available to this process).
+    fn memory(&self) -> MemoryReport;
+
+    /// Allocates one [`CHUNK_SIZE`] chunk of device-local memory. Its
+    /// contents are undefined: the block store zeroes every chunk with a
+    /// [`TransferOp::Zero`] before it is read.
+    fn allocate_chunk(&self) -> Result<ChunkId, BackendError>;
+
+    /// Gives a chunk back to the device. No batch may be using it.
+    fn free_chunk(&self, chunk: ChunkId);
+
+    /// Makes a lane with a staging buffer of `staging_bytes`.
+    fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError>;
+}
+
+/// What to open and with which limits.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    pub device: DeviceSelector,
+    /// Never hold more device memory than this (bytes), whatever the device
+    /// has free: chunk allocations past it fail as out of device memory.
+    pub memory_limit: Option<u64>,
+}
+
+/// Lists the devices a backend sees, without opening any of them.
+pub fn enumerate(kind: BackendKind) -> Result<Vec<DeviceInfo>, BackendError> {
+    match kind {
+        #[cfg(feature = "vulkan")]
+        BackendKind::Vulkan => vulkan::enumerate(),
+        #[cfg(not(feature = "vulkan"))]
+        BackendKind::Vulkan => Err(BackendError::NotCompiledIn(kind)),
+        BackendKind::Host => Ok(vec![host::HostBackend::new(None).device().clone()]),
+    }
+}
+
+/// Opens one device of a backend.
+pub fn open(kind: BackendKind, options: &OpenOptions) -> Result<Arc<dyn Backend>, BackendError> {
+    match kind {
+        #[cfg(feature = "vulkan")]
+        BackendKind::Vulkan => Ok(Arc::new(vulkan::VulkanBackend::open(options)?)),
+        #[cfg(not(feature = "vulkan"))]
+        BackendKind::Vulkan => Err(BackendError::NotCompiledIn(kind)),
+        BackendKind::Host => Ok(Arc::new(host::HostBackend::new(options.memory_limit))),
+    }
+}
+
+/// Errors a backend reports. Callers tell apart running out of memory
+/// (a write can fail with ENOSPC and later ones succeed), a lost device
+/// (every later request fails) and configuration problems (the server
+/// refuses to start).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BackendError {
+    #[error("unknown backend '{0}': expected vulkan or cuda")]
+    UnknownBackend(String),
+    #[error("the {0} backend is not compiled into this build")]
+    NotCompiledIn(BackendKind),
+    #[error("{backend} is not available: {reason}")]
+    NotAvailable {
+        backend: BackendKind,
+        reason: String,
+    },
+    #[error("'{0}' does not name a device: give an index, a name or a UUID")]
+    BadSelector(String),
+    #[error("no {selector}; devices: {}", if available.is_empty() { "none".to_string() } else { available.join(", ") })]
+    NoDevice {
+        selector: String,
+        available: Vec<String>,
+    },
+    #[error("device name '{selector}' matches several devices: {}; give an index or UUID", matches.join(", "))]
+    AmbiguousDevice {
+        selector: String,
+        matches: Vec<String>,
+    },
+    #[error("device '{device}' is not supported: {reason}")]
+    UnsupportedDevice { device: String, reason: String },
+    #[error("out of device memory")]
+    OutOfDeviceMemory,
+    #[error("out of host memory")]
+    OutOfHostMemory,
+    #[error("the device was lost (driver reset, GPU fault or removal)")]
+    DeviceLost,
+    #[error("chunk {0:?} is not allocated")]
+    BadChunk(ChunkId),
+    #[error("transfer out of bounds: {0}")]
+    OutOfBounds(String),
+    #[error("a batch is already pending on this lane")]
+    Busy,
+    #[error("{call} failed: {detail}")]
+    Api { call: &'static str, detail: String },
+}
+
+impl BackendError {
+    /// True when the device can no longer be trusted with any request.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, BackendError::DeviceLost)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(index: usize, name: &str, kind: DeviceKind, uuid_byte: u8) -> DeviceInfo {
+        DeviceInfo {
+            backend: BackendKind::Host,
+            index,
+            name: name.to_string(),
+            vendor: "test".into(),
+            vendor_id: 0,
+            device_id: 0,
+            kind,
+            uuid: [uuid_byte; 16],
+            pci_bus_id: None,
+            dedicated_transfer_queue: false,
+            memory: MemoryReport::default(),
+        }
+    }
+
+    #[test]
+    fn selectors_parse() {
+        assert_eq!(
+            "0".parse::<DeviceSelector>().unwrap(),
+            DeviceSelector::Index(0)
+        );
+        assert_eq!(
+            "GPU-01010101-0101-0101-0101-010101010101"
+                .parse::<DeviceSelector>()
+                .unwrap(),
+            DeviceSelector::Uuid([1; 16])
+        );
+        assert_eq!(
+            "0101010101010101010101010101010A"
+                .parse::<DeviceSelector>()
+                .unwrap(),
+            DeviceSelector::Uuid([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 10])
+        );
+        assert_eq!(
+            "H100".parse::<DeviceSelector>().unwrap(),
+            DeviceSelector::Name("H100".into())
+        );
+        assert!("  ".parse::<DeviceSelector>().is_err());
+    }
+
+    #[test]
+    fn selection_prefers_discrete_and_rejects_ambiguity() {
+        let devices = [
+            dev(0, "llvmpipe (LLVM 15)", DeviceKind::Cpu, 1),
+            dev(1, "NVIDIA H100 80GB", DeviceKind::Discrete, 2),
+            dev(2, "NVIDIA RTX 4090", DeviceKind::Discrete, 3),
+        ];
+        assert_eq!(
+            select_device(&devices, &DeviceSelector::First)
+                .unwrap()
+                .index,
+            1
+        );
+        assert_eq!(
+            select_device(&devices, &DeviceSelector::Index(2))
+                .unwrap()
+                .index,
+            2
+        );
+        assert_eq!(
+            select_device(&devices, &DeviceSelector::Uuid([3; 16]))
+                .unwrap()
+                .index,
+            2
+        );
+        assert_eq!(
+            select_device(&devices, &"h100".parse().unwrap())
+                .unwrap()
+                .index,
+            1
+        );
+        let err = select_device(&devices, &"nvidia".parse().unwrap()).unwrap_err();
+        assert!(matches!(err, BackendError::AmbiguousDevice { .. }), "{err}");
+        let err = select_device(&devices, &DeviceSelector::Index(7)).unwrap_err();
+        assert!(err.to_string().contains("no device 7"), "{err}");
+        assert!(err.to_string().contains("NVIDIA H100"), "{err}");
+        let none: [DeviceInfo; 0] = [];
+        let err = select_device(&none, &DeviceSelector::First).unwrap_err();
+        assert!(err.to_string().ends_with("devices: none"), "{err}");
+    }
+
+    #[test]
+    fn uuid_formats_like_vulkaninfo() {
+        let mut u = [0u8; 16];
+        u[0] = 0x6d;
+        u[15] = 0xff;
+        assert_eq!(format_uuid(&u), "6d000000-0000-0000-0000-0000000000ff");
+    }
+}

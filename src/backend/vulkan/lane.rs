@@ -1,0 +1,297 @@
+//! A Vulkan lane: a host-visible staging buffer, a command pool with one
+//! command buffer, and a fence, all made once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ash::vk;
+use tracing::warn;
+
+use super::conv;
+use super::device::{DeviceShared, Staging};
+use crate::backend::{BackendError, Lane, TransferOp, CHUNK_SIZE};
+
+/// A wait this long means something is wrong; say so, and keep waiting:
+/// giving up would leave the copy running into memory we hand back.
+const SLOW_WAIT: Duration = Duration::from_secs(10);
+
+pub(super) struct VulkanLane {
+    shared: Arc<DeviceShared>,
+    queue: usize,
+    pool: vk::CommandPool,
+    cmd: vk::CommandBuffer,
+    fence: vk::Fence,
+    staging_buffer: vk::Buffer,
+    /// `None` only while building or dropping.
+    staging: Option<Staging>,
+    staging_len: usize,
+    pending: bool,
+}
+
+impl VulkanLane {
+    pub(super) fn new(
+        shared: Arc<DeviceShared>,
+        staging_len: usize,
+        queue: usize,
+    ) -> Result<Self, BackendError> {
+        let device = &shared.raw;
+        let pool_info = vk::CommandPoolCreateInfo::default()
+            .queue_family_index(shared.queue_family)
+            .flags(vk::CommandPoolCreateFlags::TRANSIENT);
+        // SAFETY: valid create info for this device.
+        let pool = unsafe { device.create_command_pool(&pool_info, None) }
+            .map_err(|e| conv::error("vkCreateCommandPool", e))?;
+        let mut lane = VulkanLane {
+            shared: shared.clone(),
+            queue: queue % shared.queues.len(),
+            pool,
+            cmd: vk::CommandBuffer::null(),
+            fence: vk::Fence::null(),
+            staging_buffer: vk::Buffer::null(),
+            staging: None,
+            staging_len,
+            pending: false,
+        };
+        // From here on `Drop` cleans up whatever was made.
+        let alloc_info = vk::CommandBufferAllocateInfo::default()
+            .command_pool(pool)
+            .level(vk::CommandBufferLevel::PRIMARY)
+            .command_buffer_count(1);
+        // SAFETY: the pool belongs to this device.
+        lane.cmd = unsafe { device.allocate_command_buffers(&alloc_info) }
+            .map_err(|e| conv::error("vkAllocateCommandBuffers", e))?[0];
+        // SAFETY: valid create info for this device.
+        lane.fence = unsafe { device.create_fence(&vk::FenceCreateInfo::default(), None) }
+            .map_err(|e| conv::error("vkCreateFence", e))?;
+        let (buffer, staging) = shared.create_staging(staging_len)?;
+        lane.staging_buffer = buffer;
+        lane.staging = Some(staging);
+        Ok(lane)
+    }
+
+    fn record(&self, ops: &[TransferOp]) -> Result<(), BackendError> {
+        let device = &self.shared.raw;
+        let cmd = self.cmd;
+        // SAFETY: no batch of this lane is pending (checked by `submit`), so
+        // the pool's one command buffer is not in use.
+        unsafe { device.reset_command_pool(self.pool, vk::CommandPoolResetFlags::empty()) }
+            .map_err(|e| conv::error("vkResetCommandPool", e))?;
+        let begin = vk::CommandBufferBeginInfo::default()
+            .flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT);
+        // SAFETY: the command buffer was just reset.
+        unsafe { device.begin_command_buffer(cmd, &begin) }
+            .map_err(|e| conv::error("vkBeginCommandBuffer", e))?;
+        let mut downloads = false;
+        for (i, op) in ops.iter().enumerate() {
+            match *op {
+                TransferOp::Upload {
+                    staging_offset,
+                    chunk,
+                    chunk_offset,
+                    len,
+                } => {
+                    self.check(staging_offset, chunk_offset, len)?;
+                    let region = vk::BufferCopy {
+                        src_offset: staging_offset as u64,
+                        dst_offset: chunk_offset,
+                        size: len,
+                    };
+                    let dst = self.shared.chunk_buffer(chunk)?;
+                    // SAFETY: both buffers are alive (the store holds the
+                    // chunk's lock while this batch runs) and the region is
+                    // inside both, checked above.
+                    unsafe { device.cmd_copy_buffer(cmd, self.staging_buffer, dst, &[region]) };
+                }
+                TransferOp::Download {
+                    staging_offset,
+                    chunk,
+                    chunk_offset,
+                    len,
+                } => {
+                    self.check(staging_offset, chunk_offset, len)?;
+                    let region = vk::BufferCopy {
+                        src_offset: chunk_offset,
+                        dst_offset: staging_offset as u64,
+                        size: len,
+                    };
+                    let src = self.shared.chunk_buffer(chunk)?;
+                    // SAFETY: as for uploads.
+                    unsafe { device.cmd_copy_buffer(cmd, src, self.staging_buffer, &[region]) };
+                    downloads = true;
+                }
+                TransferOp::Zero {
+                    chunk,
+                    chunk_offset,
+                    len,
+                } => {
+                    if chunk_offset % 4 != 0
+                        || len % 4 != 0
+                        || len == 0
+                        || chunk_offset + len > CHUNK_SIZE
+                    {
+                        return Err(BackendError::OutOfBounds(format!(
+                            "zero {chunk_offset}+{len} in a {CHUNK_SIZE}-byte chunk"
+                        )));
+                    }
+                    let dst = self.shared.chunk_buffer(chunk)?;
+                    // SAFETY: the range is 4-aligned and inside the buffer.
+                    unsafe { device.cmd_fill_buffer(cmd, dst, chunk_offset, len, 0) };
+                    if i + 1 < ops.len() {
+                        // Later steps of this batch see the zeros.
+                        self.barrier(
+                            vk::PipelineStageFlags::TRANSFER,
+                            vk::AccessFlags::TRANSFER_READ | vk::AccessFlags::TRANSFER_WRITE,
+                        );
+                    }
+                }
+            }
+        }
+        if downloads {
+            // Makes the copied bytes visible to the CPU once the fence signals.
+            self.barrier(vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ);
+        }
+        // SAFETY: the command buffer is recording.
+        unsafe { device.end_command_buffer(cmd) }.map_err(|e| conv::error("vkEndCommandBuffer", e))
+    }
+
+    fn barrier(&self, dst_stage: vk::PipelineStageFlags, dst_access: vk::AccessFlags) {
+        let barrier = vk::MemoryBarrier::default()
+            .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+            .dst_access_mask(dst_access);
+        // SAFETY: the command buffer is recording; a global memory barrier
+        // needs no resources.
+        unsafe {
+            self.shared.raw.cmd_pipeline_barrier(
+                self.cmd,
+                vk::PipelineStageFlags::TRANSFER,
+                dst_stage,
+                vk::DependencyFlags::empty(),
+                &[barrier],
+                &[],
+                &[],
+            )
+        };
+    }
+
+    fn check(
+        &self,
+        staging_offset: usize,
+        chunk_offset: u64,
+        len: u64,
+    ) -> Result<(), BackendError> {
+        let staging_end = (staging_offset as u64).checked_add(len);
+        let chunk_end = chunk_offset.checked_add(len);
+        match (staging_end, chunk_end) {
+            (Some(s), Some(c)) if len > 0 && s <= self.staging_len as u64 && c <= CHUNK_SIZE => {
+                Ok(())
+            }
+            _ => Err(BackendError::OutOfBounds(format!(
+                "copy of {len} bytes at staging {staging_offset} / chunk {chunk_offset}"
+            ))),
+        }
+    }
+
+    fn fence_status(&self) -> Result<bool, BackendError> {
+        // SAFETY: the fence belongs to this device.
+        unsafe { self.shared.raw.get_fence_status(self.fence) }
+            .map_err(|e| self.shared.note(conv::error("vkGetFenceStatus", e)))
+    }
+
+    fn wait_fence(&self) -> Result<(), BackendError> {
+        let start = Instant::now();
+        while start.elapsed() < self.shared.spin {
+            if self.fence_status()? {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        let mut warned = false;
+        loop {
+            // SAFETY: the fence belongs to this device and was submitted.
+            let result = unsafe {
+                self.shared.raw.wait_for_fences(
+                    &[self.fence],
+                    true,
+                    Duration::from_secs(1).as_nanos() as u64,
+                )
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(vk::Result::TIMEOUT) => {
+                    if !warned && start.elapsed() > SLOW_WAIT {
+                        warn!(
+                            "{}: a transfer has not finished after {:?}; still waiting",
+                            self.shared.adapter.info.name,
+                            start.elapsed()
+                        );
+                        warned = true;
+                    }
+                }
+                Err(e) => return Err(self.shared.note(conv::error("vkWaitForFences", e))),
+            }
+        }
+    }
+}
+
+impl Lane for VulkanLane {
+    fn staging(&mut self) -> &mut [u8] {
+        let len = self.staging_len;
+        match self.staging.as_mut() {
+            Some(staging) => &mut staging.bytes()[..len],
+            None => &mut [],
+        }
+    }
+
+    fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
+        self.shared.check_alive()?;
+        if self.pending {
+            return Err(BackendError::Busy);
+        }
+        self.record(ops)?;
+        let device = &self.shared.raw;
+        // SAFETY: the fence is not in use (no batch pending).
+        unsafe { device.reset_fences(&[self.fence]) }
+            .map_err(|e| conv::error("vkResetFences", e))?;
+        let cmds = [self.cmd];
+        let submit = vk::SubmitInfo::default().command_buffers(&cmds);
+        let queue = self.shared.queues[self.queue]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the queue is externally synchronised by its mutex; the
+        // command buffer is fully recorded and not pending elsewhere.
+        unsafe { device.queue_submit(*queue, &[submit], self.fence) }
+            .map_err(|e| self.shared.note(conv::error("vkQueueSubmit", e)))?;
+        drop(queue);
+        self.pending = true;
+        Ok(())
+    }
+
+    fn wait(&mut self) -> Result<(), BackendError> {
+        if !self.pending {
+            return Ok(());
+        }
+        let result = self.wait_fence();
+        self.pending = false;
+        result
+    }
+}
+
+impl Drop for VulkanLane {
+    fn drop(&mut self) {
+        if self.pending {
+            if let Err(err) = self.wait_fence() {
+                warn!("dropping a lane whose batch failed: {err}");
+            }
+        }
+        let device = &self.shared.raw;
+        // SAFETY: nothing of this lane is pending any more; null handles
+        // (from a half-built lane) are ignored by the destroy calls.
+        unsafe {
+            device.destroy_fence(self.fence, None);
+            device.destroy_command_pool(self.pool, None);
+        }
+        if let Some(staging) = self.staging.take() {
+            self.shared.destroy_staging(self.staging_buffer, staging);
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! What the block-store tests share: the backends to run against, and
+//! wrappers that count or break the calls a real backend sees.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+
+use vramswap::backend::{
+    self, Backend, BackendError, BackendKind, ChunkId, DeviceInfo, Lane, MemoryReport, OpenOptions,
+    TransferOp,
+};
+
+pub fn init_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// The backends every conformance test runs against:
+/// `VRAMSWAP_TEST_BACKENDS` (comma-separated; default `host,vulkan`). Each
+/// one named must open, so a missing driver fails the tests instead of
+/// skipping them. `VRAMSWAP_TEST_DEVICE` picks the device (default: first).
+pub fn backend_kinds() -> Vec<BackendKind> {
+    let list = std::env::var("VRAMSWAP_TEST_BACKENDS").unwrap_or_else(|_| "host,vulkan".into());
+    list.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("VRAMSWAP_TEST_BACKENDS: {e}"))
+        })
+        .collect()
+}
+
+pub fn open_backend(kind: BackendKind, memory_limit: Option<u64>) -> Arc<dyn Backend> {
+    init_logging();
+    let device = match std::env::var("VRAMSWAP_TEST_DEVICE") {
+        Ok(d) => d.parse().expect("VRAMSWAP_TEST_DEVICE"),
+        Err(_) => Default::default(),
+    };
+    backend::open(
+        kind,
+        &OpenOptions {
+            device,
+            memory_limit,
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!("cannot open the {kind} backend ({e}); set VRAMSWAP_TEST_BACKENDS to test others")
+    })
+}
+
+/// Runs `test` once per backend, saying which one failed.
+pub fn for_each_backend(test: impl Fn(BackendKind)) {
+    for kind in backend_kinds() {
+        eprintln!("--- backend {kind}");
+        test(kind);
+    }
+}
+
+/// Counts what a real backend is asked to do.
+pub struct Counting {
+    pub inner: Arc<dyn Backend>,
+    pub uploads: Arc<AtomicU64>,
+    pub downloads: Arc<AtomicU64>,
+    pub zeroes: Arc<AtomicU64>,
+    pub allocations: AtomicU64,
+}
+
+impl Counting {
+    pub fn new(inner: Arc<dyn Backend>) -> Self {
+        Counting {
+            inner,
+            uploads: Default::default(),
+            downloads: Default::default(),
+            zeroes: Default::default(),
+            allocations: Default::default(),
+        }
+    }
+}
+
+impl Backend for Counting {
+    fn device(&self) -> &DeviceInfo {
+        self.inner.device()
+    }
+    fn memory(&self) -> MemoryReport {
+        self.inner.memory()
+    }
+    fn allocate_chunk(&self) -> Result<ChunkId, BackendError> {
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        self.inner.allocate_chunk()
+    }
+    fn free_chunk(&self, chunk: ChunkId) {
+        self.inner.free_chunk(chunk)
+    }
+    fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
+        Ok(Box::new(CountingLane {
+            inner: self.inner.create_lane(staging_bytes)?,
+            uploads: self.uploads.clone(),
+            downloads: self.downloads.clone(),
+            zeroes: self.zeroes.clone(),
+        }))
+    }
+}
+
+struct CountingLane {
+    inner: Box<dyn Lane>,
+    uploads: Arc<AtomicU64>,
+    downloads: Arc<AtomicU64>,
+    zeroes: Arc<AtomicU64>,
+}
+
+impl Lane for CountingLane {
+    fn staging(&mut self) -> &mut [u8] {
+        self.inner.staging()
+    }
+    fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
+        for op in ops {
+            let counter = match op {
+                TransferOp::Upload { .. } => &self.uploads,
+                TransferOp::Download { .. } => &self.downloads,
+                TransferOp::Zero { .. } => &self.zeroes,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.submit(ops)
+    }
+    fn wait(&mut self) -> Result<(), BackendError> {
+        self.inner.wait()
+    }
+}
+
+/// A real backend whose device "is lost" once `lose` is set: the next
+/// wait reports `DeviceLost`, as a GPU reset would.
+pub struct Losable {
+    pub inner: Arc<dyn Backend>,
+    pub lose: Arc<AtomicBool>,
+}
+
+impl Backend for Losable {
+    fn device(&self) -> &DeviceInfo {
+        self.inner.device()
+    }
+    fn memory(&self) -> MemoryReport {
+        self.inner.memory()
+    }
+    fn allocate_chunk(&self) -> Result<ChunkId, BackendError> {
+        self.inner.allocate_chunk()
+    }
+    fn free_chunk(&self, chunk: ChunkId) {
+        self.inner.free_chunk(chunk)
+    }
+    fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
+        Ok(Box::new(LosableLane {
+            inner: self.inner.create_lane(staging_bytes)?,
+            lose: self.lose.clone(),
+        }))
+    }
+}
+
+struct LosableLane {
+    inner: Box<dyn Lane>,
+    lose: Arc<AtomicBool>,
+}
+
+impl Lane for LosableLane {
+    fn staging(&mut self) -> &mut [u8] {
+        self.inner.staging()
+    }
+    fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
+        self.inner.submit(ops)
+    }
+    fn wait(&mut self) -> Result<(), BackendError> {
+        let result = self.inner.wait();
+        if self.lose.load(Ordering::Relaxed) {
+            return Err(BackendError::DeviceLost);
+        }
+        result
+    }
+}

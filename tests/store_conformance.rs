@@ -1,0 +1,407 @@
+//! The block store's contract, checked once for every backend present:
+//! the host reference model and Vulkan (lavapipe on machines with no GPU),
+//! and CUDA where built and present. `VRAMSWAP_TEST_BACKENDS` says which.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
+use vramswap::backend::{BackendKind, BLOCK_SIZE, CHUNK_SIZE};
+use vramswap::{AllocationPolicy, BlockStore, SizeSpec, StoreConfig, StoreError};
+
+use common::{for_each_backend, open_backend, Counting, Losable};
+
+const MIB: u64 = 1 << 20;
+
+fn config(size: u64, allocation: AllocationPolicy) -> StoreConfig {
+    StoreConfig {
+        size: SizeSpec::Bytes(size),
+        allocation,
+        lanes: 8,
+        staging_bytes: 256 << 10,
+    }
+}
+
+fn store(kind: BackendKind, size: u64, allocation: AllocationPolicy) -> BlockStore {
+    BlockStore::open(open_backend(kind, None), &config(size, allocation)).expect("open store")
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    SmallRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+#[test]
+fn fresh_device_reads_zeros_without_touching_the_gpu() {
+    for_each_backend(|kind| {
+        for allocation in [AllocationPolicy::Eager, AllocationPolicy::Lazy] {
+            let counting = Arc::new(Counting::new(open_backend(kind, None)));
+            let store = BlockStore::open(counting.clone(), &config(16 * MIB, allocation)).unwrap();
+            let mut buf = vec![0xffu8; (9 * MIB) as usize];
+            store.read(&mut buf, 3 * MIB + 17).unwrap();
+            assert!(
+                buf.iter().all(|b| *b == 0),
+                "{kind}/{allocation}: fresh read not zero"
+            );
+            assert_eq!(
+                counting.downloads.load(Ordering::Relaxed),
+                0,
+                "{kind}: read went to the GPU"
+            );
+        }
+    });
+}
+
+#[test]
+fn eager_takes_everything_at_open_and_lazy_on_first_write() {
+    for_each_backend(|kind| {
+        let eager = store(kind, 32 * MIB, AllocationPolicy::Eager);
+        assert_eq!(eager.stats().chunks_allocated, 8);
+        assert_eq!(eager.stats().chunks_total, 8);
+
+        let lazy = store(kind, 32 * MIB, AllocationPolicy::Lazy);
+        assert_eq!(lazy.stats().chunks_allocated, 0);
+        lazy.write(&[1; 10], CHUNK_SIZE - 5).unwrap();
+        assert_eq!(
+            lazy.stats().chunks_allocated,
+            2,
+            "a write across a boundary takes both chunks"
+        );
+        lazy.zero(0, CHUNK_SIZE).unwrap();
+        assert_eq!(
+            lazy.stats().chunks_allocated,
+            1,
+            "a trimmed whole chunk goes back"
+        );
+        let mut back = [9u8; 10];
+        lazy.read(&mut back, CHUNK_SIZE - 5).unwrap();
+        assert_eq!(back, [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]);
+    });
+}
+
+#[test]
+fn new_chunks_are_zeroed_and_reused_chunks_show_no_old_data() {
+    for_each_backend(|kind| {
+        let store = store(kind, 16 * MIB, AllocationPolicy::Lazy);
+        // Fill chunk 0 completely, give it back, then write a few bytes into
+        // chunk 3: the backend hands the same VRAM back, and nothing of the
+        // old pattern may show, inside or outside the written block.
+        let old = pattern(1, CHUNK_SIZE as usize);
+        store.write(&old, 0).unwrap();
+        store.zero(0, CHUNK_SIZE).unwrap();
+        assert_eq!(store.stats().chunks_allocated, 0);
+        store.write(b"new", 3 * CHUNK_SIZE + 100).unwrap();
+        let mut back = vec![0xffu8; CHUNK_SIZE as usize];
+        store.read(&mut back, 3 * CHUNK_SIZE).unwrap();
+        let mut want = vec![0u8; CHUNK_SIZE as usize];
+        want[100..103].copy_from_slice(b"new");
+        assert!(back == want, "{kind}: reused chunk shows stale bytes");
+        store.read(&mut back, 0).unwrap();
+        assert!(
+            back.iter().all(|b| *b == 0),
+            "{kind}: trimmed chunk not zero"
+        );
+    });
+}
+
+#[test]
+fn trim_and_zero_of_partial_and_whole_blocks() {
+    for_each_backend(|kind| {
+        for allocation in [AllocationPolicy::Eager, AllocationPolicy::Lazy] {
+            let store = store(kind, 16 * MIB, allocation);
+            let data = pattern(2, (3 * CHUNK_SIZE) as usize);
+            store.write(&data, 0).unwrap();
+            let mut model = data.clone();
+            model.resize((16 * MIB) as usize, 0);
+            // Partial head block, whole blocks, partial tail block, a whole
+            // chunk, and a range inside one block.
+            for (offset, len) in [
+                (1000, 3 * BLOCK_SIZE),
+                (CHUNK_SIZE, CHUNK_SIZE),
+                (2 * CHUNK_SIZE + 5, 7),
+                (2 * CHUNK_SIZE + BLOCK_SIZE, BLOCK_SIZE),
+            ] {
+                store.zero(offset, len).unwrap();
+                model[offset as usize..(offset + len) as usize].fill(0);
+            }
+            let mut back = vec![0u8; model.len()];
+            store.read(&mut back, 0).unwrap();
+            assert!(back == model, "{kind}/{allocation}: zeroed ranges wrong");
+            let mut holes = 0;
+            store
+                .extents(0, 16 * MIB, |_, len, data| {
+                    if !data {
+                        holes += len
+                    }
+                })
+                .unwrap();
+            // Never written: chunk 3; trimmed: chunk 1 and three whole blocks.
+            assert_eq!(
+                holes,
+                8 * MIB + 3 * BLOCK_SIZE,
+                "{kind}: zero bytes in extents"
+            );
+        }
+    });
+}
+
+#[test]
+fn out_of_range_requests_are_errors() {
+    for_each_backend(|kind| {
+        let store = store(kind, 8 * MIB, AllocationPolicy::Lazy);
+        let mut buf = [0u8; 16];
+        for offset in [8 * MIB - 15, 8 * MIB, u64::MAX - 3] {
+            let err = store.read(&mut buf, offset).unwrap_err();
+            assert!(matches!(err, StoreError::OutOfRange { .. }), "{err}");
+            assert_eq!(err.errno(), libc::EINVAL);
+            assert!(store.write(&buf, offset).is_err());
+            assert!(store.zero(offset, 16).is_err());
+        }
+        store.read(&mut buf, 8 * MIB - 16).unwrap();
+    });
+}
+
+#[test]
+fn a_full_gpu_fails_writes_with_enospc_and_recovers_after_trim() {
+    for_each_backend(|kind| {
+        // A device that lends 4 chunks under a 16-chunk lazy store.
+        let backend = open_backend(kind, Some(4 * CHUNK_SIZE));
+        let store = BlockStore::open(backend, &config(64 * MIB, AllocationPolicy::Lazy)).unwrap();
+        for chunk in 0..4 {
+            store.write(&[7; 512], chunk * CHUNK_SIZE).unwrap();
+        }
+        let err = store.write(&[7; 512], 10 * CHUNK_SIZE).unwrap_err();
+        assert_eq!(err, StoreError::NoSpace, "{kind}");
+        assert_eq!(err.errno(), libc::ENOSPC);
+        // Still serving: reads work, and a trim makes room.
+        let mut back = [0u8; 512];
+        store.read(&mut back, 2 * CHUNK_SIZE).unwrap();
+        assert_eq!(back, [7; 512]);
+        store.zero(CHUNK_SIZE, CHUNK_SIZE).unwrap();
+        store.write(&[8; 512], 10 * CHUNK_SIZE).unwrap();
+        store.read(&mut back, 10 * CHUNK_SIZE).unwrap();
+        assert_eq!(back, [8; 512]);
+
+        // Eager: refused at open, naming both sizes.
+        let backend = open_backend(kind, Some(4 * CHUNK_SIZE));
+        let err =
+            BlockStore::open(backend, &config(64 * MIB, AllocationPolicy::Eager)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("64 MiB") && text.contains("16 MiB"),
+            "{kind}: {text}"
+        );
+    });
+}
+
+#[test]
+fn a_lost_device_fails_every_later_request_with_eio() {
+    for_each_backend(|kind| {
+        let lose = Arc::new(AtomicBool::new(false));
+        let backend = Arc::new(Losable {
+            inner: open_backend(kind, None),
+            lose: lose.clone(),
+        });
+        let store = BlockStore::open(backend, &config(8 * MIB, AllocationPolicy::Eager)).unwrap();
+        store.write(&[1; 4096], 0).unwrap();
+        lose.store(true, Ordering::Relaxed);
+        let err = store.write(&[2; 4096], 8192).unwrap_err();
+        assert_eq!(err.errno(), libc::EIO, "{kind}: {err}");
+        lose.store(false, Ordering::Relaxed);
+        // Even reads of never-written blocks, which need no GPU, now fail:
+        // the store cannot vouch for anything any more.
+        let mut buf = [0u8; 16];
+        let err = store.read(&mut buf, 6 * MIB).unwrap_err();
+        assert!(matches!(err, StoreError::Failed(_)), "{kind}: {err}");
+        assert!(store.stats().failure.unwrap().contains("lost"));
+    });
+}
+
+/// One random operation against the store and the model; returns the
+/// range to check afterwards.
+fn random_op(
+    rng: &mut SmallRng,
+    store: &BlockStore,
+    model: &mut [u8],
+    base: u64,
+    span: u64,
+    max_len: u64,
+) -> (u64, u64) {
+    let len = match rng.gen_range(0..4) {
+        0 => rng.gen_range(1..=16),
+        1 => rng.gen_range(1..=BLOCK_SIZE * 2),
+        2 => BLOCK_SIZE * rng.gen_range(1..=4),
+        _ => rng.gen_range(1..=max_len),
+    }
+    .min(span);
+    let offset = match rng.gen_range(0..3) {
+        0 => base + rng.gen_range(0..=span - len) / 4096 * 4096,
+        _ => base + rng.gen_range(0..=span - len),
+    };
+    let range = offset as usize - base as usize..(offset + len) as usize - base as usize;
+    match rng.gen_range(0..10) {
+        0..=4 => {
+            let data = pattern(rng.gen(), len as usize);
+            store.write(&data, offset).unwrap();
+            model[range].copy_from_slice(&data);
+        }
+        5..=7 => {
+            let mut buf = vec![0xeeu8; len as usize];
+            store.read(&mut buf, offset).unwrap();
+            assert!(
+                buf == model[range],
+                "read at {offset}+{len} differs from the model"
+            );
+        }
+        _ => {
+            store.zero(offset, len).unwrap();
+            model[range].fill(0);
+        }
+    }
+    (offset, len)
+}
+
+fn check_range(store: &BlockStore, model: &[u8], base: u64, offset: u64, len: u64) {
+    let mut buf = vec![0xddu8; len as usize];
+    store.read(&mut buf, offset).unwrap();
+    let range = (offset - base) as usize..(offset - base + len) as usize;
+    if buf != model[range.clone()] {
+        let first = buf
+            .iter()
+            .zip(&model[range])
+            .position(|(a, b)| a != b)
+            .unwrap();
+        panic!(
+            "mismatch at device offset {} after an op at {offset}+{len}",
+            offset + first as u64
+        );
+    }
+}
+
+#[test]
+fn randomized_single_thread_model_with_large_requests() {
+    for_each_backend(|kind| {
+        for allocation in [AllocationPolicy::Eager, AllocationPolicy::Lazy] {
+            let size = 24 * MIB;
+            let store = store(kind, size, allocation);
+            let mut model = vec![0u8; size as usize];
+            let mut rng = SmallRng::seed_from_u64(42);
+            for _ in 0..300 {
+                let (offset, len) = random_op(&mut rng, &store, &mut model, 0, size, 9 * MIB);
+                check_range(&store, &model, 0, offset, len);
+                let probe = rng.gen_range(0..size - 200_000);
+                check_range(&store, &model, 0, probe, 200_000);
+            }
+            check_range(&store, &model, 0, 0, size);
+        }
+    });
+}
+
+#[test]
+fn randomized_multi_thread_model() {
+    for_each_backend(|kind| {
+        for allocation in [AllocationPolicy::Eager, AllocationPolicy::Lazy] {
+            run_threads(kind, allocation);
+        }
+    });
+}
+
+/// Threads share chunks and blocks but never bytes: the first half of the
+/// device is dealt out in 20 KiB stripes (so neighbours write into the same
+/// 64 KiB block at once), the second half in whole chunks (so trims give
+/// chunks back while others copy). Each thread checks its own bytes against
+/// its own model after every step, and all of it at the end.
+fn run_threads(kind: BackendKind, allocation: AllocationPolicy) {
+    const THREADS: usize = 6;
+    const STRIPE: u64 = 20 << 10;
+    let stripes_per_thread = 40u64;
+    let striped = STRIPE * stripes_per_thread * THREADS as u64;
+    let chunked_base = striped.div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
+    let chunks_per_thread = 2u64;
+    let size = chunked_base + CHUNK_SIZE * chunks_per_thread * THREADS as u64;
+    let store = Arc::new(store(kind, size, allocation));
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let store = store.clone();
+            scope.spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(1000 + t as u64);
+                let mut stripes: Vec<Vec<u8>> =
+                    vec![vec![0; STRIPE as usize]; stripes_per_thread as usize];
+                let own_base = chunked_base + t as u64 * chunks_per_thread * CHUNK_SIZE;
+                let own_span = chunks_per_thread * CHUNK_SIZE;
+                let mut own = vec![0u8; own_span as usize];
+                for step in 0..150 {
+                    if step % 2 == 0 {
+                        let s = rng.gen_range(0..stripes_per_thread);
+                        let base = (s * THREADS as u64 + t as u64) * STRIPE;
+                        let model = &mut stripes[s as usize];
+                        let (o, l) = random_op(&mut rng, &store, model, base, STRIPE, STRIPE);
+                        check_range(&store, model, base, o, l);
+                    } else {
+                        let (o, l) =
+                            random_op(&mut rng, &store, &mut own, own_base, own_span, own_span);
+                        if rng.gen_range(0..8) == 0 {
+                            store.zero(own_base, CHUNK_SIZE).unwrap();
+                            own[..CHUNK_SIZE as usize].fill(0);
+                        }
+                        check_range(&store, &own, own_base, o, l);
+                    }
+                }
+                for (s, model) in stripes.iter().enumerate() {
+                    let base = (s as u64 * THREADS as u64 + t as u64) * STRIPE;
+                    check_range(&store, model, base, base, STRIPE);
+                }
+                check_range(&store, &own, own_base, own_base, own_span);
+            });
+        }
+    });
+}
+
+#[test]
+fn concurrent_partial_writes_into_one_fresh_block_all_land() {
+    // Every thread writes its own 4 KiB into the same never-written block at
+    // the same moment. Each write must zero the rest of the block first,
+    // exactly once: a second zeroing would erase a neighbour's bytes.
+    for_each_backend(|kind| {
+        const THREADS: u64 = 8;
+        const PIECE: u64 = 4096;
+        let blocks = 48;
+        let store = store(kind, 4 * MIB, AllocationPolicy::Eager);
+        for round in 0..3u8 {
+            let barrier = std::sync::Barrier::new(THREADS as usize);
+            std::thread::scope(|scope| {
+                for t in 0..THREADS {
+                    let (store, barrier) = (&store, &barrier);
+                    scope.spawn(move || {
+                        for block in 0..blocks {
+                            barrier.wait();
+                            let at = block * BLOCK_SIZE + t * 2 * PIECE + 512;
+                            store
+                                .write(&[round * 16 + t as u8 + 1; PIECE as usize], at)
+                                .unwrap();
+                        }
+                    });
+                }
+            });
+            for block in 0..blocks {
+                let mut back = vec![0u8; BLOCK_SIZE as usize];
+                store.read(&mut back, block * BLOCK_SIZE).unwrap();
+                for t in 0..THREADS {
+                    let at = (t * 2 * PIECE + 512) as usize;
+                    assert!(
+                        back[at..at + PIECE as usize]
+                            .iter()
+                            .all(|b| *b == round * 16 + t as u8 + 1),
+                        "{kind}: round {round} block {block}: thread {t}'s write was lost"
+                    );
+                }
+            }
+            // Trim everything: the blocks are fresh again for the next round.
+            store.zero(0, 4 * MIB).unwrap();
+        }
+    });
+}
