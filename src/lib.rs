@@ -17,9 +17,11 @@
 //! ```
 
 pub mod backend;
+pub mod export;
 pub mod size;
 pub mod store;
 
 pub use backend::{Backend, BackendError, BackendKind, DeviceInfo, DeviceSelector};
+pub use export::ExportConfig;
 pub use size::{parse_size, ByteSize, SizeError};
 pub use store::{AllocationPolicy, BlockStore, SizeSpec, StoreConfig, StoreError, StoreStats};

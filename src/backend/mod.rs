@@ -51,6 +51,11 @@ impl BackendKind {
         ]
     }
 
+    /// [`BackendKind::compiled_in`] in the order a default is chosen.
+    pub fn preferred() -> &'static [BackendKind] {
+        Self::compiled_in()
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Vulkan => "vulkan",
@@ -334,6 +339,24 @@ pub struct OpenOptions {
     /// Never hold more device memory than this (bytes), whatever the device
     /// has free: chunk allocations past it fail as out of device memory.
     pub memory_limit: Option<u64>,
+}
+
+/// The backend to use when none is named: the first compiled-in backend,
+/// in order of preference (CUDA before Vulkan: on NVIDIA GPUs the vendor
+/// API), that sees a device matching `selector`. Plugin and CLI share it,
+/// so `device=` finds the same GPU with or without `backend=`.
+pub fn default_backend(selector: &DeviceSelector) -> Result<BackendKind, BackendError> {
+    let mut last_error = None;
+    for kind in BackendKind::preferred() {
+        match enumerate(*kind).and_then(|devices| select_device(&devices, selector).map(|_| ())) {
+            Ok(()) => return Ok(*kind),
+            Err(err) => last_error = Some(err),
+        }
+    }
+    Err(last_error.unwrap_or(BackendError::NoDevice {
+        selector: selector.to_string(),
+        available: Vec::new(),
+    }))
 }
 
 /// Lists the devices a backend sees, without opening any of them.

@@ -2,6 +2,8 @@
 //! wrappers that count or break the calls a real backend sees.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod nbd;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 

@@ -1,0 +1,387 @@
+//! `nbdkit vramswap`: a block device whose bytes live in GPU video memory.
+//!
+//! A thin adapter: keys are parsed by the core's [`ExportConfig`], the GPU
+//! is opened after nbdkit forks, and every callback is one [`BlockStore`]
+//! call with its error mapped to an errno. See `nbdkit vramswap --help`.
+//!
+//! No panic may cross into nbdkit: the `nbdkit` crate's C entry points are
+//! plain `extern fn`s, where an unwinding panic aborts the server — and with
+//! it every page swapped out to it. Every callback body runs under
+//! [`guarded`], which turns a panic into EIO for that one request.
+
+mod log;
+mod safety;
+
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use nbdkit::{
+    plugin, CacheFlags, Error, ExtentHandle, ExtentType, Flags, FuaFlags, Result, Server,
+    ThreadModel,
+};
+use tracing::{error, info};
+use vramswap::backend::{self, BackendError, BackendKind, OpenOptions, BLOCK_SIZE};
+use vramswap::export::HELP;
+use vramswap::{BlockStore, ByteSize, ExportConfig, StoreError};
+
+/// Parameters, filled by `config` before nbdkit forks.
+static SETTINGS: Mutex<Option<Settings>> = Mutex::new(None);
+/// The store, opened in `after_fork`, dropped (VRAM given back) in `unload`.
+static STORE: RwLock<Option<Arc<BlockStore>>> = RwLock::new(None);
+
+#[derive(Default)]
+struct Settings {
+    export: ExportConfig,
+    /// `inject-panic-at=OFFSET` (test builds): a read or write that touches
+    /// this offset panics inside the plugin.
+    #[cfg(feature = "fault-injection")]
+    inject_panic_at: Option<u64>,
+}
+
+fn settings() -> MutexGuard<'static, Option<Settings>> {
+    SETTINGS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One connection. All connections share the store, so data written on
+/// one is read on every other (multi-conn).
+struct VramSwap {
+    store: Arc<BlockStore>,
+    #[cfg(feature = "fault-injection")]
+    inject_panic_at: Option<u64>,
+}
+
+/// Runs a callback body; a panic becomes EIO for this request only.
+fn guarded<T>(what: &str, body: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|payload| {
+        let reason = panic_text(payload.as_ref());
+        error!("{what}: internal error ({reason}); this request fails with EIO, the server keeps serving");
+        Err(Error::new(libc::EIO, format!("{what}: internal error")))
+    })
+}
+
+fn panic_text(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panic")
+}
+
+fn store_error(err: StoreError) -> Error {
+    Error::new(err.errno(), err.to_string())
+}
+
+/// NBD requests are at most 4 GiB - 1 (`u32` count).
+fn len(count: u32) -> u64 {
+    u64::from(count)
+}
+
+impl VramSwap {
+    #[cfg(feature = "fault-injection")]
+    fn inject(&self, offset: u64, count: u64) {
+        if let Some(at) = self.inject_panic_at {
+            if (offset..offset + count).contains(&at) {
+                panic!("inject-panic-at={at}: injected panic");
+            }
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    fn inject(&self, _offset: u64, _count: u64) {}
+}
+
+/// Opens the GPU and the store: runs in the process that will serve, after
+/// nbdkit forked into the background (GPU contexts do not survive a fork).
+/// Errors name the parameter to change, as the user wrote it.
+fn open_store() -> std::result::Result<BlockStore, String> {
+    let export = settings()
+        .as_ref()
+        .map(|s| s.export.clone())
+        .unwrap_or_default();
+    let quote = |key: &str| match export.given(key) {
+        Some(value) => format!("{key}={value}"),
+        None => format!("{key} (default)"),
+    };
+    let kind = match export.backend {
+        Some(kind) => kind,
+        None => backend::default_backend(&export.device)
+            .map_err(|e| format!("{}: {e}", quote("device")))?,
+    };
+    let gpu = backend::open(
+        kind,
+        &OpenOptions {
+            device: export.device.clone(),
+            memory_limit: None,
+        },
+    )
+    .map_err(|e| match e {
+        BackendError::NoDevice { .. } | BackendError::AmbiguousDevice { .. } => {
+            format!("{}: {e}", quote("device"))
+        }
+        other => format!("backend={kind}: {other}"),
+    })?;
+    let info = gpu.device().clone();
+    let store = BlockStore::open(gpu, &export.store_config()).map_err(|e| match e {
+        StoreError::TooLarge { .. } | StoreError::TooSmall(_) => format!("{}: {e}", quote("size")),
+        StoreError::NothingLeft { .. } => format!("{}: {e}", quote("reserve")),
+        other => other.to_string(),
+    })?;
+    info!(
+        "serving {} of {} ({}, {}) on {kind}, {} allocation",
+        ByteSize(store.size()),
+        info.name,
+        info.uuid_string(),
+        info.pci_bus_id.as_deref().unwrap_or("no PCI id"),
+        store.allocation()
+    );
+    Ok(store)
+}
+
+impl Server for VramSwap {
+    fn name() -> &'static str {
+        "vramswap"
+    }
+
+    fn longname() -> Option<&'static str> {
+        Some("vramswap: a block device in GPU video memory")
+    }
+
+    fn description() -> Option<&'static str> {
+        Some("Serves GPU VRAM as a block device, for swap or scratch space.")
+    }
+
+    fn version() -> Option<&'static str> {
+        Some(env!("CARGO_PKG_VERSION"))
+    }
+
+    /// `nbdkit vramswap 8G` means `size=8G`.
+    fn magic_config_key() -> Option<&'static str> {
+        Some("size")
+    }
+
+    fn config_help() -> Option<&'static str> {
+        Some(HELP)
+    }
+
+    fn load() {
+        log::init();
+    }
+
+    fn unload() {
+        // Gives the VRAM back before nbdkit exits.
+        let store = STORE.write().unwrap_or_else(PoisonError::into_inner).take();
+        drop(store);
+    }
+
+    fn dump_plugin() {
+        let built: Vec<&str> = BackendKind::compiled_in()
+            .iter()
+            .map(|k| k.name())
+            .collect();
+        let lines = format!(
+            "vramswap_backends={}\nvramswap_block_size={BLOCK_SIZE}\nvramswap_chunk_size={}\n",
+            built.join(","),
+            backend::CHUNK_SIZE
+        );
+        if let Ok(text) = std::ffi::CString::new(lines) {
+            // nbdkit prints its own fields through C stdio; printing ours the
+            // same way keeps them after nbdkit's, in order.
+            // SAFETY: "%s" with one valid NUL-terminated string.
+            unsafe { libc::printf(c"%s".as_ptr(), text.as_ptr()) };
+        }
+    }
+
+    fn config(key: &str, value: &str) -> Result<()> {
+        guarded("config", || {
+            let mut guard = settings();
+            let settings = guard.get_or_insert_with(Settings::default);
+            #[cfg(feature = "fault-injection")]
+            if key == "inject-panic-at" {
+                let at = vramswap::parse_size(value)
+                    .map_err(|e| Error::new(libc::EINVAL, format!("{key}={value}: {e}")))?;
+                settings.inject_panic_at = Some(at);
+                return Ok(());
+            }
+            settings
+                .export
+                .set(key, value)
+                .map_err(|e| Error::new(libc::EINVAL, e.to_string()))
+        })
+    }
+
+    fn config_complete() -> Result<()> {
+        guarded("config", || {
+            let mut guard = settings();
+            let settings = guard.get_or_insert_with(Settings::default);
+            settings
+                .export
+                .complete()
+                .map_err(|e| Error::new(libc::EINVAL, e.to_string()))
+        })
+    }
+
+    fn thread_model() -> Result<ThreadModel> {
+        Ok(ThreadModel::Parallel)
+    }
+
+    fn after_fork() -> Result<()> {
+        guarded("startup", || {
+            safety::harden_process();
+            let store = open_store().map_err(|e| Error::new(libc::EINVAL, e))?;
+            *STORE.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(store));
+            Ok(())
+        })
+    }
+
+    fn open(_readonly: bool) -> Result<Box<dyn Server>> {
+        guarded("open", || {
+            let store = STORE
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+                .ok_or_else(|| Error::new(libc::EIO, "the VRAM store is not open"))?;
+            Ok(Box::new(VramSwap {
+                store,
+                #[cfg(feature = "fault-injection")]
+                inject_panic_at: settings().as_ref().and_then(|s| s.inject_panic_at),
+            }) as Box<dyn Server>)
+        })
+    }
+
+    fn get_size(&self) -> Result<i64> {
+        Ok(self.store.size() as i64)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        guarded("pread", || {
+            self.inject(offset, buf.len() as u64);
+            self.store.read(buf, offset).map_err(store_error)
+        })
+    }
+
+    /// Writes are in VRAM when this returns, so FUA needs nothing more.
+    fn write_at(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
+        guarded("pwrite", || {
+            self.inject(offset, buf.len() as u64);
+            self.store.write(buf, offset).map_err(store_error)
+        })
+    }
+
+    /// Nothing is cached between a request and VRAM.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn trim(&self, count: u32, offset: u64, _flags: Flags) -> Result<()> {
+        guarded("trim", || {
+            self.store.zero(offset, len(count)).map_err(store_error)
+        })
+    }
+
+    /// Always fast: whole blocks are only marked, partial ones written.
+    fn zero(&self, count: u32, offset: u64, _flags: Flags) -> Result<()> {
+        guarded("zero", || {
+            self.store.zero(offset, len(count)).map_err(store_error)
+        })
+    }
+
+    fn extents(
+        &self,
+        count: u32,
+        offset: u64,
+        _flags: Flags,
+        extents: &mut ExtentHandle,
+    ) -> Result<()> {
+        guarded("extents", || {
+            let mut result = Ok(());
+            self.store
+                .extents(offset, len(count), |at, length, data| {
+                    if result.is_ok() {
+                        let kind = if data {
+                            ExtentType::Allocated
+                        } else {
+                            ExtentType::HoleZero
+                        };
+                        result = extents.add(at, length, kind);
+                    }
+                })
+                .map_err(store_error)?;
+            result
+        })
+    }
+
+    fn can_write(&self) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn can_flush(&self) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn can_fua(&self) -> Result<FuaFlags> {
+        Ok(FuaFlags::Native)
+    }
+
+    fn can_trim(&self) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn can_zero(&self) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn can_fast_zero(&self) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn can_extents(&self) -> Result<bool> {
+        Ok(true)
+    }
+
+    /// Every connection sees every other's writes at once: the store is
+    /// shared and writes complete before they are answered.
+    fn can_multi_conn(&self) -> Result<bool> {
+        Ok(true)
+    }
+
+    /// Data is already as close as it gets; a cache request is a no-op.
+    fn can_cache(&self) -> Result<CacheFlags> {
+        Ok(CacheFlags::Native)
+    }
+
+    fn cache(&self, _count: u32, _offset: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn is_rotational(&self) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+plugin!(VramSwap {
+    load,
+    unload,
+    dump_plugin,
+    config,
+    config_complete,
+    config_help,
+    thread_model,
+    after_fork,
+    write_at,
+    flush,
+    trim,
+    zero,
+    extents,
+    cache,
+    can_cache,
+    can_write,
+    can_flush,
+    can_fua,
+    can_trim,
+    can_zero,
+    can_fast_zero,
+    can_extents,
+    can_multi_conn,
+    is_rotational
+});

@@ -1,0 +1,313 @@
+//! The parameters of one export, as the nbdkit plugin's `key=value`s.
+//!
+//! One place for the keys, their parsing and their help text: the plugin
+//! parses them before nbdkit forks (so a bad value is one clear line and a
+//! non-zero exit), and the CLI renders them back into nbdkit's command line.
+
+use std::fmt;
+
+use crate::backend::{BackendKind, DeviceSelector, BLOCK_SIZE, CHUNK_SIZE};
+use crate::size::{parse_size, ByteSize};
+use crate::store::{
+    AllocationPolicy, SizeSpec, StoreConfig, DEFAULT_LANES, DEFAULT_RESERVE, DEFAULT_STAGING,
+};
+
+/// What `nbdkit vramswap --help` prints after nbdkit's own text.
+pub const HELP: &str = "\
+backend=vulkan|cuda      GPU API (default: cuda when built in and it sees
+                         the device, else vulkan)
+device=INDEX|NAME|UUID   which GPU: position, part of its name, or UUID
+                         (default: the first discrete GPU)
+[size=]SIZE              size of the export, e.g. 8G, 512M (rounded down to
+                         4M); default: available VRAM minus reserve
+reserve=SIZE             VRAM left to others when size is automatic
+                         (default 256M)
+allocation=eager|lazy    take all VRAM at start (default; swap never finds
+                         the GPU full) or a 4M chunk at its first write
+lanes=N                  pinned staging buffers (default 64)
+staging=SIZE             bytes per staging buffer, a multiple of 64K up to
+                         4M (default 1M)
+The preferred I/O size is 64K (one block); any offset and length work.";
+
+/// A refused parameter: names the key and the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every parameter of an export, after parsing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportConfig {
+    /// `None`: chosen when the GPU is opened (see `default_backend`).
+    pub backend: Option<BackendKind>,
+    pub device: DeviceSelector,
+    pub size: Option<u64>,
+    pub reserve: Option<u64>,
+    pub allocation: AllocationPolicy,
+    pub lanes: usize,
+    pub staging: usize,
+    /// Each `key=value` as given, for messages that quote the user.
+    given: Vec<(String, String)>,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        ExportConfig {
+            backend: None,
+            device: DeviceSelector::First,
+            size: None,
+            reserve: None,
+            allocation: AllocationPolicy::Eager,
+            lanes: DEFAULT_LANES,
+            staging: DEFAULT_STAGING,
+            given: Vec::new(),
+        }
+    }
+}
+
+impl ExportConfig {
+    /// Takes one `key=value` from the command line.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let bad = |why: String| ConfigError(format!("{key}={value}: {why}"));
+        if self.given(key).is_some() {
+            return Err(ConfigError(format!("{key}= is given more than once")));
+        }
+        if value.trim().is_empty() {
+            return Err(bad("empty value".into()));
+        }
+        let size = |v: &str| parse_size(v).map_err(|e| bad(e.to_string()));
+        match key {
+            "backend" => {
+                let kind: BackendKind = value
+                    .parse()
+                    .map_err(|e: crate::BackendError| bad(e.to_string()))?;
+                if !BackendKind::compiled_in().contains(&kind) {
+                    let built: Vec<&str> = BackendKind::compiled_in()
+                        .iter()
+                        .map(|k| k.name())
+                        .collect();
+                    return Err(bad(format!("this build has: {}", built.join(", "))));
+                }
+                self.backend = Some(kind);
+            }
+            "device" => {
+                self.device = value
+                    .parse()
+                    .map_err(|e: crate::BackendError| bad(e.to_string()))?;
+            }
+            "size" => self.size = Some(size(value)?),
+            "reserve" => self.reserve = Some(size(value)?),
+            "allocation" => {
+                self.allocation = value
+                    .parse()
+                    .map_err(|e: crate::StoreError| bad(e.to_string()))?;
+            }
+            "lanes" => {
+                self.lanes = match value.parse::<usize>() {
+                    Ok(n) if (1..=4096).contains(&n) => n,
+                    _ => return Err(bad("expected a whole number from 1 to 4096".into())),
+                }
+            }
+            "staging" => {
+                let bytes = size(value)?;
+                if bytes == 0 || bytes % BLOCK_SIZE != 0 || bytes > CHUNK_SIZE {
+                    return Err(bad(format!(
+                        "must be a multiple of {} from {} to {}",
+                        ByteSize(BLOCK_SIZE),
+                        ByteSize(BLOCK_SIZE),
+                        ByteSize(CHUNK_SIZE)
+                    )));
+                }
+                self.staging = bytes as usize;
+            }
+            _ => {
+                return Err(ConfigError(format!(
+                    "unknown parameter '{key}' (see: nbdkit vramswap --help)"
+                )))
+            }
+        }
+        self.given.push((key.to_string(), value.to_string()));
+        Ok(())
+    }
+
+    /// The value of `key` exactly as the user wrote it.
+    pub fn given(&self, key: &str) -> Option<&str> {
+        self.given
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Checks the parameters together, once all are given.
+    pub fn complete(&self) -> Result<(), ConfigError> {
+        if let (Some(size), Some(reserve)) = (self.size, self.reserve) {
+            return Err(ConfigError(format!(
+                "size={} and reserve={} exclude each other: reserve only applies when the size is automatic",
+                ByteSize(size),
+                ByteSize(reserve)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The `key=value`s that make the plugin build this export (only the
+    /// ones that differ from the defaults), for nbdkit's command line.
+    pub fn to_args(&self) -> Vec<String> {
+        let defaults = ExportConfig::default();
+        let mut args = Vec::new();
+        if let Some(kind) = self.backend {
+            args.push(format!("backend={kind}"));
+        }
+        match &self.device {
+            DeviceSelector::First => {}
+            DeviceSelector::Index(i) => args.push(format!("device={i}")),
+            DeviceSelector::Name(n) => args.push(format!("device={n}")),
+            DeviceSelector::Uuid(u) => {
+                args.push(format!("device={}", crate::backend::format_uuid(u)))
+            }
+        }
+        if let Some(size) = self.size {
+            args.push(format!("size={size}"));
+        }
+        if let Some(reserve) = self.reserve {
+            args.push(format!("reserve={reserve}"));
+        }
+        if self.allocation != defaults.allocation {
+            args.push(format!("allocation={}", self.allocation));
+        }
+        if self.lanes != defaults.lanes {
+            args.push(format!("lanes={}", self.lanes));
+        }
+        if self.staging != defaults.staging {
+            args.push(format!("staging={}", self.staging));
+        }
+        args
+    }
+
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            size: match self.size {
+                Some(bytes) => SizeSpec::Bytes(bytes),
+                None => SizeSpec::Auto {
+                    reserve: self.reserve.unwrap_or(DEFAULT_RESERVE),
+                },
+            },
+            allocation: self.allocation,
+            lanes: self.lanes,
+            staging_bytes: self.staging,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<ExportConfig, ConfigError> {
+        let mut config = ExportConfig::default();
+        for (k, v) in pairs {
+            config.set(k, v)?;
+        }
+        config.complete()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn defaults_make_an_automatic_eager_store() {
+        let config = parse(&[]).unwrap().store_config();
+        assert_eq!(config.size, SizeSpec::Auto { reserve: 256 << 20 });
+        assert_eq!(config.allocation, AllocationPolicy::Eager);
+        assert_eq!((config.lanes, config.staging_bytes), (64, 1 << 20));
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let config = parse(&[
+            ("backend", "vulkan"),
+            ("device", "1"),
+            ("size", "8G"),
+            ("allocation", "lazy"),
+            ("lanes", "16"),
+            ("staging", "256K"),
+        ])
+        .unwrap();
+        assert_eq!(config.backend, Some(BackendKind::Vulkan));
+        assert_eq!(config.device, DeviceSelector::Index(1));
+        let store = config.store_config();
+        assert_eq!(store.size, SizeSpec::Bytes(8 << 30));
+        assert_eq!(store.allocation, AllocationPolicy::Lazy);
+        assert_eq!((store.lanes, store.staging_bytes), (16, 256 << 10));
+        let auto = parse(&[("reserve", "1G")]).unwrap().store_config();
+        assert_eq!(auto.size, SizeSpec::Auto { reserve: 1 << 30 });
+    }
+
+    #[test]
+    fn errors_name_the_key_and_value_on_one_line() {
+        for (key, value, needle) in [
+            ("size", "lots", "size=lots: 'lots' is not a size"),
+            (
+                "backend",
+                "opencl",
+                "backend=opencl: unknown backend 'opencl'",
+            ),
+            (
+                "allocation",
+                "sometimes",
+                "allocation=sometimes: 'sometimes' is not an allocation policy",
+            ),
+            ("lanes", "0", "lanes=0: expected a whole number"),
+            (
+                "staging",
+                "100K",
+                "staging=100K: must be a multiple of 64 KiB",
+            ),
+            ("device", " ", "device= : empty value"),
+            ("colour", "blue", "unknown parameter 'colour'"),
+        ] {
+            let err = parse(&[(key, value)]).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn rendered_args_parse_back_to_the_same_config() {
+        for pairs in [
+            vec![],
+            vec![
+                ("backend", "vulkan"),
+                ("device", "GPU-3911b20d-250f-381e-70e3-d98316e3fdec"),
+                ("size", "8G"),
+            ],
+            vec![
+                ("device", "H100"),
+                ("reserve", "1G"),
+                ("allocation", "lazy"),
+                ("lanes", "8"),
+                ("staging", "64K"),
+            ],
+        ] {
+            let config = parse(&pairs).unwrap();
+            let args = config.to_args();
+            let again: Vec<(&str, &str)> =
+                args.iter().map(|a| a.split_once('=').unwrap()).collect();
+            let mut back = parse(&again).unwrap();
+            back.given = config.given.clone();
+            assert_eq!(back, config, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn conflicting_and_repeated_keys_are_refused() {
+        let err = parse(&[("size", "1G"), ("reserve", "1G")]).unwrap_err();
+        assert!(err.to_string().contains("exclude each other"), "{err}");
+        let err = parse(&[("size", "1G"), ("size", "2G")]).unwrap_err();
+        assert_eq!(err.to_string(), "size= is given more than once");
+    }
+}

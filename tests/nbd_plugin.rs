@@ -1,0 +1,338 @@
+//! The nbdkit plugin under the real nbdkit, driven by real NBD clients
+//! (nbdinfo, nbdcopy, qemu-io, fio, nbdsh). The backend is Vulkan — Mesa's
+//! lavapipe on machines with no GPU — unless `VRAMSWAP_TEST_PLUGIN_ARGS`
+//! says otherwise (e.g. `backend=cuda` on the GPU machine).
+
+mod common;
+
+use std::io::Write;
+
+use common::nbd::{nbdsh, run, Server};
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+/// `backend=…` and any other keys every test server gets.
+fn base_args() -> Vec<String> {
+    std::env::var("VRAMSWAP_TEST_PLUGIN_ARGS")
+        .unwrap_or_else(|_| "backend=vulkan".into())
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+fn serve(extra: &[&str]) -> Server {
+    let mut args = base_args();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Server::start(&refs)
+}
+
+fn random_file(dir: &tempfile::TempDir, name: &str, len: u64, seed: u64) -> std::path::PathBuf {
+    let mut data = vec![0u8; len as usize];
+    SmallRng::seed_from_u64(seed).fill_bytes(&mut data);
+    let path = dir.path().join(name);
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(&data)
+        .unwrap();
+    path
+}
+
+#[test]
+fn nbdinfo_sees_the_size_and_capabilities() {
+    let server = serve(&["size=96M"]);
+    let json: Value = serde_json::from_str(&run("nbdinfo", &["--json", &server.uri()])).unwrap();
+    let export = &json["exports"][0];
+    assert_eq!(export["export-size"], 96 * MIB);
+    for flag in [
+        "can_trim",
+        "can_zero",
+        "can_fast_zero",
+        "can_fua",
+        "can_flush",
+        "can_multi_conn",
+    ] {
+        assert_eq!(export[flag], true, "{flag}: {export}");
+    }
+    assert_eq!(export["is_rotational"], false);
+    assert_eq!(export["is_read_only"], false);
+}
+
+#[test]
+fn size_is_the_magic_key_and_is_rounded_down_to_whole_chunks() {
+    let server = serve(&["30M"]);
+    let json: Value = serde_json::from_str(&run("nbdinfo", &["--json", &server.uri()])).unwrap();
+    assert_eq!(json["exports"][0]["export-size"], 28 * MIB);
+    let log = server.stop();
+    assert!(
+        log.contains("not a multiple of 4 MiB"),
+        "no rounding warning in: {log}"
+    );
+}
+
+#[test]
+fn nbdcopy_round_trips_random_data_over_four_connections() {
+    let server = serve(&["size=64M"]);
+    let dir = tempfile::tempdir().unwrap();
+    let source = random_file(&dir, "in.bin", 40 * MIB + 12345, 7);
+    let back = dir.path().join("out.bin");
+    run(
+        "nbdcopy",
+        &["--connections=4", source.to_str().unwrap(), &server.uri()],
+    );
+    run(
+        "nbdcopy",
+        &["--connections=4", &server.uri(), back.to_str().unwrap()],
+    );
+    let original = std::fs::read(&source).unwrap();
+    let copied = std::fs::read(&back).unwrap();
+    assert_eq!(copied.len() as u64, 64 * MIB);
+    assert!(
+        copied[..original.len()] == original[..],
+        "data differs after a round trip"
+    );
+    assert!(
+        copied[original.len()..].iter().all(|b| *b == 0),
+        "tail beyond the data is not zero"
+    );
+}
+
+#[test]
+fn qemu_io_unaligned_writes_and_reads_across_blocks_and_chunks() {
+    let server = serve(&["size=16M"]);
+    // Offsets straddle a 64 KiB block and the 4 MiB chunk boundary.
+    let commands = [
+        "write -P 0x11 1 511",
+        "write -P 0x22 65535 2",
+        "write -P 0x33 4194000 1000",
+        "write -P 0x44 12582911 3",
+        "read -P 0x11 1 511",
+        "read -P 0x22 65535 2",
+        "read -P 0x33 4194000 1000",
+        "read -P 0x44 12582911 3",
+        "read -P 0 0 1",
+        "read -P 0 512 65023",
+        "read -P 0 4195000 1000000",
+    ];
+    let mut args = vec!["-f", "raw"];
+    for c in &commands {
+        args.extend(["-c", c]);
+    }
+    let uri = server.uri();
+    args.push(&uri);
+    let out = run("qemu-io", &args);
+    assert!(
+        !out.contains("failed"),
+        "qemu-io reported a failure:\n{out}"
+    );
+    assert_eq!(out.matches("read ").count(), 7, "{out}");
+}
+
+#[test]
+fn fio_verifies_crc32c_over_several_jobs_and_connections() {
+    let server = serve(&["size=64M"]);
+    let uri = server.uri();
+    let out = run(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bsrange=4k-256k",
+            "--size=16M",
+            "--numjobs=4",
+            "--offset_increment=16M",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--group_reporting",
+            "--output-format=json",
+        ],
+    );
+    let json: Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let job = &json["jobs"][0];
+    assert_eq!(job["error"], 0, "{job}");
+    assert!(
+        job["write"]["io_bytes"].as_u64().unwrap() >= 64 * MIB,
+        "{job}"
+    );
+    assert!(
+        job["read"]["io_bytes"].as_u64().unwrap() >= 64 * MIB,
+        "verify read nothing: {job}"
+    );
+}
+
+#[test]
+fn trimmed_ranges_read_as_zeros_and_show_as_holes() {
+    let server = serve(&["size=16M", "allocation=lazy"]);
+    let uri = server.uri();
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x77 0 12M", &uri]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "discard 0 4M",
+            "-c",
+            "discard 4194304 100000",
+            &uri,
+        ],
+    );
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0 0 4294304",
+            "-c",
+            "read -P 0x77 4294304 8288608",
+            &uri,
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    // nbdinfo --map: the first 4 MiB chunk was given back and the partial
+    // trim in chunk 1 covered one whole block next to it (one hole), and the
+    // never-written last chunk is a hole too.
+    let map: Value = serde_json::from_str(&run("nbdinfo", &["--map", "--json", &uri])).unwrap();
+    let holes: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["description"].as_str().unwrap().contains("hole"))
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        holes,
+        vec![(0, 4 * MIB + (64 << 10)), (12 * MIB, 4 * MIB)],
+        "{map}"
+    );
+}
+
+#[test]
+fn writes_on_one_connection_are_read_on_another() {
+    let server = serve(&["size=8M"]);
+    let uri = server.uri();
+    nbdsh(&uri, "h.pwrite(b'multi-conn' * 100, 123456)");
+    let out = nbdsh(&uri, "print(h.pread(1000, 123456) == b'multi-conn' * 100)");
+    assert_eq!(out.trim(), "True");
+}
+
+#[test]
+fn out_of_range_requests_fail_and_the_server_keeps_serving() {
+    let mut server = serve(&["size=8M"]);
+    let uri = server.uri();
+    // libnbd checks bounds itself unless strict mode is off; turn it off so
+    // the bad requests reach the server.
+    let out = nbdsh(
+        &uri,
+        "import errno
+h.set_strict_mode(0)
+for name, call in [('read', lambda: h.pread(4096, 8 * 1024 * 1024 - 100)),
+                   ('write', lambda: h.pwrite(b'x' * 4096, 8 * 1024 * 1024)),
+                   ('trim', lambda: h.trim(1 << 20, 8 * 1024 * 1024 - 4096)),
+                   ('zero', lambda: h.zero(8192, 2 ** 40))]:
+    try:
+        call()
+        print(name, 'accepted')
+    except nbd.Error as e:
+        print(name, 'refused', errno.errorcode.get(e.errno, e.errno))
+h.pwrite(b'still here', 0)
+print(h.pread(10, 0))",
+    );
+    for op in ["read", "write", "trim", "zero"] {
+        assert!(
+            out.contains(&format!("{op} refused")),
+            "{op} not refused:\n{out}"
+        );
+    }
+    assert!(out.contains("b'still here'"), "{out}");
+    assert!(server.is_running());
+}
+
+#[test]
+fn a_panic_inside_the_plugin_fails_one_request_with_eio_and_nothing_else() {
+    let mut server = serve(&["size=8M", "inject-panic-at=1M"]);
+    let uri = server.uri();
+    let out = nbdsh(
+        &uri,
+        "import errno
+h.pwrite(b'before' * 10, 0)
+try:
+    h.pread(4096, 1024 * 1024)
+    print('no error')
+except nbd.Error as e:
+    print('error', errno.errorcode.get(e.errno, e.errno))
+print(h.pread(60, 0) == b'before' * 10)",
+    );
+    assert!(out.contains("error EIO"), "{out}");
+    assert!(
+        out.contains("True"),
+        "the server stopped serving after a panic:\n{out}"
+    );
+    assert!(server.is_running(), "nbdkit died");
+    let log = server.stop();
+    assert!(log.contains("internal error"), "no log of the panic: {log}");
+}
+
+#[test]
+fn bad_parameters_exit_non_zero_with_one_line_naming_key_and_value() {
+    for (args, needle) in [
+        (vec!["colour=blue"], "unknown parameter 'colour'"),
+        (vec!["size=lots"], "size=lots: 'lots' is not a size"),
+        (vec!["allocation=sometimes"], "allocation=sometimes:"),
+        (vec!["backend=opencl"], "backend=opencl: unknown backend"),
+        (vec!["size=1G", "reserve=1G"], "exclude each other"),
+        (vec!["size=64P"], "size=64P: size 64 PiB is larger than"),
+        (vec!["device=99", "size=8M"], "device=99: no device 99"),
+        (
+            vec!["device=no-such-gpu", "size=8M"],
+            "device=no-such-gpu: no device named 'no-such-gpu'",
+        ),
+    ] {
+        let output = match Server::try_start(&args) {
+            Ok(server) => panic!("nbdkit {args:?} started (pid {})", server.pid()),
+            Err(output) => output,
+        };
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("error:") && !l.contains("warning:"))
+            .collect();
+        assert_eq!(
+            errors.len(),
+            1,
+            "{args:?}: expected one error line:\n{stderr}"
+        );
+        assert!(errors[0].contains(needle), "{args:?}: {}", errors[0]);
+    }
+}
+
+#[test]
+fn help_and_dump_plugin_describe_the_plugin() {
+    let plugin = common::nbd::plugin_path().to_str().unwrap();
+    let help = run("nbdkit", &[plugin, "--help"]);
+    for key in [
+        "backend=",
+        "device=",
+        "size=",
+        "reserve=",
+        "allocation=",
+        "lanes=",
+        "staging=",
+    ] {
+        assert!(help.contains(key), "--help lacks {key}");
+    }
+    let dump = run("nbdkit", &[plugin, "--dump-plugin"]);
+    assert!(dump.contains("name=vramswap"), "{dump}");
+    assert!(dump.contains("thread_model=parallel"), "{dump}");
+    assert!(dump.contains("vramswap_backends=vulkan"), "{dump}");
+    assert!(dump.contains("vramswap_block_size=65536"), "{dump}");
+}
