@@ -228,7 +228,10 @@ impl Server for VramSwap {
     fn after_fork() -> Result<()> {
         guarded("startup", || {
             safety::harden_process();
-            let store = open_store().map_err(|e| Error::new(libc::EINVAL, e))?;
+            let store = open_store().map_err(|e| {
+                log::append_to_file(&format!("error: {e}"));
+                Error::new(libc::EINVAL, e)
+            })?;
             *STORE.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(store));
             Ok(())
         })

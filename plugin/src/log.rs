@@ -4,6 +4,7 @@
 
 use std::ffi::{c_char, CString};
 use std::fmt::Write as _;
+use std::io::Write as _;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
@@ -19,12 +20,31 @@ extern "C" {
 
 /// Installs the bridge. `VRAMSWAP_LOG` filters like `RUST_LOG`
 /// (default `info`; nbdkit shows info and debug only with `-v`).
+///
+/// `VRAMSWAP_LOG_FILE` names a file that warnings and errors are also
+/// appended to. A daemonized nbdkit sends its own stderr to /dev/null and
+/// exits 0 before the GPU is opened, so this file is how `vramswap start`
+/// learns why a server it started is not serving.
 pub fn init() {
     let filter = EnvFilter::try_from_env("VRAMSWAP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(NbdkitLog)
         .try_init();
+}
+
+/// Appends a line to `VRAMSWAP_LOG_FILE`, if set. Best effort: the file is
+/// a convenience for `vramswap start`; nbdkit's own log is the record.
+pub fn append_to_file(line: &str) {
+    if let Some(path) = std::env::var_os("VRAMSWAP_LOG_FILE") {
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(file, "{line}");
+        }
+    }
 }
 
 struct NbdkitLog;
@@ -37,6 +57,9 @@ impl<S: Subscriber> Layer<S> for NbdkitLog {
             line.0.push_str("warning: ");
         }
         event.record(&mut line);
+        if level <= Level::WARN {
+            append_to_file(&line.0);
+        }
         let Ok(text) = CString::new(line.0.replace('\0', " ")) else {
             return;
         };
