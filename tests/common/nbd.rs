@@ -15,33 +15,61 @@ use std::time::{Duration, Instant};
 pub fn plugin_path() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        if let Some(path) = std::env::var_os("VRAMSWAP_TEST_PLUGIN") {
-            return PathBuf::from(path);
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "nbdkit-vramswap-plugin",
-                "--features",
-                "fault-injection",
-                "--message-format=json",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run cargo build for the plugin");
-        assert!(out.status.success(), "building the plugin failed");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains("\"nbdkit_vramswap_plugin\"") && l.contains("compiler-artifact"))
-            .flat_map(|l| l.split('"').map(str::to_string).collect::<Vec<_>>())
-            .find(|s| s.ends_with(".so"))
+        std::env::var_os("VRAMSWAP_TEST_PLUGIN")
             .map(PathBuf::from)
-            .expect("cargo reported no plugin .so")
+            .unwrap_or_else(|| {
+                build(
+                    &[
+                        "-p",
+                        "nbdkit-vramswap-plugin",
+                        "--features",
+                        "fault-injection",
+                    ],
+                    "nbdkit_vramswap_plugin",
+                )
+            })
     })
+}
+
+/// The `vramswap` CLI, built the same way (or `VRAMSWAP_TEST_CLI`).
+pub fn cli_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        std::env::var_os("VRAMSWAP_TEST_CLI")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| build(&["-p", "vramswap-cli", "--bin", "vramswap"], "vramswap"))
+    })
+}
+
+/// Runs `cargo build ARGS` and returns the file of the artifact of target
+/// `target` (a cdylib's .so or a binary).
+fn build(args: &[&str], target: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .arg("build")
+        .arg("--quiet")
+        .args(args)
+        .arg("--message-format=json")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run cargo build");
+    assert!(out.status.success(), "cargo build {args:?} failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == target)
+        .find_map(|m| {
+            m["executable"].as_str().map(PathBuf::from).or_else(|| {
+                m["filenames"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|f| f.as_str())
+                    .find(|f| f.ends_with(".so"))
+                    .map(PathBuf::from)
+            })
+        })
+        .unwrap_or_else(|| panic!("cargo build {args:?} reported no artifact for {target}"))
 }
 
 /// A running `nbdkit -f` serving the plugin on a Unix socket in its own

@@ -1,0 +1,1011 @@
+//! `vramswap start`: preflight, then the plan, step by step, undoing the
+//! steps already done in reverse order if one fails.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tracing::{debug, info, warn};
+use vramswap::backend::{select_device, BackendKind, DeviceInfo};
+use vramswap::store::resolve_size;
+use vramswap::{ByteSize, ExportConfig};
+
+use crate::devices::Gpus;
+use crate::nbd;
+use crate::state::{self, InstanceDir, State, STATE_VERSION};
+use crate::system::{Cmd, System};
+
+/// Oldest nbdkit known to work (Debian 12's): after_fork, the plugin ABI.
+const NBDKIT_MIN: (u32, u32) = (1, 32);
+/// File name nbdkit looks for in its plugin directory for `nbdkit vramswap`.
+const INSTALLED_PLUGIN: &str = "nbdkit-vramswap-plugin.so";
+/// File name cargo gives the plugin (found next to the CLI in a build tree).
+const BUILT_PLUGIN: &str = "libnbdkit_vramswap_plugin.so";
+
+/// Everything `start` was asked for.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    pub name: String,
+    pub export: ExportConfig,
+    pub priority: i32,
+    pub nbd: Option<String>,
+    pub connections: u32,
+    pub threads: u32,
+    pub plugin: Option<PathBuf>,
+    pub discard: bool,
+    /// How long to wait for nbdkit to open the GPU and answer.
+    pub timeout: Duration,
+}
+
+/// What preflight found out: enough to run every step.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub instance: InstanceDir,
+    pub plugin: PathBuf,
+    pub nbd_device: String,
+    pub backend: BackendKind,
+    pub device: DeviceInfo,
+    pub size: u64,
+    pub options: StartOptions,
+}
+
+/// One step of the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    CreateDir,
+    StartServer,
+    WaitForServer,
+    Attach,
+    Mkswap,
+    Swapon,
+    WriteState,
+}
+
+pub const STEPS: [Step; 7] = [
+    Step::CreateDir,
+    Step::StartServer,
+    Step::WaitForServer,
+    Step::Attach,
+    Step::Mkswap,
+    Step::Swapon,
+    Step::WriteState,
+];
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::CreateDir => "create the instance directory",
+            Step::StartServer => "start nbdkit",
+            Step::WaitForServer => "wait for nbdkit to serve",
+            Step::Attach => "attach the NBD device",
+            Step::Mkswap => "mkswap",
+            Step::Swapon => "swapon",
+            Step::WriteState => "record state",
+        }
+    }
+}
+
+/// One preflight check's verdict.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub what: &'static str,
+    pub result: std::result::Result<String, String>,
+}
+
+/// Runs every check, in order; on a real start the first failure stops
+/// everything before anything is touched.
+pub fn preflight(
+    system: &mut dyn System,
+    gpus: &dyn Gpus,
+    options: &StartOptions,
+    dry_run: bool,
+) -> (Vec<Check>, Option<Plan>) {
+    let mut checks = Vec::new();
+    let mut check = |what: &'static str, result: std::result::Result<String, String>| {
+        let ok = result.is_ok();
+        checks.push(Check { what, result });
+        ok
+    };
+    let instance = match InstanceDir::new(&options.name) {
+        Ok(instance) => instance,
+        Err(e) => {
+            check("name", Err(e.to_string()));
+            return (checks, None);
+        }
+    };
+    let stop_early = |ok: bool| !ok && !dry_run;
+
+    let ok = check(
+        "root",
+        if system.is_root() {
+            Ok("running as root".into())
+        } else {
+            Err("vramswap start must run as root: it attaches /dev/nbdN and runs swapon".into())
+        },
+    );
+    if stop_early(ok) {
+        return (checks, None);
+    }
+
+    let ok = check("name", name_is_free(system, &instance));
+    if stop_early(ok) {
+        return (checks, None);
+    }
+
+    let ok = check("nbdkit", nbdkit_version(system));
+    if stop_early(ok) {
+        return (checks, None);
+    }
+
+    let plugin = find_plugin(system, options.plugin.as_deref());
+    let ok = check(
+        "plugin",
+        plugin
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .map_err(Clone::clone),
+    );
+    if stop_early(ok) {
+        return (checks, None);
+    }
+
+    let tools = ["nbd-client", "mkswap", "swapon", "swapoff"];
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| !system.has_program(t))
+        .collect();
+    let ok = check(
+        "tools",
+        if missing.is_empty() {
+            Ok(tools.join(", "))
+        } else {
+            Err(format!(
+                "{} not found (install nbd-client and util-linux)",
+                missing.join(", ")
+            ))
+        },
+    );
+    if stop_early(ok) {
+        return (checks, None);
+    }
+
+    let nbd_device = nbd_device(system, options, dry_run);
+    let ok = check("nbd", nbd_device.clone());
+    if stop_early(ok) {
+        return (checks, None);
+    }
+
+    let gpu = pick_gpu(gpus, &options.export);
+    let ok = check(
+        "gpu",
+        gpu.as_ref()
+            .map(|(kind, d)| format!("{} ({kind}, {})", d.name, d.uuid_string()))
+            .map_err(Clone::clone),
+    );
+    if stop_early(ok) {
+        return (checks, None);
+    }
+
+    let size = gpu.as_ref().map_err(Clone::clone).and_then(|(_, device)| {
+        let store = options.export.store_config();
+        resolve_size(store.size, store.allocation, device.memory, &device.name)
+            .map(|r| r.bytes)
+            .map_err(|e| match options.export.given("size") {
+                Some(given) => format!("--size {given}: {e}"),
+                None => e.to_string(),
+            })
+    });
+    check(
+        "size",
+        size.as_ref()
+            .map(|s| format!("{} ({})", ByteSize(*s), options.export.allocation))
+            .map_err(Clone::clone),
+    );
+
+    // A dry run shows the plan even where the kernel has no NBD devices yet
+    // (a start would load the module and use the first free one).
+    let nbd_device = match nbd_device {
+        Err(_) if dry_run => Ok("/dev/nbdN".to_string()),
+        other => other,
+    };
+    let plan = match (plugin, nbd_device, gpu, size) {
+        (Ok(plugin), Ok(nbd_device), Ok((backend, device)), Ok(size)) => Some(Plan {
+            instance,
+            plugin,
+            nbd_device,
+            backend,
+            device,
+            size,
+            options: options.clone(),
+        }),
+        _ => None,
+    };
+    (checks, plan)
+}
+
+fn name_is_free(
+    system: &dyn System,
+    instance: &InstanceDir,
+) -> std::result::Result<String, String> {
+    if system.exists(&instance.dir) {
+        return Err(format!(
+            "instance '{}' exists ({}): see 'vramswap status {0}', or 'vramswap stop {0}' first",
+            instance.name,
+            instance.dir.display()
+        ));
+    }
+    Ok(format!("'{}' is free", instance.name))
+}
+
+fn nbdkit_version(system: &mut dyn System) -> std::result::Result<String, String> {
+    if !system.has_program("nbdkit") {
+        return Err("nbdkit not found (install the nbdkit package)".into());
+    }
+    let out = system
+        .run(&Cmd::new("nbdkit").arg("--version"))
+        .map_err(|e| format!("nbdkit --version: {e}"))?;
+    let text = out.stdout.trim();
+    let version = text.split_whitespace().nth(1).unwrap_or("");
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if !out.success() || found < NBDKIT_MIN {
+        return Err(format!(
+            "nbdkit {version} is too old or did not answer: vramswap needs {}.{} or newer",
+            NBDKIT_MIN.0, NBDKIT_MIN.1
+        ));
+    }
+    Ok(text.to_string())
+}
+
+/// `--plugin`, then `$VRAMSWAP_PLUGIN`, then next to this program (a build
+/// tree), then nbdkit's plugin directory (an installed plugin).
+fn find_plugin(
+    system: &mut dyn System,
+    given: Option<&Path>,
+) -> std::result::Result<PathBuf, String> {
+    if let Some(path) = given
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("VRAMSWAP_PLUGIN").map(PathBuf::from))
+    {
+        // nbdkit daemonizes into /: hand it an absolute path.
+        let path = std::path::absolute(&path).unwrap_or(path);
+        return if system.exists(&path) {
+            Ok(path)
+        } else {
+            Err(format!("plugin {} does not exist", path.display()))
+        };
+    }
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        candidates.push(dir.join(BUILT_PLUGIN));
+    }
+    if let Ok(out) = system.run(&Cmd::new("nbdkit").arg("--dump-config")) {
+        if let Some(dir) = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("plugindir="))
+        {
+            candidates.push(Path::new(dir.trim()).join(INSTALLED_PLUGIN));
+        }
+    }
+    candidates
+        .iter()
+        .find(|p| system.exists(p))
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "the vramswap plugin is not installed (looked for {}); see README: install it, or pass --plugin",
+                candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            )
+        })
+}
+
+fn nbd_device(
+    system: &mut dyn System,
+    options: &StartOptions,
+    dry_run: bool,
+) -> std::result::Result<String, String> {
+    if !nbd::kernel_has_nbd(system) {
+        if dry_run {
+            return Err(
+                "no NBD devices (/sys/block/nbd0); a start would run 'modprobe nbd'".into(),
+            );
+        }
+        if !system.has_program("modprobe") {
+            return Err("no NBD support: /sys/block/nbd0 does not exist and there is no modprobe to load the nbd module".into());
+        }
+        let out = system
+            .run(&Cmd::new("modprobe").arg("nbd"))
+            .map_err(|e| format!("modprobe nbd: {e}"))?;
+        if !nbd::kernel_has_nbd(system) {
+            return Err(format!(
+                "no NBD support in this kernel: modprobe nbd failed ({})",
+                out.reason()
+            ));
+        }
+    }
+    let taken = taken_devices(system);
+    match &options.nbd {
+        Some(device) => {
+            let name = nbd::kernel_name(device).map_err(|e| e.to_string())?;
+            if !system.exists(&Path::new("/sys/block").join(name)) {
+                Err(format!("{device} does not exist"))
+            } else if !nbd::is_free(system, name) || taken.contains(device) {
+                Err(format!("{device} is in use"))
+            } else {
+                Ok(format!("/dev/{name}"))
+            }
+        }
+        None => {
+            nbd::first_free(system, &taken).ok_or_else(|| "every /dev/nbdN is in use".to_string())
+        }
+    }
+}
+
+/// NBD devices other vramswap instances hold (attached or not yet).
+fn taken_devices(system: &dyn System) -> Vec<String> {
+    state::instances(system)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|name| InstanceDir::new(name).ok())
+        .filter_map(|instance| State::load(system, &instance).ok())
+        .map(|s| s.nbd_device)
+        .collect()
+}
+
+fn pick_gpu(
+    gpus: &dyn Gpus,
+    export: &ExportConfig,
+) -> std::result::Result<(BackendKind, DeviceInfo), String> {
+    let kind = match export.backend {
+        Some(kind) => kind,
+        None => gpus
+            .default_backend(&export.device)
+            .map_err(|e| e.to_string())?,
+    };
+    let devices = gpus.devices(kind).map_err(|e| e.to_string())?;
+    let device = select_device(&devices, &export.device).map_err(|e| e.to_string())?;
+    Ok((kind, device.clone()))
+}
+
+impl Plan {
+    fn nbdkit_command(&self) -> Cmd {
+        let mut export = self.options.export.clone();
+        export.backend = Some(self.backend);
+        Cmd::new("nbdkit")
+            .arg("--unix")
+            .arg(self.instance.socket().to_string_lossy())
+            .arg("--pidfile")
+            .arg(self.instance.pidfile().to_string_lossy())
+            .arg("--threads")
+            .arg(self.options.threads.to_string())
+            .arg(self.plugin.to_string_lossy())
+            .args(export.to_args())
+            .env("VRAMSWAP_LOG_FILE", self.instance.log().to_string_lossy())
+    }
+
+    fn attach_command(&self) -> Cmd {
+        Cmd::new("nbd-client")
+            .arg("-unix")
+            .arg(self.instance.socket().to_string_lossy())
+            .arg(&self.nbd_device)
+            .args(["-b", "4096", "-swap", "-C"])
+            .arg(self.options.connections.to_string())
+    }
+
+    fn mkswap_command(&self) -> Cmd {
+        Cmd::new("mkswap")
+            .arg("-L")
+            .arg(format!("vramswap-{}", self.instance.name))
+            .arg(&self.nbd_device)
+    }
+
+    fn swapon_command(&self) -> Cmd {
+        let cmd = Cmd::new("swapon")
+            .arg("--priority")
+            .arg(self.options.priority.to_string());
+        let cmd = if self.options.discard {
+            cmd.arg("--discard")
+        } else {
+            cmd
+        };
+        cmd.arg(&self.nbd_device)
+    }
+
+    /// What a step does, as `--dry-run` prints it.
+    pub fn describe(&self, step: Step) -> String {
+        match step {
+            Step::CreateDir => format!("mkdir -m 0700 {}", self.instance.dir.display()),
+            Step::StartServer => self.nbdkit_command().to_string(),
+            Step::WaitForServer => format!(
+                "wait until nbdkit answers on {} (up to {} s), then chmod 0600 it",
+                self.instance.socket().display(),
+                self.options.timeout.as_secs()
+            ),
+            Step::Attach => self.attach_command().to_string(),
+            Step::Mkswap => self.mkswap_command().to_string(),
+            Step::Swapon => self.swapon_command().to_string(),
+            Step::WriteState => format!("write {}", self.instance.state().display()),
+        }
+    }
+
+    pub fn print(&self) {
+        let d = &self.device;
+        println!("plan for instance '{}':", self.instance.name);
+        println!(
+            "  gpu     {} ({}, {}, {})",
+            d.name,
+            self.backend,
+            d.uuid_string(),
+            d.pci_bus_id.as_deref().unwrap_or("no PCI id")
+        );
+        println!(
+            "  size    {} ({} allocation)",
+            ByteSize(self.size),
+            self.options.export.allocation
+        );
+        println!(
+            "  swap    {}, {} connections, priority {}{}",
+            self.nbd_device,
+            self.options.connections,
+            self.options.priority,
+            if self.options.discard {
+                ", discard"
+            } else {
+                ""
+            }
+        );
+        for (i, step) in STEPS.iter().enumerate() {
+            println!("  {}. {}", i + 1, self.describe(*step));
+        }
+    }
+
+    fn state(&self, pid: u32) -> State {
+        State {
+            version: STATE_VERSION,
+            name: self.instance.name.clone(),
+            pid,
+            socket: self.instance.socket(),
+            nbd_device: self.nbd_device.clone(),
+            size: self.size,
+            backend: self.backend.to_string(),
+            device_name: self.device.name.clone(),
+            device_uuid: self.device.uuid_string(),
+            priority: self.options.priority,
+            connections: self.options.connections,
+            started: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+
+    fn run_step(&self, system: &mut dyn System, step: Step) -> Result<()> {
+        match step {
+            Step::CreateDir => system
+                .create_dir(&self.instance.dir, 0o700)
+                .with_context(|| format!("mkdir {}", self.instance.dir.display())),
+            Step::StartServer => {
+                let out = system
+                    .run(&self.nbdkit_command())
+                    .context("cannot run nbdkit")?;
+                if !out.success() {
+                    bail!("{}", out.reason());
+                }
+                Ok(())
+            }
+            Step::WaitForServer => self.wait_for_server(system),
+            Step::Attach => run_ok(system, &self.attach_command()),
+            Step::Mkswap => run_ok(system, &self.mkswap_command()),
+            Step::Swapon => run_ok(system, &self.swapon_command()),
+            Step::WriteState => {
+                let pid = state::read_pid(system, &self.instance.pidfile())
+                    .ok_or_else(|| anyhow!("nbdkit wrote no pidfile"))?;
+                system
+                    .write(&self.instance.state(), &self.state(pid).to_json(), 0o600)
+                    .with_context(|| format!("write {}", self.instance.state().display()))
+            }
+        }
+    }
+
+    /// Undoes a step; `None` for steps with nothing to undo.
+    fn undo_step(&self, system: &mut dyn System, step: Step) -> Option<Result<()>> {
+        match step {
+            Step::CreateDir => Some(
+                system
+                    .remove_dir_all(&self.instance.dir)
+                    .with_context(|| format!("remove {}", self.instance.dir.display())),
+            ),
+            Step::StartServer => Some(stop_server(system, &self.instance)),
+            Step::Attach => Some(run_ok(
+                system,
+                &Cmd::new("nbd-client").arg("-d").arg(&self.nbd_device),
+            )),
+            Step::Swapon => Some(run_ok(system, &Cmd::new("swapoff").arg(&self.nbd_device))),
+            Step::WaitForServer | Step::Mkswap | Step::WriteState => None,
+        }
+    }
+
+    fn wait_for_server(&self, system: &mut dyn System) -> Result<()> {
+        const POLL: Duration = Duration::from_millis(100);
+        let socket = self.instance.socket();
+        let mut waited = Duration::ZERO;
+        loop {
+            if system.answers_nbd(&socket) {
+                return system
+                    .set_mode(&socket, 0o600)
+                    .with_context(|| format!("chmod 0600 {}", socket.display()));
+            }
+            if let Some(pid) = state::read_pid(system, &self.instance.pidfile()) {
+                if !system.alive(pid) {
+                    bail!("nbdkit exited: {}", self.server_error(system));
+                }
+            }
+            if waited >= self.options.timeout {
+                bail!(
+                    "nbdkit did not answer within {} s{}",
+                    self.options.timeout.as_secs(),
+                    match self.server_error(system).as_str() {
+                        "" => String::new(),
+                        reason => format!(": {reason}"),
+                    }
+                );
+            }
+            system.sleep(POLL);
+            waited += POLL;
+        }
+    }
+
+    /// The plugin's last error from its log file (see `VRAMSWAP_LOG_FILE`).
+    fn server_error(&self, system: &dyn System) -> String {
+        let log = system.read(&self.instance.log()).unwrap_or_default();
+        log.lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("error: "))
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                format!(
+                    "no error recorded in {}; see the system log (journalctl -t nbdkit)",
+                    self.instance.log().display()
+                )
+            })
+    }
+
+    /// Runs the plan. If a step fails, the steps done so far (and the
+    /// failed one, where undoing is harmless) are undone in reverse order,
+    /// and the error says which step failed, why, and what was undone.
+    pub fn execute(&self, system: &mut dyn System) -> Result<()> {
+        for (i, step) in STEPS.iter().enumerate() {
+            info!("{}: {}", step.name(), self.describe(*step));
+            if let Err(err) = self.run_step(system, *step) {
+                let mut undone = Vec::new();
+                let mut not_undone = Vec::new();
+                for (j, done) in STEPS[..=i].iter().enumerate().rev() {
+                    match self.undo_step(system, *done) {
+                        None => {}
+                        // The failed step itself was not done; undoing it
+                        // only cleans up whatever part of it happened.
+                        Some(Ok(())) if j == i => {}
+                        Some(Ok(())) => undone.push(done.name()),
+                        // The failed step may not have happened at all;
+                        // undoing it is best effort.
+                        Some(Err(e)) if j == i => debug!("undo {}: {e:#}", done.name()),
+                        Some(Err(e)) => {
+                            warn!("could not undo '{}': {e:#}", done.name());
+                            not_undone.push(done.name());
+                        }
+                    }
+                }
+                let mut message = format!("step {} ({}) failed: {err:#}", i + 1, step.name());
+                if !undone.is_empty() {
+                    message += &format!("; undone: {}", undone.join(", "));
+                }
+                if !not_undone.is_empty() {
+                    message += &format!("; could NOT undo: {}", not_undone.join(", "));
+                }
+                bail!(message);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn run_ok(system: &mut dyn System, cmd: &Cmd) -> Result<()> {
+    let out = system
+        .run(cmd)
+        .with_context(|| format!("cannot run {}", cmd.program))?;
+    if !out.success() {
+        bail!("{cmd}: {}", out.reason());
+    }
+    Ok(())
+}
+
+/// Stops the instance's nbdkit: SIGTERM (it gives the VRAM back on the
+/// way out), then SIGKILL if it has not exited after 30 s.
+pub fn stop_server(system: &mut dyn System, instance: &InstanceDir) -> Result<()> {
+    const GRACE: Duration = Duration::from_secs(30);
+    const POLL: Duration = Duration::from_millis(100);
+    let Some(pid) = state::read_pid(system, &instance.pidfile()) else {
+        return Ok(());
+    };
+    if !system.alive(pid) {
+        return Ok(());
+    }
+    system
+        .signal(pid, libc::SIGTERM)
+        .with_context(|| format!("kill -TERM {pid}"))?;
+    let mut waited = Duration::ZERO;
+    while system.alive(pid) {
+        if waited >= GRACE {
+            warn!(
+                "nbdkit {pid} ignored SIGTERM for {} s; killing it",
+                GRACE.as_secs()
+            );
+            system
+                .signal(pid, libc::SIGKILL)
+                .with_context(|| format!("kill -KILL {pid}"))?;
+            break;
+        }
+        system.sleep(POLL);
+        waited += POLL;
+    }
+    Ok(())
+}
+
+/// `vramswap start`.
+pub fn run(
+    system: &mut dyn System,
+    gpus: &dyn Gpus,
+    options: &StartOptions,
+    dry_run: bool,
+) -> Result<()> {
+    let (checks, plan) = preflight(system, gpus, options, dry_run);
+    if dry_run {
+        if let Some(plan) = &plan {
+            plan.print();
+        }
+        println!("preflight:");
+        for c in &checks {
+            match &c.result {
+                Ok(detail) => println!("  ok    {:<7} {detail}", c.what),
+                Err(why) => println!("  FAIL  {:<7} {why}", c.what),
+            }
+        }
+        if checks.iter().any(|c| c.result.is_err()) {
+            bail!("preflight failed: a start would change nothing and exit here");
+        }
+        return Ok(());
+    }
+    if let Some(failed) = checks.iter().find(|c| c.result.is_err()) {
+        bail!("{}", failed.result.clone().err().unwrap_or_default());
+    }
+    let plan = plan.ok_or_else(|| anyhow!("preflight gave no plan"))?;
+    plan.execute(system)?;
+    let area = nbd::swap_area(system, &plan.nbd_device);
+    println!(
+        "vramswap: '{}' is swapping to {} on {} ({}, {}), priority {}",
+        plan.instance.name,
+        ByteSize(area.map_or(plan.size, |a| a.size_kib << 10)),
+        plan.device.name,
+        plan.backend,
+        plan.nbd_device,
+        plan.options.priority
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::fake::{gpu, FakeGpus};
+    use crate::system::fake::{Call, FakeSystem};
+
+    fn options() -> StartOptions {
+        let mut export = ExportConfig::default();
+        export.set("size", "8G").unwrap();
+        StartOptions {
+            name: "default".into(),
+            export,
+            priority: 50,
+            nbd: None,
+            connections: 4,
+            threads: 16,
+            plugin: Some("/usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so".into()),
+            discard: true,
+            timeout: Duration::from_secs(300),
+        }
+    }
+
+    /// A machine where everything is in place.
+    fn machine() -> FakeSystem {
+        let mut system = FakeSystem::new();
+        system.fixture("/usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so", "");
+        system.fixture("/sys/block/nbd0/size", "0\n");
+        system.fixture("/sys/block/nbd1/size", "0\n");
+        system.fixture("/run/vramswap/.keep", "");
+        system.answer("nbdkit --version", 0, "nbdkit 1.32.5\n", "");
+        system.alive.insert(4321, true);
+        system
+    }
+
+    /// Running nbdkit "starts" it: it writes its pidfile.
+    fn with_server(system: &mut FakeSystem) {
+        system.on_run.push((
+            "nbdkit --unix".into(),
+            "/run/vramswap/default/nbdkit.pid".into(),
+            "4321\n".into(),
+        ));
+    }
+
+    fn gpus() -> FakeGpus {
+        FakeGpus {
+            devices: vec![gpu("NVIDIA H100 80GB HBM3", 79 << 30)],
+        }
+    }
+
+    #[test]
+    fn the_plan_is_the_documented_sequence_of_commands() {
+        let mut system = machine();
+        let (checks, plan) = preflight(&mut system, &gpus(), &options(), false);
+        assert!(checks.iter().all(|c| c.result.is_ok()), "{checks:?}");
+        let plan = plan.unwrap();
+        assert_eq!(plan.nbd_device, "/dev/nbd0");
+        assert_eq!(plan.size, 8 << 30);
+        let lines: Vec<String> = STEPS.iter().map(|s| plan.describe(*s)).collect();
+        assert_eq!(
+            lines,
+            [
+                "mkdir -m 0700 /run/vramswap/default",
+                "VRAMSWAP_LOG_FILE=/run/vramswap/default/nbdkit.log nbdkit --unix /run/vramswap/default/nbd.sock \
+                 --pidfile /run/vramswap/default/nbdkit.pid --threads 16 \
+                 /usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so backend=vulkan size=8589934592",
+                "wait until nbdkit answers on /run/vramswap/default/nbd.sock (up to 300 s), then chmod 0600 it",
+                "nbd-client -unix /run/vramswap/default/nbd.sock /dev/nbd0 -b 4096 -swap -C 4",
+                "mkswap -L vramswap-default /dev/nbd0",
+                "swapon --priority 50 --discard /dev/nbd0",
+                "write /run/vramswap/default/state.json",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_full_start_runs_every_step_and_records_state() {
+        let mut system = machine();
+        with_server(&mut system);
+        let (_, plan) = preflight(&mut system, &gpus(), &options(), false);
+        plan.unwrap().execute(&mut system).unwrap();
+        let instance = InstanceDir::new("default").unwrap();
+        let state = State::load(&system, &instance).unwrap();
+        assert_eq!(
+            (state.pid, state.nbd_device.as_str(), state.size),
+            (4321, "/dev/nbd0", 8 << 30)
+        );
+        assert!(system
+            .calls
+            .contains(&Call::SetMode(instance.socket(), 0o600)));
+        let ran = system.ran();
+        assert!(ran.iter().any(|l| l.starts_with("swapon")), "{ran:?}");
+    }
+
+    /// For every step: make it fail, and check that exactly the steps
+    /// before it are undone, newest first, and nothing is left behind.
+    #[test]
+    fn a_failure_at_any_step_undoes_the_earlier_steps_in_reverse() {
+        let failing = [
+            (Step::CreateDir, "mkdir /run/vramswap/default"),
+            (Step::StartServer, "nbdkit --unix"),
+            (Step::WaitForServer, ""),
+            (Step::Attach, "nbd-client -unix"),
+            (Step::Mkswap, "mkswap"),
+            (Step::Swapon, "swapon"),
+            (Step::WriteState, "write /run/vramswap/default/state.json"),
+        ];
+        for (step, prefix) in failing {
+            let mut system = machine();
+            with_server(&mut system);
+            let mut opts = options();
+            if step == Step::WaitForServer {
+                // Alive but never answering: the wait times out.
+                system.answers_nbd = false;
+                opts.timeout = Duration::from_secs(1);
+                system.on_run.push((
+                    "nbdkit --unix".into(),
+                    "/run/vramswap/default/nbdkit.log".into(),
+                    "warning: x\nerror: size=8G: too big\n".into(),
+                ));
+            } else {
+                system.fail_on = Some(prefix.to_string());
+            }
+            let (_, plan) = preflight(&mut system, &gpus(), &opts, false);
+            let err = plan.unwrap().execute(&mut system).unwrap_err().to_string();
+            let index = STEPS.iter().position(|s| *s == step).unwrap();
+            assert!(
+                err.starts_with(&format!("step {} ({})", index + 1, step.name())),
+                "{err}"
+            );
+            if step == Step::WaitForServer {
+                assert!(
+                    err.contains("nbdkit did not answer within 1 s: size=8G: too big"),
+                    "{err}"
+                );
+            }
+
+            // What ran after the failure, in order: the undo actions.
+            let failed_at = system
+                .calls
+                .iter()
+                .position(|c| match c {
+                    Call::Run(l) => !prefix.is_empty() && l.contains(prefix),
+                    Call::CreateDir(_) => step == Step::CreateDir,
+                    Call::Write(p) => step == Step::WriteState && p.ends_with("state.json"),
+                    _ => false,
+                })
+                .unwrap_or_else(|| {
+                    // WaitForServer fails without a call of its own.
+                    system
+                        .ran()
+                        .iter()
+                        .position(|l| l.contains("nbdkit --unix"))
+                        .unwrap()
+                        + 1
+                });
+            let after: Vec<String> = system.calls[failed_at..]
+                .iter()
+                .filter_map(|c| match c {
+                    Call::Run(l) if l.starts_with("swapoff") => Some("swapoff".to_string()),
+                    Call::Run(l) if l.starts_with("nbd-client -d") => Some("detach".to_string()),
+                    Call::Signal(_, sig) if *sig == libc::SIGTERM => {
+                        Some("stop nbdkit".to_string())
+                    }
+                    Call::RemoveDir(_) => Some("remove dir".to_string()),
+                    _ => None,
+                })
+                .collect();
+            let expected: Vec<&str> = match step {
+                Step::CreateDir => vec!["remove dir"],
+                // nbdkit failed to run: it wrote no pidfile, nothing to stop.
+                Step::StartServer => vec!["remove dir"],
+                Step::WaitForServer => vec!["stop nbdkit", "remove dir"],
+                Step::Attach | Step::Mkswap => vec!["detach", "stop nbdkit", "remove dir"],
+                Step::Swapon | Step::WriteState => {
+                    vec!["swapoff", "detach", "stop nbdkit", "remove dir"]
+                }
+            };
+
+            assert_eq!(after, expected, "{step:?}: {err}");
+            assert!(
+                !system.exists(Path::new("/run/vramswap/default")),
+                "{step:?}: left the directory"
+            );
+        }
+    }
+
+    #[test]
+    fn a_server_that_dies_while_starting_is_reported_with_its_error() {
+        let mut system = machine();
+        with_server(&mut system);
+        system.answers_nbd = false;
+        system.alive.insert(4321, false);
+        system.on_run.push((
+            "nbdkit --unix".into(),
+            "/run/vramswap/default/nbdkit.log".into(),
+            "warning: mlockall failed\nerror: device=7: no device 7\n".into(),
+        ));
+        let err = run(&mut system, &gpus(), &options(), false)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "step 3 (wait for nbdkit to serve) failed: nbdkit exited: device=7: no device 7; \
+             undone: start nbdkit, create the instance directory"
+        );
+        assert!(!system.exists(Path::new("/run/vramswap/default")));
+    }
+
+    #[test]
+    fn preflight_failures_are_one_line_and_touch_nothing() {
+        type Setup = Box<dyn Fn(&mut FakeSystem)>;
+        let cases: Vec<(&str, Setup, &str)> = vec![
+            ("not root", Box::new(|s| s.root_user = false), "must run as root"),
+            ("no nbdkit", Box::new(|s| s.missing_programs.push("nbdkit".into())), "nbdkit not found"),
+            (
+                "old nbdkit",
+                Box::new(|s| {
+                    s.answers.retain(|(p, _)| p != "nbdkit --version");
+                    s.answer("nbdkit --version", 0, "nbdkit 1.24.1\n", "");
+                }),
+                "nbdkit 1.24.1 is too old",
+            ),
+            ("no nbd-client", Box::new(|s| s.missing_programs.push("nbd-client".into())), "nbd-client not found"),
+            (
+                "no nbd module",
+                Box::new(|s| {
+                    std::fs::remove_dir_all(s.root.path().join("sys")).unwrap();
+                    s.answer("modprobe nbd", 1, "", "modprobe: FATAL: Module nbd not found in directory /lib/modules/6.1\n");
+                }),
+                "no NBD support in this kernel: modprobe nbd failed (modprobe: FATAL: Module nbd not found",
+            ),
+            (
+                "all nbd busy",
+                Box::new(|s| {
+                    s.fixture("/sys/block/nbd0/pid", "1\n");
+                    s.fixture("/sys/block/nbd1/size", "8\n");
+                }),
+                "every /dev/nbdN is in use",
+            ),
+            (
+                "name in use",
+                Box::new(|s| s.fixture("/run/vramswap/default/state.json", "{}")),
+                "instance 'default' exists",
+            ),
+        ];
+        for (label, setup, needle) in cases {
+            let mut system = machine();
+            setup(&mut system);
+            let err = run(&mut system, &gpus(), &options(), false)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{label}: {err}");
+            assert!(!err.contains('\n'), "{label}: {err}");
+            let changed: Vec<&Call> = system
+                .calls
+                .iter()
+                .filter(|c| match c {
+                    Call::Run(l) => !l.starts_with("nbdkit --") && !l.starts_with("modprobe"),
+                    _ => true,
+                })
+                .collect();
+            assert!(changed.is_empty(), "{label}: touched {changed:?}");
+        }
+    }
+
+    #[test]
+    fn size_and_device_problems_name_both_numbers() {
+        let mut system = machine();
+        let mut opts = options();
+        opts.export = ExportConfig::default();
+        opts.export.set("size", "100G").unwrap();
+        let err = run(&mut system, &gpus(), &opts, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--size 100G: size 100 GiB is larger than the 79 GiB available"),
+            "{err}"
+        );
+
+        let mut opts = options();
+        opts.export.set("device", "7").unwrap();
+        let err = run(&mut system, &gpus(), &opts, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no device 7; devices: 0: NVIDIA H100"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn dry_run_prints_and_changes_nothing_even_when_checks_fail() {
+        let mut system = machine();
+        std::fs::remove_dir_all(system.root.path().join("sys")).unwrap();
+        let (checks, plan) = preflight(&mut system, &gpus(), &options(), true);
+        assert_eq!(
+            plan.unwrap().describe(Step::Swapon),
+            "swapon --priority 50 --discard /dev/nbdN"
+        );
+        let failed: Vec<&str> = checks
+            .iter()
+            .filter(|c| c.result.is_err())
+            .map(|c| c.what)
+            .collect();
+        assert_eq!(failed, ["nbd"]);
+        assert!(
+            system.ran().iter().all(|l| !l.starts_with("modprobe")),
+            "dry run loaded a module"
+        );
+        assert!(system.calls.iter().all(|c| matches!(c, Call::Run(_))));
+    }
+}

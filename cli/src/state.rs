@@ -1,0 +1,203 @@
+//! Where a running instance keeps its files, and `state.json`: what
+//! `vramswap start` set up, so `stop` and `status` can find it again.
+//!
+//! `/run/vramswap/NAME/` (0700) holds `nbd.sock` (0600), `nbdkit.pid`,
+//! `nbdkit.log` (the plugin's warnings and errors) and `state.json`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::system::System;
+
+/// Default parent of the instance directories; `VRAMSWAP_RUN_DIR`
+/// overrides it (tests, or a system without /run).
+pub const RUN_DIR: &str = "/run/vramswap";
+
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("VRAMSWAP_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(RUN_DIR))
+}
+
+/// The files of one named instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceDir {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl InstanceDir {
+    pub fn new(name: &str) -> Result<Self> {
+        check_name(name)?;
+        Ok(InstanceDir {
+            name: name.to_string(),
+            dir: run_dir().join(name),
+        })
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("nbd.sock")
+    }
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.join("nbdkit.pid")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("nbdkit.log")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+}
+
+/// Names are directory names and swap labels: keep them plain.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !name.starts_with('-');
+    if !ok {
+        bail!("invalid name '{name}': use 1 to 32 letters, digits, '-' or '_'");
+    }
+    Ok(())
+}
+
+/// What `start` recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// Format version of this file.
+    pub version: u32,
+    pub name: String,
+    /// nbdkit's process id.
+    pub pid: u32,
+    pub socket: PathBuf,
+    pub nbd_device: String,
+    pub size: u64,
+    pub backend: String,
+    pub device_name: String,
+    pub device_uuid: String,
+    pub priority: i32,
+    pub connections: u32,
+    /// Seconds since the Unix epoch.
+    pub started: u64,
+}
+
+pub const STATE_VERSION: u32 = 1;
+
+impl State {
+    pub fn to_json(&self) -> String {
+        let mut text = serde_json::to_string_pretty(self).unwrap_or_default();
+        text.push('\n');
+        text
+    }
+
+    /// Reads and checks an instance's state; a missing, truncated or
+    /// foreign file is one clear error naming it.
+    pub fn load(system: &dyn System, instance: &InstanceDir) -> Result<State> {
+        let path = instance.state();
+        let text = system
+            .read(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let state: State = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid vramswap state file", path.display()))?;
+        if state.version != STATE_VERSION {
+            bail!(
+                "{}: state version {} is not the {STATE_VERSION} this vramswap writes",
+                path.display(),
+                state.version
+            );
+        }
+        if state.name != instance.name {
+            bail!(
+                "{}: records instance '{}', not '{}'",
+                path.display(),
+                state.name,
+                instance.name
+            );
+        }
+        Ok(state)
+    }
+}
+
+/// Names of the instances that have a directory under the run dir.
+pub fn instances(system: &dyn System) -> Result<Vec<String>> {
+    match system.list(&run_dir()) {
+        Ok(names) => Ok(names
+            .into_iter()
+            .filter(|n| check_name(n).is_ok())
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("{}: cannot list", run_dir().display())),
+    }
+}
+
+/// The pid in nbdkit's pidfile, if it wrote one.
+pub fn read_pid(system: &dyn System, pidfile: &Path) -> Option<u32> {
+    system.read(pidfile).ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::system::fake::FakeSystem;
+
+    fn state() -> State {
+        State {
+            version: STATE_VERSION,
+            name: "default".into(),
+            pid: 4321,
+            socket: "/run/vramswap/default/nbd.sock".into(),
+            nbd_device: "/dev/nbd0".into(),
+            size: 8 << 30,
+            backend: "vulkan".into(),
+            device_name: "NVIDIA H100 80GB HBM3".into(),
+            device_uuid: "3911b20d-250f-381e-70e3-d98316e3fdec".into(),
+            priority: 50,
+            connections: 4,
+            started: 1_795_000_000,
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["default", "gpu0", "a-b_c", "X"] {
+            check_name(good).unwrap();
+        }
+        for bad in ["", "../etc", "a b", "-x", "é", &"x".repeat(33)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_files_are_clear_errors() {
+        let system = FakeSystem::new();
+        let instance = InstanceDir::new("default").unwrap();
+        let path = instance.state().to_string_lossy().into_owned();
+        system.fixture(&path, &state().to_json());
+        assert_eq!(State::load(&system, &instance).unwrap(), state());
+
+        let full = state().to_json();
+        for (contents, needle) in [
+            (&full[..full.len() / 2], "not a valid vramswap state file"),
+            ("", "not a valid vramswap state file"),
+            ("{\"version\": 1}", "not a valid vramswap state file"),
+            (
+                &full.replace("\"version\": 1", "\"version\": 7"),
+                "state version 7",
+            ),
+            (
+                &full.replace("\"name\": \"default\"", "\"name\": \"other\""),
+                "records instance 'other'",
+            ),
+        ] {
+            system.fixture(&path, contents);
+            let err = format!("{:#}", State::load(&system, &instance).unwrap_err());
+            assert!(err.contains(needle), "{err}");
+            assert!(err.contains("state.json"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! `vramswap status`: is each instance's server alive, its NBD device
+//! attached and its swap area active? Non-zero exit when one is not.
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+use vramswap::ByteSize;
+
+use crate::nbd;
+use crate::state::{self, InstanceDir, State};
+use crate::system::System;
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct InstanceStatus {
+    pub name: String,
+    pub healthy: bool,
+    /// What is wrong, one phrase each.
+    pub problems: Vec<String>,
+    pub nbd_device: Option<String>,
+    pub backend: Option<String>,
+    pub gpu: Option<String>,
+    pub gpu_uuid: Option<String>,
+    pub size: Option<u64>,
+    pub pid: Option<u32>,
+    pub server_alive: bool,
+    pub nbd_attached: bool,
+    pub swap_active: bool,
+    pub swap_used: Option<u64>,
+    pub priority: Option<i32>,
+}
+
+pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
+    let instance = InstanceDir::new(name)?;
+    if !system.exists(&instance.dir) {
+        bail!("no instance '{name}'");
+    }
+    let mut status = InstanceStatus {
+        name: name.to_string(),
+        healthy: false,
+        problems: Vec::new(),
+        nbd_device: None,
+        backend: None,
+        gpu: None,
+        gpu_uuid: None,
+        size: None,
+        pid: None,
+        server_alive: false,
+        nbd_attached: false,
+        swap_active: false,
+        swap_used: None,
+        priority: None,
+    };
+    let state = match State::load(system, &instance) {
+        Ok(state) => state,
+        Err(err) => {
+            status.problems.push(format!("{err:#}"));
+            return Ok(status);
+        }
+    };
+    status.server_alive = system.alive(state.pid);
+    status.nbd_attached = nbd::kernel_name(&state.nbd_device)
+        .map(|n| nbd::is_attached(system, n))
+        .unwrap_or(false);
+    let area = nbd::swap_area(system, &state.nbd_device);
+    status.swap_active = area.is_some();
+    status.swap_used = area.map(|a| a.used_kib << 10);
+    if !status.server_alive {
+        status
+            .problems
+            .push(format!("nbdkit (pid {}) is not running", state.pid));
+    }
+    if !status.nbd_attached {
+        status
+            .problems
+            .push(format!("{} is not attached", state.nbd_device));
+    }
+    if !status.swap_active {
+        status
+            .problems
+            .push(format!("{} is not an active swap area", state.nbd_device));
+    }
+    status.healthy = status.problems.is_empty();
+    status.nbd_device = Some(state.nbd_device);
+    status.backend = Some(state.backend);
+    status.gpu = Some(state.device_name);
+    status.gpu_uuid = Some(state.device_uuid);
+    status.size = Some(state.size);
+    status.pid = Some(state.pid);
+    status.priority = Some(state.priority);
+    Ok(status)
+}
+
+/// Prints the status of the named instances (all when none is named);
+/// fails when one is unhealthy or unknown.
+pub fn run(system: &dyn System, names: &[String], json: bool) -> Result<()> {
+    let names = if names.is_empty() {
+        state::instances(system)?
+    } else {
+        names.to_vec()
+    };
+    let statuses = names
+        .iter()
+        .map(|name| inspect(system, name))
+        .collect::<Result<Vec<_>>>()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&statuses)?);
+    } else if statuses.is_empty() {
+        println!("no vramswap instances");
+    } else {
+        println!(
+            "{:<12} {:<10} {:<7} {:<28} {:>9} {:>9} {:<6} {:<4} {:<4} HEALTH",
+            "NAME", "DEVICE", "BACKEND", "GPU", "SIZE", "USED", "SERVER", "NBD", "SWAP"
+        );
+        for s in &statuses {
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            println!(
+                "{:<12} {:<10} {:<7} {:<28} {:>9} {:>9} {:<6} {:<4} {:<4} {}",
+                s.name,
+                s.nbd_device.as_deref().unwrap_or("-"),
+                s.backend.as_deref().unwrap_or("-"),
+                s.gpu
+                    .as_deref()
+                    .unwrap_or("-")
+                    .chars()
+                    .take(28)
+                    .collect::<String>(),
+                s.size.map_or("-".into(), |b| ByteSize(b).to_string()),
+                s.swap_used.map_or("-".into(), |b| ByteSize(b).to_string()),
+                if s.server_alive { "up" } else { "down" },
+                yes(s.nbd_attached),
+                yes(s.swap_active),
+                if s.healthy {
+                    "ok".to_string()
+                } else {
+                    s.problems.join("; ")
+                }
+            );
+        }
+    }
+    let sick: Vec<&str> = statuses
+        .iter()
+        .filter(|s| !s.healthy)
+        .map(|s| s.name.as_str())
+        .collect();
+    if !sick.is_empty() {
+        bail!("unhealthy: {}", sick.join(", "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::STATE_VERSION;
+    use crate::system::fake::FakeSystem;
+
+    fn instance(system: &mut FakeSystem, name: &str, device: &str, pid: u32) {
+        let state = State {
+            version: STATE_VERSION,
+            name: name.into(),
+            pid,
+            socket: format!("/run/vramswap/{name}/nbd.sock").into(),
+            nbd_device: device.into(),
+            size: 256 << 20,
+            backend: "vulkan".into(),
+            device_name: "llvmpipe".into(),
+            device_uuid: "6d657361-3232-2e33-2e36-000000000000".into(),
+            priority: 50,
+            connections: 4,
+            started: 0,
+        };
+        system.fixture(
+            &format!("/run/vramswap/{name}/state.json"),
+            &state.to_json(),
+        );
+    }
+
+    #[test]
+    fn healthy_and_broken_instances_from_a_fixture_tree() {
+        let mut system = FakeSystem::new();
+        instance(&mut system, "good", "/dev/nbd0", 10);
+        instance(&mut system, "dead", "/dev/nbd1", 11);
+        system.fixture("/run/vramswap/torn/state.json", "{\"vers");
+        system.alive.insert(10, true);
+        system.fixture("/sys/block/nbd0/pid", "1\n");
+        system.fixture("/sys/block/nbd1/pid", "1\n");
+        system.fixture(
+            "/proc/swaps",
+            "Filename Type Size Used Priority\n/dev/nbd0 partition 262140 4096 50\n",
+        );
+
+        let good = inspect(&system, "good").unwrap();
+        assert!(good.healthy, "{good:?}");
+        assert_eq!(good.swap_used, Some(4096 << 10));
+
+        let dead = inspect(&system, "dead").unwrap();
+        assert!(!dead.healthy);
+        assert_eq!(
+            dead.problems,
+            [
+                "nbdkit (pid 11) is not running",
+                "/dev/nbd1 is not an active swap area"
+            ]
+        );
+
+        let torn = inspect(&system, "torn").unwrap();
+        assert!(
+            torn.problems[0].contains("not a valid vramswap state file"),
+            "{torn:?}"
+        );
+
+        let err = run(&system, &[], true).unwrap_err().to_string();
+        assert_eq!(err, "unhealthy: dead, torn");
+        run(&system, &["good".into()], false).unwrap();
+        assert_eq!(
+            run(&system, &["nope".into()], false)
+                .unwrap_err()
+                .to_string(),
+            "no instance 'nope'"
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! `vramswap stop`: swapoff first (the kernel pulls every page back into
+//! RAM), then detach the NBD device, stop nbdkit (which gives the VRAM
+//! back) and remove the instance directory. If swapoff fails, nothing else
+//! is touched: the pages are still in VRAM and the server must keep them.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tracing::info;
+use vramswap::ByteSize;
+
+use crate::nbd;
+use crate::start::stop_server;
+use crate::state::{self, InstanceDir, State};
+use crate::system::{Cmd, System};
+
+/// Stops the named instances (or all); every one is tried, and the error
+/// lists those that failed.
+pub fn run(system: &mut dyn System, names: &[String], all: bool) -> Result<()> {
+    let names = if all {
+        state::instances(system)?
+    } else if names.is_empty() {
+        vec![crate::DEFAULT_NAME.to_string()]
+    } else {
+        names.to_vec()
+    };
+    if names.is_empty() {
+        println!("vramswap: no instances to stop");
+        return Ok(());
+    }
+    let mut failed = Vec::new();
+    for name in &names {
+        if let Err(err) = stop_one(system, name) {
+            eprintln!("vramswap: error: {name}: {err:#}");
+            failed.push(name.as_str());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("could not stop: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
+    let instance = InstanceDir::new(name)?;
+    if !system.exists(&instance.dir) {
+        bail!("no instance '{name}' (see vramswap status)");
+    }
+    let state = State::load(system, &instance)?;
+    let device = state.nbd_device.clone();
+
+    if let Some(area) = nbd::swap_area(system, &device) {
+        swapoff(system, &device, area.used_kib)?;
+    }
+    let kernel_name = nbd::kernel_name(&device)?;
+    if nbd::is_attached(system, kernel_name) {
+        let out = system.run(&Cmd::new("nbd-client").args(["-d", &device]))?;
+        if !out.success() {
+            bail!(
+                "nbd-client -d {device} failed: {}; the server keeps running",
+                out.reason()
+            );
+        }
+    }
+    stop_server(system, &instance)?;
+    system
+        .remove_dir_all(&instance.dir)
+        .with_context(|| format!("remove {}", instance.dir.display()))?;
+    println!(
+        "vramswap: stopped '{name}' ({device}, {})",
+        ByteSize(state.size)
+    );
+    Ok(())
+}
+
+/// Runs swapoff, showing how much is still to come back while it works.
+fn swapoff(system: &mut dyn System, device: &str, used_kib: u64) -> Result<()> {
+    info!(
+        "swapoff {device}: moving {} back into RAM",
+        ByteSize(used_kib << 10)
+    );
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut last_line = Instant::now();
+    let root = system.root().to_path_buf();
+    let remaining = || nbd::swap_area_at(&root, device).map_or(0, |a| a.used_kib);
+    let out = system.run_watching(
+        &Cmd::new("swapoff").arg(device),
+        Duration::from_millis(500),
+        &mut || {
+            let left = remaining();
+            if tty {
+                eprint!(
+                    "\rvramswap: swapoff {device}: {} still in VRAM   ",
+                    ByteSize(left << 10)
+                );
+            } else if last_line.elapsed() >= Duration::from_secs(5) {
+                eprintln!(
+                    "vramswap: swapoff {device}: {} still in VRAM",
+                    ByteSize(left << 10)
+                );
+                last_line = Instant::now();
+            }
+        },
+    )?;
+    if tty {
+        eprintln!();
+    }
+    if !out.success() {
+        bail!(
+            "swapoff {device} failed ({}): the pages stay in VRAM and nothing was stopped; \
+             free some RAM (the kernel needs room for {}) and try again",
+            out.reason(),
+            ByteSize(remaining() << 10)
+        );
+    }
+    info!(
+        "swapoff {device}: done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::STATE_VERSION;
+    use crate::system::fake::{Call, FakeSystem};
+
+    fn running() -> FakeSystem {
+        let mut system = FakeSystem::new();
+        let state = State {
+            version: STATE_VERSION,
+            name: "default".into(),
+            pid: 4321,
+            socket: "/run/vramswap/default/nbd.sock".into(),
+            nbd_device: "/dev/nbd0".into(),
+            size: 256 << 20,
+            backend: "vulkan".into(),
+            device_name: "llvmpipe".into(),
+            device_uuid: "00".into(),
+            priority: 50,
+            connections: 4,
+            started: 0,
+        };
+        system.fixture("/run/vramswap/default/state.json", &state.to_json());
+        system.fixture("/run/vramswap/default/nbdkit.pid", "4321\n");
+        system.fixture("/sys/block/nbd0/pid", "99\n");
+        system.fixture("/sys/block/nbd0/size", "524288\n");
+        system.fixture(
+            "/proc/swaps",
+            "Filename Type Size Used Priority\n/dev/nbd0 partition 262140 2048 50\n",
+        );
+        system.alive.insert(4321, true);
+        system
+    }
+
+    #[test]
+    fn stop_undoes_start_in_order_and_removes_everything() {
+        let mut system = running();
+        stop_one(&mut system, "default").unwrap();
+        let order: Vec<String> = system
+            .calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Run(l) => Some(l.clone()),
+                Call::Signal(pid, sig) => Some(format!("signal {pid} {sig}")),
+                Call::RemoveDir(p) => Some(format!("rm {}", p.display())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "swapoff /dev/nbd0".to_string(),
+                "nbd-client -d /dev/nbd0".to_string(),
+                format!("signal 4321 {}", libc::SIGTERM),
+                "rm /run/vramswap/default".to_string(),
+            ]
+        );
+        assert!(!system.exists(std::path::Path::new("/run/vramswap/default")));
+    }
+
+    #[test]
+    fn a_failed_swapoff_leaves_everything_running() {
+        let mut system = running();
+        system.answer(
+            "swapoff",
+            255,
+            "",
+            "swapoff: /dev/nbd0: swapoff failed: Cannot allocate memory\n",
+        );
+        let err = format!("{:#}", stop_one(&mut system, "default").unwrap_err());
+        assert!(err.contains("Cannot allocate memory"), "{err}");
+        assert!(err.contains("nothing was stopped"), "{err}");
+        assert_eq!(system.ran(), ["swapoff /dev/nbd0"]);
+        assert!(system.alive.get(&4321) == Some(&true));
+        assert!(system.exists(std::path::Path::new("/run/vramswap/default/state.json")));
+    }
+
+    #[test]
+    fn unknown_and_broken_instances_are_clear_errors() {
+        let mut system = running();
+        let err = stop_one(&mut system, "other").unwrap_err().to_string();
+        assert_eq!(err, "no instance 'other' (see vramswap status)");
+        system.fixture("/run/vramswap/default/state.json", "{\"version\":");
+        let err = format!("{:#}", stop_one(&mut system, "default").unwrap_err());
+        assert!(
+            err.contains("state.json: not a valid vramswap state file"),
+            "{err}"
+        );
+        assert!(system.calls.is_empty(), "touched {:?}", system.calls);
+    }
+}

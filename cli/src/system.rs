@@ -1,0 +1,532 @@
+//! Everything the CLI does to the machine goes through [`System`]: running
+//! programs, signals, files. The real one acts; the recording fake in the
+//! unit tests stands in for process execution only, so the start plan and
+//! its rollback can be checked step by step without root or `/dev/nbd`.
+//!
+//! Files are read and written under a root directory (`/` for real), so
+//! tests run against fixture trees: a fake `/proc/swaps`, `/sys/block`,
+//! `/run/vramswap`.
+
+use std::fmt;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A program to run, with its arguments and extra environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cmd {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Cmd {
+    pub fn new(program: impl Into<String>) -> Self {
+        Cmd {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+}
+
+impl fmt::Display for Cmd {
+    /// As a shell would read it, for plans and error messages.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let quote = |s: &str| {
+            if !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/._-=:,+@%".contains(c))
+            {
+                s.to_string()
+            } else {
+                format!("'{}'", s.replace('\'', "'\\''"))
+            }
+        };
+        for (k, v) in &self.env {
+            write!(f, "{k}={} ", quote(v))?;
+        }
+        write!(f, "{}", quote(&self.program))?;
+        for a in &self.args {
+            write!(f, " {}", quote(a))?;
+        }
+        Ok(())
+    }
+}
+
+/// How a program ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Output {
+    /// `None` when killed by a signal.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// The most useful line of what the program said about failing.
+    pub fn reason(&self) -> String {
+        let text = if self.stderr.trim().is_empty() {
+            &self.stdout
+        } else {
+            &self.stderr
+        };
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let line = lines
+            .iter()
+            .rev()
+            .find(|l| l.to_lowercase().contains("error"))
+            .or(lines.last())
+            .copied();
+        match (line, self.code) {
+            (Some(line), _) => line.to_string(),
+            (None, Some(code)) => format!("exit status {code}"),
+            (None, None) => "killed by a signal".into(),
+        }
+    }
+}
+
+/// The machine, as far as the CLI touches it.
+pub trait System {
+    /// Runs a program to completion. `Ok` whatever its exit status; `Err`
+    /// only when it could not be started.
+    fn run(&mut self, cmd: &Cmd) -> io::Result<Output>;
+
+    /// Like `run`, calling `tick` about every `every` while it runs
+    /// (progress for slow commands such as swapoff).
+    fn run_watching(
+        &mut self,
+        cmd: &Cmd,
+        every: Duration,
+        tick: &mut dyn FnMut(),
+    ) -> io::Result<Output>;
+
+    /// Whether a program is on PATH (or is an executable path).
+    fn has_program(&self, program: &str) -> bool;
+
+    fn signal(&mut self, pid: u32, signal: i32) -> io::Result<()>;
+    fn alive(&self, pid: u32) -> bool;
+    /// True once a server on this Unix socket sends the NBD greeting.
+    fn answers_nbd(&self, socket: &Path) -> bool;
+    fn sleep(&mut self, duration: Duration);
+    fn is_root(&self) -> bool;
+
+    /// The root that absolute paths of the file methods are under.
+    fn root(&self) -> &Path;
+
+    fn read(&self, path: &Path) -> io::Result<String> {
+        std::fs::read_to_string(under(self.root(), path))
+    }
+    fn exists(&self, path: &Path) -> bool {
+        under(self.root(), path).exists()
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names: Vec<String> = std::fs::read_dir(under(self.root(), dir))?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+    fn create_dir(&mut self, path: &Path, mode: u32) -> io::Result<()> {
+        let real = under(self.root(), path);
+        if let Some(parent) = real.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::create_dir(&real)?;
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(mode))
+    }
+    fn write(&mut self, path: &Path, contents: &str, mode: u32) -> io::Result<()> {
+        let real = under(self.root(), path);
+        let temp = real.with_extension("tmp");
+        std::fs::write(&temp, contents)?;
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(temp, real)
+    }
+    fn set_mode(&mut self, path: &Path, mode: u32) -> io::Result<()> {
+        std::fs::set_permissions(
+            under(self.root(), path),
+            std::fs::Permissions::from_mode(mode),
+        )
+    }
+    fn remove_dir_all(&mut self, path: &Path) -> io::Result<()> {
+        match std::fs::remove_dir_all(under(self.root(), path)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// `path` (absolute) inside `root`.
+pub fn under(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// The machine itself.
+pub struct RealSystem {
+    root: PathBuf,
+}
+
+impl RealSystem {
+    pub fn new() -> Self {
+        RealSystem {
+            root: PathBuf::from("/"),
+        }
+    }
+}
+
+/// Where a program is: on PATH, else in the sbin directories a non-login
+/// root shell may not have on its PATH.
+fn resolve(program: &str) -> Option<PathBuf> {
+    let path = Path::new(program);
+    if path.is_absolute() {
+        return is_executable(path).then(|| path.to_path_buf());
+    }
+    let dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect())
+        .unwrap_or_default();
+    let found = dirs
+        .iter()
+        .map(PathBuf::as_path)
+        .chain([Path::new("/usr/sbin"), Path::new("/sbin")])
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate));
+    found
+}
+
+fn command(cmd: &Cmd) -> Command {
+    let program = resolve(&cmd.program).unwrap_or_else(|| PathBuf::from(&cmd.program));
+    let mut command = Command::new(program);
+    command.args(&cmd.args).stdin(Stdio::null());
+    for (k, v) in &cmd.env {
+        command.env(k, v);
+    }
+    command
+}
+
+fn output(out: std::process::Output) -> Output {
+    Output {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+impl System for RealSystem {
+    fn run(&mut self, cmd: &Cmd) -> io::Result<Output> {
+        tracing::debug!("running: {cmd}");
+        command(cmd).output().map(output)
+    }
+
+    fn run_watching(
+        &mut self,
+        cmd: &Cmd,
+        every: Duration,
+        tick: &mut dyn FnMut(),
+    ) -> io::Result<Output> {
+        tracing::debug!("running: {cmd}");
+        let mut child = command(cmd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        while child.try_wait()?.is_none() {
+            tick();
+            std::thread::sleep(every);
+        }
+        child.wait_with_output().map(output)
+    }
+
+    fn has_program(&self, program: &str) -> bool {
+        resolve(program).is_some()
+    }
+
+    fn signal(&mut self, pid: u32, signal: i32) -> io::Result<()> {
+        // SAFETY: kill(2) with a plain pid and signal number.
+        if unsafe { libc::kill(pid as libc::pid_t, signal) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn alive(&self, pid: u32) -> bool {
+        // Zombies (exited, not yet reaped) count as gone.
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => false,
+        }
+    }
+
+    fn answers_nbd(&self, socket: &Path) -> bool {
+        use std::io::Read;
+        let Ok(mut stream) = UnixStream::connect(under(&self.root, socket)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut magic = [0u8; 8];
+        stream.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC"
+    }
+
+    fn sleep(&mut self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+
+    fn is_root(&self) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! A [`System`] that records what would run and answers from a script;
+    //! files live in a temporary fixture root.
+
+    use super::*;
+    use std::collections::HashMap;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Call {
+        Run(String),
+        Signal(u32, i32),
+        CreateDir(PathBuf),
+        Write(PathBuf),
+        RemoveDir(PathBuf),
+        SetMode(PathBuf, u32),
+    }
+
+    pub struct FakeSystem {
+        pub root: tempfile::TempDir,
+        pub calls: Vec<Call>,
+        /// Program (or `program arg`) prefix → answer; first match wins.
+        pub answers: Vec<(String, Output)>,
+        pub missing_programs: Vec<String>,
+        pub alive: HashMap<u32, bool>,
+        pub answers_nbd: bool,
+        pub root_user: bool,
+        /// Calls whose rendering starts with this fail (io error).
+        pub fail_on: Option<String>,
+        /// Running a program that starts with the prefix writes a file:
+        /// (prefix, path, contents), e.g. nbdkit writing its pidfile.
+        pub on_run: Vec<(String, String, String)>,
+    }
+
+    impl FakeSystem {
+        pub fn new() -> Self {
+            FakeSystem {
+                root: tempfile::tempdir().expect("tempdir"),
+                calls: Vec::new(),
+                answers: Vec::new(),
+                missing_programs: Vec::new(),
+                alive: HashMap::new(),
+                answers_nbd: true,
+                root_user: true,
+                fail_on: None,
+                on_run: Vec::new(),
+            }
+        }
+
+        /// Writes a fixture file (absolute path inside the fake root).
+        pub fn fixture(&self, path: &str, contents: &str) {
+            let real = under(self.root.path(), Path::new(path));
+            std::fs::create_dir_all(real.parent().expect("parent")).expect("fixture dir");
+            std::fs::write(real, contents).expect("fixture");
+        }
+
+        pub fn answer(&mut self, prefix: &str, code: i32, stdout: &str, stderr: &str) {
+            self.answers.push((
+                prefix.to_string(),
+                Output {
+                    code: Some(code),
+                    stdout: stdout.into(),
+                    stderr: stderr.into(),
+                },
+            ));
+        }
+
+        /// What ran, as shell lines.
+        pub fn ran(&self) -> Vec<String> {
+            self.calls
+                .iter()
+                .filter_map(|c| match c {
+                    Call::Run(line) => Some(line.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn check(&self, rendered: &str) -> io::Result<()> {
+            match &self.fail_on {
+                Some(prefix) if rendered.starts_with(prefix.as_str()) => {
+                    Err(io::Error::other(format!("injected failure: {rendered}")))
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+
+    impl System for FakeSystem {
+        fn run(&mut self, cmd: &Cmd) -> io::Result<Output> {
+            let line = cmd.to_string();
+            self.calls.push(Call::Run(line.clone()));
+            let bare = format!("{} {}", cmd.program, cmd.args.join(" "));
+            self.check(bare.trim())?;
+            for (prefix, path, contents) in &self.on_run {
+                if bare.starts_with(prefix.as_str()) {
+                    self.fixture(path, contents);
+                }
+            }
+            Ok(self
+                .answers
+                .iter()
+                .find(|(prefix, _)| bare.starts_with(prefix.as_str()))
+                .map(|(_, out)| out.clone())
+                .unwrap_or(Output {
+                    code: Some(0),
+                    ..Default::default()
+                }))
+        }
+
+        fn run_watching(
+            &mut self,
+            cmd: &Cmd,
+            _every: Duration,
+            tick: &mut dyn FnMut(),
+        ) -> io::Result<Output> {
+            tick();
+            self.run(cmd)
+        }
+
+        fn has_program(&self, program: &str) -> bool {
+            !self.missing_programs.iter().any(|p| p == program)
+        }
+
+        fn signal(&mut self, pid: u32, signal: i32) -> io::Result<()> {
+            self.calls.push(Call::Signal(pid, signal));
+            self.check(&format!("signal {pid} {signal}"))?;
+            if signal == libc::SIGTERM || signal == libc::SIGKILL {
+                self.alive.insert(pid, false);
+            }
+            Ok(())
+        }
+
+        fn alive(&self, pid: u32) -> bool {
+            self.alive.get(&pid).copied().unwrap_or(false)
+        }
+
+        fn answers_nbd(&self, _socket: &Path) -> bool {
+            self.answers_nbd
+        }
+
+        fn sleep(&mut self, _duration: Duration) {}
+
+        fn is_root(&self) -> bool {
+            self.root_user
+        }
+
+        fn root(&self) -> &Path {
+            self.root.path()
+        }
+
+        fn create_dir(&mut self, path: &Path, mode: u32) -> io::Result<()> {
+            self.calls.push(Call::CreateDir(path.to_path_buf()));
+            self.check(&format!("mkdir {}", path.display()))?;
+            let real = under(self.root.path(), path);
+            std::fs::create_dir_all(real.parent().expect("parent"))?;
+            std::fs::create_dir(&real)?;
+            std::fs::set_permissions(&real, std::fs::Permissions::from_mode(mode))
+        }
+
+        fn write(&mut self, path: &Path, contents: &str, mode: u32) -> io::Result<()> {
+            self.calls.push(Call::Write(path.to_path_buf()));
+            self.check(&format!("write {}", path.display()))?;
+            let real = under(self.root.path(), path);
+            std::fs::write(&real, contents)?;
+            std::fs::set_permissions(&real, std::fs::Permissions::from_mode(mode))
+        }
+
+        fn set_mode(&mut self, path: &Path, mode: u32) -> io::Result<()> {
+            self.calls.push(Call::SetMode(path.to_path_buf(), mode));
+            Ok(())
+        }
+
+        fn remove_dir_all(&mut self, path: &Path) -> io::Result<()> {
+            self.calls.push(Call::RemoveDir(path.to_path_buf()));
+            match std::fs::remove_dir_all(under(self.root.path(), path)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_render_as_shell_lines() {
+        let cmd = Cmd::new("nbdkit")
+            .args(["-U", "/run/vramswap/a b/nbd.sock", "size=8G"])
+            .env("VRAMSWAP_LOG_FILE", "/run/x.log");
+        assert_eq!(
+            cmd.to_string(),
+            "VRAMSWAP_LOG_FILE=/run/x.log nbdkit -U '/run/vramswap/a b/nbd.sock' size=8G"
+        );
+    }
+
+    #[test]
+    fn the_reason_is_the_last_error_line() {
+        let out = Output {
+            code: Some(1),
+            stdout: String::new(),
+            stderr: "nbdkit: warning: x\nnbdkit: error: size=9G: too big\n\n".into(),
+        };
+        assert_eq!(out.reason(), "nbdkit: error: size=9G: too big");
+        assert_eq!(
+            Output {
+                code: Some(3),
+                ..Default::default()
+            }
+            .reason(),
+            "exit status 3"
+        );
+    }
+}
