@@ -109,11 +109,10 @@ fn dry_run_prints_the_plan_and_the_checks() {
         dir.path(),
         &[
             "start",
+            "test",
             "--dry-run",
             "--size",
             "64M",
-            "--name",
-            "test",
             "--priority",
             "7",
             "--plugin",
@@ -168,7 +167,11 @@ fn bad_flags_and_unknown_instances_are_clear_errors() {
             vec!["start", "--allocation", "sometimes"],
             "invalid value 'sometimes'",
         ),
-        (vec!["start", "--name", "../etc"], "invalid name '../etc'"),
+        (vec!["start", "../etc"], "invalid name '../etc'"),
+        (
+            vec!["start", "--config", "/nonexistent.toml"],
+            "/nonexistent.toml: no such config file",
+        ),
         (vec!["start", "--connections", "0"], "0 is not in 1..=64"),
         (
             vec!["start", "--nbd", "/dev/sda", "--dry-run"],

@@ -149,7 +149,7 @@ fn fio_verifies_crc32c_over_several_jobs_and_connections() {
             "--iodepth=8",
             "--verify=crc32c",
             "--do_verify=1",
-                        "--verify_fatal=1",
+            "--verify_fatal=1",
             // fio would leave a verify state file per job in the cwd.
             "--verify_state_save=0",
             "--group_reporting",

@@ -35,6 +35,9 @@ pub struct StartOptions {
     pub discard: bool,
     /// How long to wait for nbdkit to open the GPU and answer.
     pub timeout: Duration,
+    /// The settings these options were made from, kept in `state.json` so
+    /// `resume` can start the area again exactly.
+    pub settings: crate::config::Settings,
 }
 
 /// What preflight found out: enough to run every step.
@@ -477,6 +480,7 @@ impl Plan {
             device_uuid: self.device.uuid_string(),
             priority: self.options.priority,
             connections: self.options.connections,
+            settings: self.options.settings.clone(),
             started: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -716,6 +720,7 @@ mod tests {
             plugin: Some("/usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so".into()),
             discard: true,
             timeout: Duration::from_secs(300),
+            settings: Default::default(),
         }
     }
 

@@ -82,6 +82,9 @@ pub struct State {
     pub device_uuid: String,
     pub priority: i32,
     pub connections: u32,
+    /// The area's settings as `start` resolved them (config file and
+    /// flags), for `resume`.
+    pub settings: crate::config::Settings,
     /// Seconds since the Unix epoch.
     pub started: u64,
 }
@@ -158,6 +161,7 @@ mod tests {
             device_uuid: "3911b20d-250f-381e-70e3-d98316e3fdec".into(),
             priority: 50,
             connections: 4,
+            settings: Default::default(),
             started: 1_795_000_000,
         }
     }

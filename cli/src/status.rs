@@ -166,6 +166,7 @@ mod tests {
             device_uuid: "6d657361-3232-2e33-2e36-000000000000".into(),
             priority: 50,
             connections: 4,
+            settings: Default::default(),
             started: 0,
         };
         system.fixture(

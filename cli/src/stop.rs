@@ -142,6 +142,7 @@ mod tests {
             device_uuid: "00".into(),
             priority: 50,
             connections: 4,
+            settings: Default::default(),
             started: 0,
         };
         system.fixture("/run/vramswap/default/state.json", &state.to_json());

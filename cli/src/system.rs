@@ -180,6 +180,12 @@ pub trait System {
             other => other,
         }
     }
+    fn remove_file(&mut self, path: &Path) -> io::Result<()> {
+        match std::fs::remove_file(under(self.root(), path)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
 }
 
 /// `path` (absolute) inside `root`.

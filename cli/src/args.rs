@@ -1,0 +1,179 @@
+// The command line, and nothing else: `build.rs` includes this file to
+// generate the man pages and shell completions, so it may use only clap
+// and std.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+/// The instance name when none is given.
+pub const DEFAULT_NAME: &str = "default";
+
+#[derive(Parser)]
+#[command(
+    name = "vramswap",
+    propagate_version = true,
+    version,
+    about = "Use GPU video memory as Linux swap",
+    long_about = "Use GPU video memory as Linux swap.\n\n\
+        vramswap serves VRAM as a block device through nbdkit and its vramswap plugin, \
+        attaches it as /dev/nbdN and enables it as swap, with a priority between disk \
+        swap and zram. Swap areas can be configured once in /etc/vramswap.toml and \
+        started at boot by vramswap@NAME.service. start, stop, suspend and resume need root.",
+    after_help = "Examples:\n  \
+        vramswap devices                      list the GPUs\n  \
+        vramswap start --size 16G             swap on 16 GiB of the first GPU\n  \
+        vramswap start --dry-run              show what start would do\n  \
+        vramswap start --all                  every area in /etc/vramswap.toml\n  \
+        vramswap status                       is every instance healthy?\n  \
+        vramswap stop --all                   swapoff, detach, give the VRAM back"
+)]
+pub struct Cli {
+    /// More output (-v: each step; -vv: every command).
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// List every GPU each built-in backend sees.
+    #[command(
+        after_help = "Examples:\n  vramswap devices\n  vramswap devices --json | jq '.devices[].uuid'"
+    )]
+    Devices {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve VRAM over NBD and swap on it.
+    #[command(after_help = "Examples:\n  \
+        vramswap start                               all free VRAM but 256 MiB, first GPU\n  \
+        vramswap start --backend vulkan --size 8G    8 GiB through Vulkan\n  \
+        vramswap start --device 1 --reserve 2G       second GPU, leave 2 GiB to others\n  \
+        vramswap start scratch --allocation lazy --size 32G --priority 10\n  \
+        vramswap start gpu0                          the [gpu0] area of /etc/vramswap.toml\n\n\
+        Settings come from the NAME's section of the config file when there is one;\n\
+        options given here override it. On failure every step already done is undone,\n\
+        in reverse order.")]
+    Start(StartArgs),
+    /// Swapoff, detach and stop instances, giving their VRAM back.
+    #[command(
+        after_help = "Examples:\n  vramswap stop\n  vramswap stop scratch\n  vramswap stop --all\n\n\
+        swapoff moves every swapped-out page back into RAM first; if RAM cannot hold\n\
+        them it fails, and vramswap stops nothing."
+    )]
+    Stop {
+        /// Instances to stop [default: default].
+        names: Vec<String>,
+        /// Stop every instance.
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+    },
+    /// Show each instance's server, NBD device and swap area; exits 1 if one is unhealthy.
+    #[command(after_help = "Examples:\n  vramswap status\n  vramswap status default --json")]
+    Status {
+        /// Instances to show [default: all].
+        names: Vec<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every instance before the machine sleeps, remembering them for resume.
+    ///
+    /// Run by vramswap-suspend.service: the GPU driver tears down the memory
+    /// that holds the swap on suspend, so the pages must be back in RAM first.
+    /// Exits 1 (and the machine does not sleep) when swapoff cannot bring
+    /// them back.
+    Suspend,
+    /// Start again the instances `suspend` stopped.
+    Resume,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Backend {
+    Vulkan,
+    Cuda,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Vulkan => "vulkan",
+            Backend::Cuda => "cuda",
+        })
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Allocation {
+    /// All VRAM at start: swap never finds the GPU full later.
+    Eager,
+    /// A 4 MiB chunk at its first write; trimmed chunks go back.
+    Lazy,
+}
+
+impl fmt::Display for Allocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Allocation::Eager => "eager",
+            Allocation::Lazy => "lazy",
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct StartArgs {
+    /// Instances to start: sections of the config file, or new names [default: default].
+    pub names: Vec<String>,
+    /// Start every area of the config file.
+    #[arg(long, conflicts_with = "names")]
+    pub all: bool,
+    /// Config file to read instead of /etc/vramswap.toml and /etc/vramswap/*.toml.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// GPU API [default: cuda when built in and it sees the device, else vulkan].
+    #[arg(long)]
+    pub backend: Option<Backend>,
+    /// GPU: index, part of its name, or UUID [default: the first discrete GPU].
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Size of the swap area, e.g. 8G [default: available VRAM minus --reserve].
+    #[arg(long, conflicts_with = "reserve")]
+    pub size: Option<String>,
+    /// VRAM to leave to other programs when the size is automatic [default: 256M].
+    #[arg(long)]
+    pub reserve: Option<String>,
+    /// When VRAM is taken [default: eager].
+    #[arg(long, value_enum)]
+    pub allocation: Option<Allocation>,
+    /// Swap priority: above disk swap (negative), below zram (100) [default: 50].
+    #[arg(long, allow_negative_numbers = true)]
+    pub priority: Option<i32>,
+    /// NBD device to use [default: the first free /dev/nbdN].
+    #[arg(long, value_name = "/dev/nbdN")]
+    pub nbd: Option<String>,
+    /// Connections between the kernel and nbdkit [default: 4].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub connections: Option<u32>,
+    /// nbdkit worker threads per connection [default: 16].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
+    /// The nbdkit plugin [default: next to this program, or nbdkit's plugin directory].
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+    /// Do not let the kernel discard freed swap pages.
+    #[arg(long)]
+    pub no_discard: bool,
+    /// Seconds to wait for nbdkit to open the GPU and answer [default: 300].
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Print the plan and the preflight checks; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}

@@ -1,0 +1,444 @@
+//! `/etc/vramswap.toml` and `/etc/vramswap/*.toml`: one `[NAME]` table per
+//! swap area, with the same keys as `vramswap start`'s options.
+//!
+//! ```toml
+//! [default]
+//! size = "16G"
+//! priority = 50
+//!
+//! [scratch]
+//! device = "GPU-3911b20d-250f-381e-70e3-d98316e3fdec"
+//! allocation = "lazy"
+//! size = "32G"
+//! priority = 10
+//! ```
+//!
+//! Unknown keys and bad values are errors that name the file and line.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use vramswap::ExportConfig;
+
+use crate::start::StartOptions;
+use crate::system::System;
+
+pub const MAIN_FILE: &str = "/etc/vramswap.toml";
+pub const DROP_IN_DIR: &str = "/etc/vramswap";
+
+/// The settings of one swap area. Every key is optional; what is not set
+/// takes the default `vramswap start --help` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserve: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discard: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+}
+
+/// Where a setting came from, for error messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// `file:line` of each key given in a config file.
+    keys: BTreeMap<String, String>,
+}
+
+impl Origin {
+    /// `/etc/vramswap.toml:4: ` for a key from a file, `--size ` style for
+    /// a flag.
+    fn prefix(&self, key: &str) -> String {
+        match self.keys.get(key) {
+            Some(at) => format!("{at}: "),
+            None => String::new(),
+        }
+    }
+
+    fn names(&self, key: &str, value: &str) -> String {
+        match self.keys.get(key) {
+            Some(at) => format!("{at}: {key} = {value:?}"),
+            None => format!("--{key} {value}"),
+        }
+    }
+}
+
+impl Settings {
+    /// `self`, with every key that `over` sets replaced by `over`'s.
+    pub fn overlay(&self, over: &Settings) -> Settings {
+        fn pick<T: Clone>(base: &Option<T>, over: &Option<T>) -> Option<T> {
+            over.clone().or_else(|| base.clone())
+        }
+        Settings {
+            backend: pick(&self.backend, &over.backend),
+            device: pick(&self.device, &over.device),
+            size: pick(&self.size, &over.size),
+            reserve: pick(&self.reserve, &over.reserve),
+            allocation: pick(&self.allocation, &over.allocation),
+            priority: pick(&self.priority, &over.priority),
+            nbd: pick(&self.nbd, &over.nbd),
+            connections: pick(&self.connections, &over.connections),
+            threads: pick(&self.threads, &over.threads),
+            plugin: pick(&self.plugin, &over.plugin),
+            discard: pick(&self.discard, &over.discard),
+            timeout: pick(&self.timeout, &over.timeout),
+        }
+    }
+
+    /// Checked options for starting area `name`, defaults filled in. The
+    /// plugin keys go through the plugin's own parser, so values mean the
+    /// same in the config file, on the command line and to nbdkit.
+    pub fn to_options(&self, name: &str, origin: &Origin) -> Result<StartOptions> {
+        crate::state::check_name(name)?;
+        let mut export = ExportConfig::default();
+        for (key, value) in [
+            ("backend", &self.backend),
+            ("device", &self.device),
+            ("size", &self.size),
+            ("reserve", &self.reserve),
+            ("allocation", &self.allocation),
+        ] {
+            if let Some(value) = value {
+                export.set(key, value).map_err(|e| {
+                    let text = e.to_string();
+                    let detail = text
+                        .strip_prefix(&format!("{key}={value}: "))
+                        .unwrap_or(&text);
+                    anyhow::anyhow!("{}: {detail}", origin.names(key, value))
+                })?;
+            }
+        }
+        if let (Some(size), Some(reserve)) = (&self.size, &self.reserve) {
+            bail!(
+                "{}size {size} and reserve {reserve} exclude each other: reserve only applies when the size is automatic",
+                origin.prefix("reserve")
+            );
+        }
+        if let Some(nbd) = &self.nbd {
+            crate::nbd::kernel_name(nbd)
+                .map_err(|e| anyhow::anyhow!("{}{e}", origin.prefix("nbd")))?;
+        }
+        let range =
+            |key: &str, value: Option<u32>, low: u32, high: u32, default: u32| -> Result<u32> {
+                match value {
+                    None => Ok(default),
+                    Some(v) if (low..=high).contains(&v) => Ok(v),
+                    Some(v) => bail!(
+                        "{}{key} = {v}: expected {low} to {high}",
+                        origin.prefix(key)
+                    ),
+                }
+            };
+        Ok(StartOptions {
+            name: name.to_string(),
+            export,
+            priority: self.priority.unwrap_or(50),
+            nbd: self.nbd.clone(),
+            connections: range("connections", self.connections, 1, 64, 4)?,
+            threads: range("threads", self.threads, 1, 1024, 16)?,
+            plugin: self.plugin.clone(),
+            discard: self.discard.unwrap_or(true),
+            timeout: Duration::from_secs(self.timeout.unwrap_or(300)),
+            settings: self.clone(),
+        })
+    }
+}
+
+/// The areas of every config file read.
+#[derive(Debug, Default)]
+pub struct Config {
+    pub areas: BTreeMap<String, (Settings, Origin)>,
+    pub files: Vec<PathBuf>,
+}
+
+impl Config {
+    /// Reads `file`, or else /etc/vramswap.toml and /etc/vramswap/*.toml
+    /// (in name order; an area may be defined only once). Missing default
+    /// files are no error; a missing `file` is.
+    pub fn load(system: &dyn System, file: Option<&Path>) -> Result<Config> {
+        let files: Vec<PathBuf> = match file {
+            Some(file) => {
+                let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+                if !system.exists(&file) {
+                    bail!("{}: no such config file", file.display());
+                }
+                vec![file]
+            }
+            None => {
+                let mut files = Vec::new();
+                if system.exists(Path::new(MAIN_FILE)) {
+                    files.push(PathBuf::from(MAIN_FILE));
+                }
+                let drop_ins = system.list(Path::new(DROP_IN_DIR)).unwrap_or_default();
+                files.extend(
+                    drop_ins
+                        .into_iter()
+                        .filter(|n| n.ends_with(".toml"))
+                        .map(|n| Path::new(DROP_IN_DIR).join(n)),
+                );
+                files
+            }
+        };
+        let mut config = Config::default();
+        for path in files {
+            let text = system
+                .read(&path)
+                .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+            for (name, (settings, origin)) in parse(&path, &text)? {
+                let at = origin.keys.get("[]").cloned().unwrap_or_default();
+                if let Some((_, earlier)) = config.areas.get(&name) {
+                    bail!(
+                        "{at}: area [{name}] is already defined at {}",
+                        earlier.keys.get("[]").cloned().unwrap_or_default()
+                    );
+                }
+                config.areas.insert(name, (settings, origin));
+            }
+            config.files.push(path);
+        }
+        Ok(config)
+    }
+}
+
+/// One file's areas. The `"[]"` origin key is where the table starts.
+fn parse(path: &Path, text: &str) -> Result<BTreeMap<String, (Settings, Origin)>> {
+    let at = |offset: usize| format!("{}:{}", path.display(), line_of(text, offset));
+    let tables: BTreeMap<String, toml::Value> = toml::from_str(text).map_err(|e| {
+        let place = e
+            .span()
+            .map_or_else(|| path.display().to_string(), |s| at(s.start));
+        anyhow::anyhow!("{place}: {}", e.message().trim())
+    })?;
+    let mut areas = BTreeMap::new();
+    for (name, value) in tables {
+        let header = find_header(text, &name);
+        let Some(table) = value.as_table() else {
+            bail!(
+                "{}: '{name}' must be an [area] table, e.g. [{name}] then its keys",
+                at(header.unwrap_or(0))
+            );
+        };
+        if let Err(e) = crate::state::check_name(&name) {
+            bail!("{}: {e}", at(header.unwrap_or(0)));
+        }
+        let mut origin = Origin::default();
+        origin.keys.insert("[]".into(), at(header.unwrap_or(0)));
+        for key in table.keys() {
+            if let Some(offset) = find_key(text, header, key) {
+                origin.keys.insert(key.clone(), at(offset));
+            }
+        }
+        let settings: Settings =
+            toml::Value::Table(table.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    // The error does not always name its key: find the key that
+                    // fails on its own, for its line.
+                    let key = table.iter().find_map(|(key, value)| {
+                        let alone = toml::Table::from_iter([(key.clone(), value.clone())]);
+                        toml::Value::Table(alone)
+                            .try_into::<Settings>()
+                            .is_err()
+                            .then_some(key.as_str())
+                    });
+                    let place = key
+                        .and_then(|k| origin.keys.get(k))
+                        .or_else(|| origin.keys.get("[]"))
+                        .cloned()
+                        .unwrap_or_default();
+                    anyhow::anyhow!("{place}: [{name}]: {}", e.message().trim())
+                })?;
+        areas.insert(name, (settings, origin));
+    }
+    Ok(areas)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Byte offset of the `[name]` header line.
+fn find_header(text: &str, name: &str) -> Option<usize> {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[')
+            && t.trim_start_matches('[').split(']').next().map(str::trim) == Some(name)
+        {
+            return Some(offset);
+        }
+        offset += line.len();
+    }
+    None
+}
+
+/// Byte offset of `key = …` inside the table that starts at `header`.
+fn find_key(text: &str, header: Option<usize>, key: &str) -> Option<usize> {
+    let start = header?;
+    let mut offset = start;
+    for (i, line) in text[start..].split_inclusive('\n').enumerate() {
+        let t = line.trim_start();
+        if i > 0 && t.starts_with('[') {
+            return None;
+        }
+        if t.strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return Some(offset);
+        }
+        offset += line.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::system::fake::FakeSystem;
+
+    const GOOD: &str = "\
+# two areas
+[default]
+size = \"16G\"
+priority = 60
+
+[scratch]
+device = \"1\"
+allocation = \"lazy\"
+size = \"32G\"
+discard = false
+";
+
+    #[test]
+    fn areas_load_with_defaults_filled_in() {
+        let system = FakeSystem::new();
+        system.fixture(MAIN_FILE, GOOD);
+        system.fixture(
+            "/etc/vramswap/extra.toml",
+            "[gpu2]\nreserve = \"1G\"\nconnections = 8\n",
+        );
+        system.fixture("/etc/vramswap/README", "not toml");
+        let config = Config::load(&system, None).unwrap();
+        assert_eq!(
+            config.areas.keys().collect::<Vec<_>>(),
+            ["default", "gpu2", "scratch"]
+        );
+        let (settings, origin) = &config.areas["scratch"];
+        let options = settings.to_options("scratch", origin).unwrap();
+        assert_eq!(options.export.size, Some(32 << 30));
+        assert_eq!(options.export.allocation, vramswap::AllocationPolicy::Lazy);
+        assert!(!options.discard);
+        assert_eq!(
+            (options.priority, options.connections, options.threads),
+            (50, 4, 16)
+        );
+        let (settings, origin) = &config.areas["gpu2"];
+        assert_eq!(settings.to_options("gpu2", origin).unwrap().connections, 8);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let system = FakeSystem::new();
+        system.fixture(MAIN_FILE, GOOD);
+        let config = Config::load(&system, None).unwrap();
+        let (file, _) = &config.areas["default"];
+        let flags = Settings {
+            priority: Some(5),
+            device: Some("0".into()),
+            ..Default::default()
+        };
+        let merged = file.overlay(&flags);
+        assert_eq!(merged.priority, Some(5));
+        assert_eq!(merged.size.as_deref(), Some("16G"));
+        assert_eq!(merged.device.as_deref(), Some("0"));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_line() {
+        for (text, needle) in [
+            (
+                "[a]\nsize = \"8G\"\ncolour = \"blue\"\n",
+                "/etc/vramswap.toml:3: [a]: unknown field `colour`",
+            ),
+            (
+                "[a]\nsize = \"8G\"\npriority = \"high\"\n",
+                "/etc/vramswap.toml:3: [a]: invalid type",
+            ),
+            ("[a]\nsize = \"8G\n", "/etc/vramswap.toml:2:"),
+            (
+                "size = \"8G\"\n",
+                "/etc/vramswap.toml:1: 'size' must be an [area] table",
+            ),
+            (
+                "[a]\n\nsize = \"lots\"\n",
+                "/etc/vramswap.toml:3: size = \"lots\": 'lots' is not a size",
+            ),
+            (
+                "[a]\nbackend = \"opencl\"\n",
+                "/etc/vramswap.toml:2: backend = \"opencl\": unknown backend",
+            ),
+            (
+                "[a]\nsize = \"8G\"\nreserve = \"1G\"\n",
+                "/etc/vramswap.toml:3: size 8G and reserve 1G exclude",
+            ),
+            (
+                "[a]\nconnections = 0\n",
+                "/etc/vramswap.toml:2: connections = 0: expected 1 to 64",
+            ),
+            (
+                "[a]\nnbd = \"/dev/sda\"\n",
+                "/etc/vramswap.toml:2: '/dev/sda' is not an NBD device",
+            ),
+            (
+                "[\"bad name\"]\nsize = \"8G\"\n",
+                "/etc/vramswap.toml:1: invalid name 'bad name'",
+            ),
+        ] {
+            let system = FakeSystem::new();
+            system.fixture(MAIN_FILE, text);
+            let err = Config::load(&system, None)
+                .and_then(|c| {
+                    let (s, o) = c.areas.values().next().expect("an area");
+                    s.to_options("a", o).map(|_| ())
+                })
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_area_defined_twice_is_refused() {
+        let system = FakeSystem::new();
+        system.fixture(MAIN_FILE, "[a]\nsize = \"1G\"\n");
+        system.fixture("/etc/vramswap/b.toml", "\n[a]\nsize = \"2G\"\n");
+        let err = Config::load(&system, None).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "/etc/vramswap/b.toml:2: area [a] is already defined at /etc/vramswap.toml:1"
+        );
+    }
+}

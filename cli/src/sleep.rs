@@ -1,0 +1,219 @@
+//! `vramswap suspend` / `vramswap resume`, run by vramswap-suspend.service
+//! and vramswap-resume.service around system sleep.
+//!
+//! On suspend the GPU driver tears down the device memory that holds the
+//! swap; swap I/O in flight then blocks forever and the machine hangs on
+//! resume. So before sleeping every instance is stopped (swapoff while the
+//! GPU is alive), and started again after waking. If swapoff cannot bring
+//! the pages back into RAM, the instances already stopped are started again
+//! and suspend fails: the machine stays awake rather than hang.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info};
+
+use crate::config::{Origin, Settings};
+use crate::devices::Gpus;
+use crate::state::{self, run_dir, InstanceDir, State};
+use crate::system::System;
+use crate::{start, stop};
+
+/// What `resume` must start again.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Stopped {
+    areas: Vec<(String, Settings)>,
+}
+
+fn resume_file() -> PathBuf {
+    run_dir().join("resume.json")
+}
+
+fn save(system: &mut dyn System, stopped: &Stopped) -> Result<()> {
+    let text = serde_json::to_string_pretty(stopped)?;
+    let dir = run_dir();
+    if !system.exists(&dir) {
+        system.create_dir(&dir, 0o700)?;
+    }
+    system
+        .write(&resume_file(), &text, 0o600)
+        .with_context(|| format!("write {}", resume_file().display()))
+}
+
+pub fn suspend(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
+    let mut stopped = Stopped::default();
+    for name in state::instances(system)? {
+        let instance = InstanceDir::new(&name)?;
+        let settings = State::load(system, &instance)
+            .map(|s| s.settings)
+            .with_context(|| format!("{name}: cannot tell how to restart it after resume"))?;
+        info!("suspend: stopping '{name}'");
+        if let Err(err) = stop::stop_one(system, &name) {
+            error!("suspend: cannot stop '{name}': {err:#}");
+            error!("suspend: starting again what was stopped, and refusing to sleep: swap in VRAM would hang the machine on resume");
+            restart(system, gpus, &stopped.areas);
+            bail!("'{name}' could not be stopped: {err:#}; not suspending");
+        }
+        stopped.areas.push((name, settings));
+        save(system, &stopped)?;
+    }
+    Ok(())
+}
+
+pub fn resume(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
+    let path = resume_file();
+    let Ok(text) = system.read(&path) else {
+        info!("resume: nothing was stopped for suspend");
+        return Ok(());
+    };
+    let stopped: Stopped = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a vramswap resume file", path.display()))?;
+    let failed = restart(system, gpus, &stopped.areas);
+    system.remove_file(&path)?;
+    if !failed.is_empty() {
+        bail!("could not start again: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Starts each area; returns the names that failed.
+fn restart(system: &mut dyn System, gpus: &dyn Gpus, areas: &[(String, Settings)]) -> Vec<String> {
+    let mut failed = Vec::new();
+    for (name, settings) in areas {
+        let started = settings
+            .to_options(name, &Origin::default())
+            .and_then(|options| start::run(system, gpus, &options, false));
+        if let Err(err) = started {
+            error!("cannot start '{name}' again: {err:#}");
+            failed.push(name.clone());
+        }
+    }
+    failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// Whether `resume` has something to do.
+    fn pending(system: &dyn System) -> bool {
+        system.exists(&resume_file())
+    }
+    use crate::devices::fake::{gpu, FakeGpus};
+    use crate::state::STATE_VERSION;
+    use crate::system::fake::{Call, FakeSystem};
+
+    fn running(system: &mut FakeSystem, name: &str, device: &str, pid: u32) {
+        let state = State {
+            version: STATE_VERSION,
+            name: name.into(),
+            pid,
+            socket: format!("/run/vramswap/{name}/nbd.sock").into(),
+            nbd_device: device.into(),
+            size: 64 << 20,
+            backend: "vulkan".into(),
+            device_name: "gpu".into(),
+            device_uuid: "00".into(),
+            priority: 50,
+            connections: 4,
+            settings: Settings {
+                size: Some("64M".into()),
+                plugin: Some("/plugin.so".into()),
+                ..Default::default()
+            },
+            started: 0,
+        };
+        system.fixture(
+            &format!("/run/vramswap/{name}/state.json"),
+            &state.to_json(),
+        );
+        system.fixture(
+            &format!("/run/vramswap/{name}/nbdkit.pid"),
+            &format!("{pid}\n"),
+        );
+        system.alive.insert(pid, true);
+    }
+
+    fn machine() -> FakeSystem {
+        let mut system = FakeSystem::new();
+        system.fixture("/plugin.so", "");
+        system.fixture("/sys/block/nbd0/size", "0\n");
+        system.fixture("/sys/block/nbd1/size", "0\n");
+        system.answer("nbdkit --version", 0, "nbdkit 1.32.5\n", "");
+        running(&mut system, "a", "/dev/nbd0", 10);
+        running(&mut system, "b", "/dev/nbd1", 11);
+        system
+    }
+
+    fn gpus() -> FakeGpus {
+        FakeGpus {
+            devices: vec![gpu("gpu", 8 << 30)],
+        }
+    }
+
+    #[test]
+    fn suspend_stops_all_and_resume_starts_them_again() {
+        let mut system = machine();
+        suspend(&mut system, &gpus()).unwrap();
+        assert!(!system.exists(Path::new("/run/vramswap/a")));
+        assert!(!system.exists(Path::new("/run/vramswap/b")));
+        assert!(pending(&system));
+
+        system.on_run.push((
+            "nbdkit --unix /run/vramswap/a".into(),
+            "/run/vramswap/a/nbdkit.pid".into(),
+            "20\n".into(),
+        ));
+        system.on_run.push((
+            "nbdkit --unix /run/vramswap/b".into(),
+            "/run/vramswap/b/nbdkit.pid".into(),
+            "21\n".into(),
+        ));
+        system.alive.insert(20, true);
+        system.alive.insert(21, true);
+        resume(&mut system, &gpus()).unwrap();
+        for name in ["a", "b"] {
+            let state = State::load(&system, &InstanceDir::new(name).unwrap()).unwrap();
+            assert_eq!(state.settings.size.as_deref(), Some("64M"));
+        }
+        assert!(!pending(&system));
+    }
+
+    #[test]
+    fn a_failed_swapoff_restarts_what_was_stopped_and_refuses_to_sleep() {
+        let mut system = machine();
+        system.fixture(
+            "/proc/swaps",
+            "Filename Type Size Used Priority\n/dev/nbd0 partition 65532 0 50\n/dev/nbd1 partition 65532 9000 50\n",
+        );
+        system.answer(
+            "swapoff /dev/nbd1",
+            255,
+            "",
+            "swapoff: /dev/nbd1: swapoff failed: Cannot allocate memory\n",
+        );
+        system.on_run.push((
+            "nbdkit --unix /run/vramswap/a".into(),
+            "/run/vramswap/a/nbdkit.pid".into(),
+            "20\n".into(),
+        ));
+        system.alive.insert(20, true);
+        let err = suspend(&mut system, &gpus()).unwrap_err().to_string();
+        assert!(
+            err.contains("'b' could not be stopped") && err.contains("not suspending"),
+            "{err}"
+        );
+        // a was stopped, then started again; b was never touched past swapoff.
+        assert!(State::load(&system, &InstanceDir::new("a").unwrap()).is_ok());
+        assert!(system.exists(Path::new("/run/vramswap/b/state.json")));
+        assert!(!system.calls.contains(&Call::Signal(11, libc::SIGTERM)));
+    }
+
+    #[test]
+    fn resume_with_nothing_to_do_is_fine() {
+        let mut system = FakeSystem::new();
+        resume(&mut system, &gpus()).unwrap();
+    }
+}
