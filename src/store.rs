@@ -447,11 +447,12 @@ impl BlockStore {
                 .iter()
                 .map(|s| u64::from(s.data.load(Ordering::Relaxed).count_ones()))
                 .sum(),
-            failure: self.failure_reason(),
+            failure: self.failure(),
         }
     }
 
-    fn failure_reason(&self) -> Option<String> {
+    /// Why the store stopped serving, if it did (a lost device).
+    pub fn failure(&self) -> Option<String> {
         self.failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -581,7 +582,7 @@ impl BlockStore {
     fn check(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         if self.failed.load(Ordering::Acquire) {
             return Err(StoreError::Failed(
-                self.failure_reason().unwrap_or_else(|| "unknown".into()),
+                self.failure().unwrap_or_else(|| "unknown".into()),
             ));
         }
         match offset.checked_add(len) {

@@ -338,3 +338,99 @@ fn help_and_dump_plugin_describe_the_plugin() {
     assert!(dump.contains("vramswap_backends=vulkan"), "{dump}");
     assert!(dump.contains("vramswap_block_size=65536"), "{dump}");
 }
+
+/// Runs nbdsh code that reports each call as `name ok` or `name EIO…`.
+const TRY: &str = "import errno
+def attempt(name, call):
+    try:
+        call()
+        print(name, 'ok')
+    except nbd.Error as e:
+        print(name, errno.errorcode.get(e.errno, e.errno))
+";
+
+#[test]
+fn a_full_gpu_fails_writes_with_enospc_and_the_server_keeps_serving() {
+    // Lazy: chunks 0 and 1 allocate, the third allocation fails.
+    let mut server = serve(&["size=16M", "allocation=lazy", "inject-alloc-fail-from=3"]);
+    server.status_when(|s| s["nospace_requests"] == 0);
+    let out = nbdsh(
+        &server.uri(),
+        &format!(
+            "{TRY}
+attempt('chunk0', lambda: h.pwrite(b'a' * 4096, 0))
+attempt('chunk1', lambda: h.pwrite(b'b' * 4096, 4 << 20))
+attempt('chunk2', lambda: h.pwrite(b'c' * 4096, 8 << 20))
+attempt('read0', lambda: h.pread(4096, 0) == b'a' * 4096 or 1 / 0)
+attempt('trim1', lambda: h.trim(4 << 20, 4 << 20))
+attempt('chunk2-again', lambda: h.pwrite(b'c' * 4096, 8 << 20))"
+        ),
+    );
+    for line in [
+        "chunk0 ok",
+        "chunk1 ok",
+        "chunk2 ENOSPC",
+        "read0 ok",
+        "trim1 ok",
+    ] {
+        assert!(out.contains(line), "{line}:\n{out}");
+    }
+    // The plan fails every later allocation too: still ENOSPC, still serving.
+    assert!(out.contains("chunk2-again ENOSPC"), "{out}");
+    assert!(server.is_running());
+    let status = server.status_when(|s| s["nospace_requests"] == 2);
+    assert!(status["failure"].is_null(), "{status}");
+}
+
+#[test]
+fn a_failed_copy_fails_that_request_with_eio_and_nothing_else() {
+    // Batch 1 zeroes the eagerly allocated chunks; batch 3 is the second write.
+    let mut server = serve(&["size=8M", "inject-batch-fail-at=3"]);
+    let out = nbdsh(
+        &server.uri(),
+        &format!(
+            "{TRY}
+attempt('first', lambda: h.pwrite(b'1' * 65536, 0))
+attempt('second', lambda: h.pwrite(b'2' * 65536, 65536))
+attempt('third', lambda: h.pwrite(b'3' * 65536, 131072))
+attempt('check', lambda: (h.pread(65536, 0) == b'1' * 65536 and h.pread(65536, 131072) == b'3' * 65536) or 1 / 0)"
+        ),
+    );
+    for line in ["first ok", "second EIO", "third ok", "check ok"] {
+        assert!(out.contains(line), "{line}:\n{out}");
+    }
+    assert!(server.is_running());
+    let status = server.status_when(|s| s["failed_requests"] == 1);
+    assert!(status["failure"].is_null(), "{status}");
+}
+
+#[test]
+fn a_lost_device_fails_every_later_request_and_the_status_file_says_so() {
+    let mut server = serve(&["size=8M", "inject-lost-from-batch=3"]);
+    let out = nbdsh(
+        &server.uri(),
+        &format!(
+            "{TRY}
+attempt('before', lambda: h.pwrite(b'x' * 4096, 0))
+attempt('lost', lambda: h.pwrite(b'y' * 4096, 4096))
+attempt('read-written', lambda: h.pread(4096, 0))
+attempt('read-fresh', lambda: h.pread(4096, 1 << 20))
+attempt('trim', lambda: h.trim(65536, 0))"
+        ),
+    );
+    for line in [
+        "before ok",
+        "lost EIO",
+        "read-written EIO",
+        "read-fresh EIO",
+        "trim EIO",
+    ] {
+        assert!(out.contains(line), "{line}:\n{out}");
+    }
+    assert!(server.is_running(), "the server must stay up to answer EIO");
+    let status = server.status_when(|s| s["failed_requests"] == 4);
+    assert!(
+        status["failure"].as_str().unwrap().contains("lost"),
+        "{status}"
+    );
+}

@@ -389,6 +389,10 @@ impl Plan {
             .arg(self.plugin.to_string_lossy())
             .args(export.to_args())
             .env("VRAMSWAP_LOG_FILE", self.instance.log().to_string_lossy())
+            .env(
+                "VRAMSWAP_STATUS_FILE",
+                self.instance.server_status().to_string_lossy(),
+            )
     }
 
     fn attach_command(&self) -> Cmd {
@@ -764,7 +768,8 @@ mod tests {
             lines,
             [
                 "mkdir -m 0700 /run/vramswap/default",
-                "VRAMSWAP_LOG_FILE=/run/vramswap/default/nbdkit.log nbdkit --unix /run/vramswap/default/nbd.sock \
+                                "VRAMSWAP_LOG_FILE=/run/vramswap/default/nbdkit.log \
+                 VRAMSWAP_STATUS_FILE=/run/vramswap/default/server.json nbdkit --unix /run/vramswap/default/nbd.sock \
                  --pidfile /run/vramswap/default/nbdkit.pid --threads 16 \
                  /usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so backend=vulkan size=8589934592",
                 "wait until nbdkit answers on /run/vramswap/default/nbd.sock (up to 300 s), then chmod 0600 it",

@@ -2,7 +2,8 @@
 //! `vramswap start` set up, so `stop` and `status` can find it again.
 //!
 //! `/run/vramswap/NAME/` (0700) holds `nbd.sock` (0600), `nbdkit.pid`,
-//! `nbdkit.log` (the plugin's warnings and errors) and `state.json`.
+//! `nbdkit.log` (the plugin's warnings and errors), `server.json` (the
+//! plugin's count of failed requests) and `state.json`.
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +46,11 @@ impl InstanceDir {
     }
     pub fn log(&self) -> PathBuf {
         self.dir.join("nbdkit.log")
+    }
+    /// What the serving process reports about itself (see the plugin's
+    /// `VRAMSWAP_STATUS_FILE`).
+    pub fn server_status(&self) -> PathBuf {
+        self.dir.join("server.json")
     }
     pub fn state(&self) -> PathBuf {
         self.dir.join("state.json")

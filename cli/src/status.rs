@@ -26,6 +26,9 @@ pub struct InstanceStatus {
     pub swap_active: bool,
     pub swap_used: Option<u64>,
     pub priority: Option<i32>,
+    /// What the server reports about itself (failed requests, a lost
+    /// device), when it has written its status file.
+    pub server: Option<serde_json::Value>,
 }
 
 pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
@@ -48,6 +51,7 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
         swap_active: false,
         swap_used: None,
         priority: None,
+        server: None,
     };
     let state = match State::load(system, &instance) {
         Ok(state) => state,
@@ -77,6 +81,28 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
         status
             .problems
             .push(format!("{} is not an active swap area", state.nbd_device));
+    }
+    if let Some(report) = system
+        .read(&instance.server_status())
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+    {
+        if let Some(failure) = report["failure"].as_str() {
+            status
+                .problems
+                .push(format!("the server has failed: {failure}"));
+        }
+        for (key, what) in [
+            ("failed_requests", "requests failed (EIO)"),
+            ("nospace_requests", "writes found the GPU full (ENOSPC)"),
+            ("panics", "internal errors"),
+        ] {
+            let n = report[key].as_u64().unwrap_or(0);
+            if n > 0 {
+                status.problems.push(format!("{n} {what}"));
+            }
+        }
+        status.server = Some(report);
     }
     status.healthy = status.problems.is_empty();
     status.nbd_device = Some(state.nbd_device);
@@ -211,7 +237,23 @@ mod tests {
 
         let err = run(&system, &[], true).unwrap_err().to_string();
         assert_eq!(err, "unhealthy: dead, torn");
+
         run(&system, &["good".into()], false).unwrap();
+
+        // A running server that reports failed requests is not healthy.
+        system.fixture(
+            "/run/vramswap/good/server.json",
+            r#"{"failure":"the device was lost","failed_requests":3,"nospace_requests":0,"panics":1}"#,
+        );
+        let degraded = inspect(&system, "good").unwrap();
+        assert_eq!(
+            degraded.problems,
+            [
+                "the server has failed: the device was lost",
+                "3 requests failed (EIO)",
+                "1 internal errors"
+            ]
+        );
         assert_eq!(
             run(&system, &["nope".into()], false)
                 .unwrap_err()

@@ -9,6 +9,7 @@
 //! it every page swapped out to it. Every callback body runs under
 //! [`guarded`], which turns a panic into EIO for that one request.
 
+mod health;
 mod log;
 mod safety;
 
@@ -37,6 +38,10 @@ struct Settings {
     /// this offset panics inside the plugin.
     #[cfg(feature = "fault-injection")]
     inject_panic_at: Option<u64>,
+    /// `inject-alloc-fail-from=N`, `inject-batch-fail-at=N`,
+    /// `inject-lost-from-batch=N` (test builds): see `backend::faulty`.
+    #[cfg(feature = "fault-injection")]
+    faults: vramswap::backend::faulty::FaultPlan,
 }
 
 fn settings() -> MutexGuard<'static, Option<Settings>> {
@@ -56,6 +61,7 @@ fn guarded<T>(what: &str, body: impl FnOnce() -> Result<T>) -> Result<T> {
     catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|payload| {
         let reason = panic_text(payload.as_ref());
         error!("{what}: internal error ({reason}); this request fails with EIO, the server keeps serving");
+        health::record(health::Event::Panic, &STORE);
         Err(Error::new(libc::EIO, format!("{what}: internal error")))
     })
 }
@@ -68,8 +74,13 @@ fn panic_text(payload: &(dyn Any + Send)) -> &str {
         .unwrap_or("panic")
 }
 
-fn store_error(err: StoreError) -> Error {
-    Error::new(err.errno(), err.to_string())
+impl VramSwap {
+    /// A store error as nbdkit reports it, counted for `vramswap status`.
+    fn error(&self, err: StoreError) -> Error {
+        let errno = err.errno();
+        health::record(health::Event::Failed(errno), &STORE);
+        Error::new(errno, err.to_string())
+    }
 }
 
 /// NBD requests are at most 4 GiB - 1 (`u32` count).
@@ -108,7 +119,7 @@ fn open_store() -> std::result::Result<BlockStore, String> {
         None => backend::default_backend(&export.device)
             .map_err(|e| format!("{}: {e}", quote("device")))?,
     };
-    let gpu = backend::open(
+    let gpu: std::sync::Arc<dyn vramswap::Backend> = backend::open(
         kind,
         &OpenOptions {
             device: export.device.clone(),
@@ -121,6 +132,13 @@ fn open_store() -> std::result::Result<BlockStore, String> {
         }
         other => format!("backend={kind}: {other}"),
     })?;
+    #[cfg(feature = "fault-injection")]
+    let gpu = match settings().as_ref().map(|s| s.faults) {
+        Some(plan) if plan != Default::default() => {
+            std::sync::Arc::new(vramswap::backend::faulty::FaultyBackend::new(gpu, plan))
+        }
+        _ => gpu,
+    };
     let info = gpu.device().clone();
     let store = BlockStore::open(gpu, &export.store_config()).map_err(|e| match e {
         StoreError::TooLarge { .. } | StoreError::TooSmall(_) => format!("{}: {e}", quote("size")),
@@ -197,10 +215,23 @@ impl Server for VramSwap {
             let mut guard = settings();
             let settings = guard.get_or_insert_with(Settings::default);
             #[cfg(feature = "fault-injection")]
-            if key == "inject-panic-at" {
-                let at = vramswap::parse_size(value)
-                    .map_err(|e| Error::new(libc::EINVAL, format!("{key}={value}: {e}")))?;
-                settings.inject_panic_at = Some(at);
+            if key.starts_with("inject-") {
+                let n = Some(
+                    vramswap::parse_size(value)
+                        .map_err(|e| Error::new(libc::EINVAL, format!("{key}={value}: {e}")))?,
+                );
+                match key {
+                    "inject-panic-at" => settings.inject_panic_at = n,
+                    "inject-alloc-fail-from" => settings.faults.alloc_fails_from = n,
+                    "inject-batch-fail-at" => settings.faults.batch_fails_at = n,
+                    "inject-lost-from-batch" => settings.faults.lost_from_batch = n,
+                    _ => {
+                        return Err(Error::new(
+                            libc::EINVAL,
+                            format!("unknown parameter '{key}'"),
+                        ))
+                    }
+                }
                 return Ok(());
             }
             settings
@@ -233,6 +264,8 @@ impl Server for VramSwap {
                 Error::new(libc::EINVAL, e)
             })?;
             *STORE.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(store));
+            health::write(&STORE);
+            health::start_flusher(&STORE);
             Ok(())
         })
     }
@@ -259,7 +292,7 @@ impl Server for VramSwap {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         guarded("pread", || {
             self.inject(offset, buf.len() as u64);
-            self.store.read(buf, offset).map_err(store_error)
+            self.store.read(buf, offset).map_err(|e| self.error(e))
         })
     }
 
@@ -267,7 +300,7 @@ impl Server for VramSwap {
     fn write_at(&self, buf: &[u8], offset: u64, _flags: Flags) -> Result<()> {
         guarded("pwrite", || {
             self.inject(offset, buf.len() as u64);
-            self.store.write(buf, offset).map_err(store_error)
+            self.store.write(buf, offset).map_err(|e| self.error(e))
         })
     }
 
@@ -278,14 +311,18 @@ impl Server for VramSwap {
 
     fn trim(&self, count: u32, offset: u64, _flags: Flags) -> Result<()> {
         guarded("trim", || {
-            self.store.zero(offset, len(count)).map_err(store_error)
+            self.store
+                .zero(offset, len(count))
+                .map_err(|e| self.error(e))
         })
     }
 
     /// Always fast: whole blocks are only marked, partial ones written.
     fn zero(&self, count: u32, offset: u64, _flags: Flags) -> Result<()> {
         guarded("zero", || {
-            self.store.zero(offset, len(count)).map_err(store_error)
+            self.store
+                .zero(offset, len(count))
+                .map_err(|e| self.error(e))
         })
     }
 
@@ -309,7 +346,7 @@ impl Server for VramSwap {
                         result = extents.add(at, length, kind);
                     }
                 })
-                .map_err(store_error)?;
+                .map_err(|e| self.error(e))?;
             result
         })
     }

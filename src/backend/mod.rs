@@ -17,6 +17,8 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+#[cfg(feature = "fault-injection")]
+pub mod faulty;
 pub mod host;
 mod hostmem;
 

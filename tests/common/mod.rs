@@ -4,7 +4,7 @@
 
 pub mod nbd;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 
 use vramswap::backend::{
@@ -70,6 +70,8 @@ pub fn for_each_backend(test: impl Fn(BackendKind)) {
 /// Counts what a real backend is asked to do.
 pub struct Counting {
     pub inner: Arc<dyn Backend>,
+    /// Every chunk handed out, in order.
+    pub chunks: std::sync::Mutex<Vec<ChunkId>>,
     pub uploads: Arc<AtomicU64>,
     pub downloads: Arc<AtomicU64>,
     pub zeroes: Arc<AtomicU64>,
@@ -80,6 +82,7 @@ impl Counting {
     pub fn new(inner: Arc<dyn Backend>) -> Self {
         Counting {
             inner,
+            chunks: Default::default(),
             uploads: Default::default(),
             downloads: Default::default(),
             zeroes: Default::default(),
@@ -97,7 +100,9 @@ impl Backend for Counting {
     }
     fn allocate_chunk(&self) -> Result<ChunkId, BackendError> {
         self.allocations.fetch_add(1, Ordering::Relaxed);
-        self.inner.allocate_chunk()
+        let chunk = self.inner.allocate_chunk()?;
+        self.chunks.lock().unwrap().push(chunk);
+        Ok(chunk)
     }
     fn free_chunk(&self, chunk: ChunkId) {
         self.inner.free_chunk(chunk)
@@ -136,54 +141,5 @@ impl Lane for CountingLane {
     }
     fn wait(&mut self) -> Result<(), BackendError> {
         self.inner.wait()
-    }
-}
-
-/// A real backend whose device "is lost" once `lose` is set: the next
-/// wait reports `DeviceLost`, as a GPU reset would.
-pub struct Losable {
-    pub inner: Arc<dyn Backend>,
-    pub lose: Arc<AtomicBool>,
-}
-
-impl Backend for Losable {
-    fn device(&self) -> &DeviceInfo {
-        self.inner.device()
-    }
-    fn memory(&self) -> MemoryReport {
-        self.inner.memory()
-    }
-    fn allocate_chunk(&self) -> Result<ChunkId, BackendError> {
-        self.inner.allocate_chunk()
-    }
-    fn free_chunk(&self, chunk: ChunkId) {
-        self.inner.free_chunk(chunk)
-    }
-    fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
-        Ok(Box::new(LosableLane {
-            inner: self.inner.create_lane(staging_bytes)?,
-            lose: self.lose.clone(),
-        }))
-    }
-}
-
-struct LosableLane {
-    inner: Box<dyn Lane>,
-    lose: Arc<AtomicBool>,
-}
-
-impl Lane for LosableLane {
-    fn staging(&mut self) -> &mut [u8] {
-        self.inner.staging()
-    }
-    fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
-        self.inner.submit(ops)
-    }
-    fn wait(&mut self) -> Result<(), BackendError> {
-        let result = self.inner.wait();
-        if self.lose.load(Ordering::Relaxed) {
-            return Err(BackendError::DeviceLost);
-        }
-        result
     }
 }

@@ -108,7 +108,8 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Mesa's loader warns without it.
-            .env("XDG_RUNTIME_DIR", dir.path());
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .env("VRAMSWAP_STATUS_FILE", dir.path().join("server.json"));
         if let Ok(device) = std::env::var("VRAMSWAP_TEST_DEVICE") {
             if !args.iter().any(|a| a.starts_with("device=")) {
                 command.arg(format!("device={device}"));
@@ -135,6 +136,25 @@ impl Server {
     /// The NBD URI clients connect to.
     pub fn uri(&self) -> String {
         format!("nbd+unix:///?socket={}", self.socket().display())
+    }
+
+    /// What the plugin reports in its status file, once `ready` accepts it
+    /// (the file may be up to half a second behind); panics after 5 s.
+    pub fn status_when(&self, ready: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text =
+                std::fs::read_to_string(self.dir.path().join("server.json")).expect("status file");
+            let status: serde_json::Value = serde_json::from_str(&text).expect("status JSON");
+            if ready(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status never became as expected: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pid(&self) -> u32 {

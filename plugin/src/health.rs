@@ -1,0 +1,83 @@
+//! What the serving process tells `vramswap status`: a small JSON file
+//! (`VRAMSWAP_STATUS_FILE`) rewritten when requests fail, so a degraded
+//! server — a lost device, a full GPU, a panic — shows without asking it.
+//!
+//! The first error of each kind is written at once; later ones mark the
+//! report dirty and a flusher thread writes it at most twice a second, so
+//! a storm of failing requests costs no I/O to speak of, and the file is
+//! never more than half a second behind.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use vramswap::BlockStore;
+
+static FAILED: AtomicU64 = AtomicU64::new(0);
+static NOSPACE: AtomicU64 = AtomicU64::new(0);
+static PANICS: AtomicU64 = AtomicU64::new(0);
+static DIRTY: AtomicBool = AtomicBool::new(false);
+
+/// A request that failed with `errno`, or panicked.
+pub enum Event {
+    Failed(i32),
+    Panic,
+}
+
+pub fn record(event: Event, store: &RwLock<Option<Arc<BlockStore>>>) {
+    let first = match event {
+        Event::Failed(libc::ENOSPC) => NOSPACE.fetch_add(1, Ordering::Relaxed) == 0,
+        Event::Failed(_) => FAILED.fetch_add(1, Ordering::Relaxed) == 0,
+        Event::Panic => PANICS.fetch_add(1, Ordering::Relaxed) == 0,
+    };
+    if first {
+        write(store);
+    } else {
+        DIRTY.store(true, Ordering::Release);
+    }
+}
+
+/// Starts the thread that writes changes the first write did not cover.
+pub fn start_flusher(store: &'static RwLock<Option<Arc<BlockStore>>>) {
+    if std::env::var_os("VRAMSWAP_STATUS_FILE").is_none() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("vramswap-status".into())
+        // The loop needs little stack; it is locked memory (mlockall).
+        .stack_size(64 << 10)
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(500));
+            if DIRTY.swap(false, Ordering::AcqRel) {
+                write(store);
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!("status file: no flusher thread ({err}); counts may lag");
+    }
+}
+
+/// Writes the report now.
+pub fn write(store: &RwLock<Option<Arc<BlockStore>>>) {
+    let Some(path) = std::env::var_os("VRAMSWAP_STATUS_FILE") else {
+        return;
+    };
+    let failure = store
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .and_then(|s| s.failure());
+    let report = serde_json::json!({
+        "failure": failure,
+        "failed_requests": FAILED.load(Ordering::Relaxed),
+        "nospace_requests": NOSPACE.load(Ordering::Relaxed),
+        "panics": PANICS.load(Ordering::Relaxed),
+        "updated": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    });
+    let path = std::path::PathBuf::from(path);
+    let temp = path.with_extension("tmp");
+    // Best effort: the status file is a report, not a part of serving.
+    if std::fs::write(&temp, format!("{report}\n")).is_ok() {
+        let _ = std::fs::rename(&temp, &path);
+    }
+}

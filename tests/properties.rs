@@ -1,0 +1,116 @@
+//! Property tests: inputs no example list would think of.
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use vramswap::backend::host::HostBackend;
+use vramswap::backend::{BLOCK_SIZE, CHUNK_SIZE};
+use vramswap::{parse_size, AllocationPolicy, BlockStore, ExportConfig, SizeSpec, StoreConfig};
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Any number with any suffix reads back as itself (or is refused as
+    /// too large, never wrapped).
+    #[test]
+    fn sizes_round_trip(n in 0u64..1 << 40, unit in 0usize..6, lower in any::<bool>(), ib in any::<bool>()) {
+        let suffixes = ["", "K", "M", "G", "T", "P"];
+        let mut suffix = suffixes[unit].to_string();
+        if lower { suffix = suffix.to_lowercase(); }
+        if ib && unit > 0 { suffix.push_str("iB"); }
+        let text = format!("{n}{suffix}");
+        match n.checked_mul(1u64 << (10 * unit)) {
+            Some(bytes) => prop_assert_eq!(parse_size(&text), Ok(bytes)),
+            None => prop_assert!(parse_size(&text).is_err()),
+        }
+    }
+
+    /// Garbage never panics, and an error names what was given.
+    #[test]
+    fn garbage_sizes_are_errors_not_panics(text in "\\PC{0,24}") {
+        if let Err(err) = parse_size(&text) {
+            prop_assert!(text.trim().is_empty() || err.to_string().contains(&text), "{}", err);
+        }
+    }
+
+    /// Any key and value: the plugin's parser answers, never panics, and a
+    /// refusal is one line.
+    #[test]
+    fn any_parameter_is_parsed_or_refused_in_one_line(key in "[a-z-]{1,12}", value in "\\PC{0,16}") {
+        let mut config = ExportConfig::default();
+        if let Err(err) = config.set(&key, &value) {
+            prop_assert!(!err.to_string().contains('\n'));
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(u64, u64, u8),
+    Read(u64, u64),
+    Zero(u64, u64),
+}
+
+/// Offsets and lengths that land on, near and across block, staging-piece
+/// and chunk boundaries.
+fn op(size: u64) -> impl Strategy<Value = Op> {
+    let edge = prop_oneof![
+        0..size,
+        (0..size / BLOCK_SIZE).prop_map(|b| b * BLOCK_SIZE),
+        (1..size / CHUNK_SIZE).prop_map(|c| c * CHUNK_SIZE - 1),
+    ];
+    (edge, 1..3 * CHUNK_SIZE, 0..3u8, any::<u8>()).prop_map(move |(offset, len, kind, byte)| {
+        let len = len.min(size - offset).max(1);
+        let offset = offset.min(size - len);
+        match kind {
+            0 => Op::Write(offset, len, byte),
+            1 => Op::Read(offset, len),
+            _ => Op::Zero(offset, len),
+        }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Every request is split into chunk segments, staging pieces and
+    /// blocks, and put together again: the bytes must always be the
+    /// model's.
+    #[test]
+    fn any_request_sequence_matches_a_model(ops in prop::collection::vec(op(12 * CHUNK_SIZE), 1..24),
+                                            lazy in any::<bool>()) {
+        let size = 12 * CHUNK_SIZE;
+        let store = BlockStore::open(
+            Arc::new(HostBackend::new(None)),
+            &StoreConfig {
+                size: SizeSpec::Bytes(size),
+                allocation: if lazy { AllocationPolicy::Lazy } else { AllocationPolicy::Eager },
+                lanes: 3,
+                staging_bytes: 128 << 10,
+            },
+        )
+        .unwrap();
+        let mut model = vec![0u8; size as usize];
+        for op in ops {
+            match op {
+                Op::Write(offset, len, byte) => {
+                    let data: Vec<u8> = (0..len).map(|i| byte ^ (i as u8)).collect();
+                    store.write(&data, offset).unwrap();
+                    model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+                }
+                Op::Read(offset, len) => {
+                    let mut buf = vec![0xee; len as usize];
+                    store.read(&mut buf, offset).unwrap();
+                    prop_assert!(buf == model[offset as usize..(offset + len) as usize], "read {}+{}", offset, len);
+                }
+                Op::Zero(offset, len) => {
+                    store.zero(offset, len).unwrap();
+                    model[offset as usize..(offset + len) as usize].fill(0);
+                }
+            }
+        }
+        let mut all = vec![0u8; size as usize];
+        store.read(&mut all, 0).unwrap();
+        prop_assert!(all == model);
+    }
+}
