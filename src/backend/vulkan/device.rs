@@ -1,7 +1,7 @@
 //! An open Vulkan device: its transfer queues, its allocator, and the table
 //! of chunk buffers the lanes copy to and from.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -59,6 +59,11 @@ pub(super) struct DeviceShared {
     pub(super) adapter: Adapter,
     pub(super) lost: AtomicBool,
     pub(super) spin: Duration,
+    /// Lanes polling their fence right now, and how many may: a few
+    /// spinners cut small-request latency, but 16 nbdkit threads spinning
+    /// at once take the cores the socket and the client need.
+    pub(super) spinners: AtomicUsize,
+    pub(super) max_spinners: usize,
     memory_limit: Option<u64>,
     /// Present when staging can be our own locked memory.
     host_import: Option<ash::ext::external_memory_host::Device>,
@@ -146,6 +151,8 @@ impl DeviceShared {
             adapter,
             lost: AtomicBool::new(false),
             spin,
+            spinners: AtomicUsize::new(0),
+            max_spinners: std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1)),
             memory_limit,
             host_import,
             buffers: (0..capacity).map(|_| AtomicU64::new(0)).collect(),

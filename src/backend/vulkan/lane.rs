@@ -1,6 +1,7 @@
 //! A Vulkan lane: a host-visible staging buffer, a command pool with one
 //! command buffer, and a fence, all made once.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -199,11 +200,22 @@ impl VulkanLane {
 
     fn wait_fence(&self) -> Result<(), BackendError> {
         let start = Instant::now();
-        while start.elapsed() < self.shared.spin {
-            if self.fence_status()? {
+        let shared = &self.shared;
+        if shared.spinners.fetch_add(1, Ordering::AcqRel) < shared.max_spinners {
+            let mut done = Ok(false);
+            while start.elapsed() < shared.spin {
+                done = self.fence_status();
+                if !matches!(done, Ok(false)) {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            shared.spinners.fetch_sub(1, Ordering::AcqRel);
+            if done? {
                 return Ok(());
             }
-            std::hint::spin_loop();
+        } else {
+            shared.spinners.fetch_sub(1, Ordering::AcqRel);
         }
         let mut warned = false;
         loop {
