@@ -4,7 +4,8 @@
 //! ```text
 //! cargo bench --bench raw_copy -- [--backend vulkan] [--device D] [--size 2G]
 //!                                 [--seconds 2] [--csv FILE]
-//!                                 [--lanes 64] [--staging 512K]
+//!                                 [--lanes 64] [--staging 1M]
+//!                                 [--requests 4M,64K] [--threads 1,4,16]
 //! ```
 //!
 //! The ceiling moves whole 4 MiB chunks between the backend's own pinned
@@ -27,6 +28,8 @@ struct Args {
     seconds: f64,
     csv: Option<String>,
     store: StoreConfig,
+    requests: Vec<u64>,
+    threads: Vec<usize>,
 }
 
 fn parse_args() -> Args {
@@ -37,6 +40,8 @@ fn parse_args() -> Args {
         seconds: 2.0,
         csv: None,
         store: StoreConfig::default(),
+        requests: vec![CHUNK_SIZE, 64 << 10],
+        threads: vec![1, 4, 16],
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -56,6 +61,21 @@ fn parse_args() -> Args {
                     .unwrap_or_else(|_| die("--seconds: a number"))
             }
             "--csv" => args.csv = Some(value()),
+            "--requests" => {
+                args.requests = value()
+                    .split(',')
+                    .map(|s| parse_size(s).unwrap_or_else(|e| die(&format!("--requests: {e}"))))
+                    .collect()
+            }
+            "--threads" => {
+                args.threads = value()
+                    .split(',')
+                    .map(|s| {
+                        s.parse()
+                            .unwrap_or_else(|_| die("--threads: numbers, e.g. 1,4,16"))
+                    })
+                    .collect()
+            }
             "--lanes" => {
                 args.store.lanes = value().parse().unwrap_or_else(|_| die("--lanes: a number"))
             }
@@ -75,8 +95,6 @@ fn die(msg: &str) -> ! {
     eprintln!("raw_copy: {msg}");
     std::process::exit(2)
 }
-
-const THREADS: [usize; 3] = [1, 4, 16];
 
 #[derive(Clone, Copy, PartialEq)]
 enum Dir {
@@ -335,7 +353,8 @@ fn main() {
             per.join(", ")
         );
     }
-    let copies: Vec<String> = THREADS
+    let copies: Vec<String> = args
+        .threads
         .iter()
         .map(|&t| format!("{t} threads {:.2} GB/s", memcpy_rate(t, args.seconds / 2.0)))
         .collect();
@@ -371,8 +390,8 @@ fn main() {
         "direction", "request", "threads", "GB/s", "ceiling"
     );
     for (k, dir) in [Dir::ToVram, Dir::FromVram].into_iter().enumerate() {
-        for request in [CHUNK_SIZE, 64 << 10] {
-            for threads in THREADS {
+        for &request in &args.requests {
+            for &threads in &args.threads {
                 let gbs = store_rate(&store, dir, request, threads, args.seconds);
                 let ratio = gbs / ceilings[k];
                 println!(
@@ -385,9 +404,9 @@ fn main() {
                 );
                 let _ = writeln!(
                     csv,
-                    "{},{},{},{request},{threads},{gbs:.3},{:.3},{ratio:.3}",
+                    "{},\"{}\",{},{request},{threads},{gbs:.3},{:.3},{ratio:.3}",
                     args.backend,
-                    info.name,
+                    info.name.replace('"', "'"),
                     dir.name(),
                     ceilings[k]
                 );
