@@ -14,7 +14,7 @@ use tracing::debug;
 
 /// An anonymous, page-aligned, populated and (where permitted) locked
 /// mapping. Unmapped on drop.
-#[cfg_attr(not(feature = "vulkan"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "vulkan", feature = "cuda")), allow(dead_code))]
 pub(crate) struct LockedRegion {
     ptr: NonNull<u8>,
     len: usize,
@@ -26,7 +26,7 @@ unsafe impl Send for LockedRegion {}
 // SAFETY: as above; shared references only hand out shared slices.
 unsafe impl Sync for LockedRegion {}
 
-#[cfg_attr(not(feature = "vulkan"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "vulkan", feature = "cuda")), allow(dead_code))]
 impl LockedRegion {
     /// Maps at least `len` bytes, rounded up to `align` (a power of two
     /// that is a multiple of the page size) and aligned to it.

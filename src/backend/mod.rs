@@ -23,6 +23,8 @@ pub mod host;
 mod hostmem;
 
 pub use hostmem::copy_to_staging;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 #[cfg(feature = "vulkan")]
 pub mod vulkan;
 
@@ -39,6 +41,8 @@ pub const BLOCKS_PER_CHUNK: usize = (CHUNK_SIZE / BLOCK_SIZE) as usize;
 pub enum BackendKind {
     /// Vulkan through `ash`: AMD, Intel, NVIDIA and Mesa's lavapipe.
     Vulkan,
+    /// CUDA's driver API through `cudarc`: NVIDIA only.
+    Cuda,
     /// Process memory: the reference model the conformance tests compare
     /// the GPU backends with. It holds nothing in VRAM.
     Host,
@@ -50,17 +54,26 @@ impl BackendKind {
         &[
             #[cfg(feature = "vulkan")]
             BackendKind::Vulkan,
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda,
         ]
     }
 
-    /// [`BackendKind::compiled_in`] in the order a default is chosen.
+    /// [`BackendKind::compiled_in`] in the order a default is chosen: on an
+    /// NVIDIA GPU the vendor's own API first.
     pub fn preferred() -> &'static [BackendKind] {
-        Self::compiled_in()
+        &[
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda,
+            #[cfg(feature = "vulkan")]
+            BackendKind::Vulkan,
+        ]
     }
 
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Vulkan => "vulkan",
+            BackendKind::Cuda => "cuda",
             BackendKind::Host => "host",
         }
     }
@@ -78,6 +91,7 @@ impl FromStr for BackendKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
             "vulkan" => Ok(BackendKind::Vulkan),
+            "cuda" => Ok(BackendKind::Cuda),
             "host" => Ok(BackendKind::Host),
             _ => Err(BackendError::UnknownBackend(s.to_string())),
         }
@@ -368,6 +382,10 @@ pub fn enumerate(kind: BackendKind) -> Result<Vec<DeviceInfo>, BackendError> {
         BackendKind::Vulkan => vulkan::enumerate(),
         #[cfg(not(feature = "vulkan"))]
         BackendKind::Vulkan => Err(BackendError::NotCompiledIn(kind)),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => cuda::enumerate(),
+        #[cfg(not(feature = "cuda"))]
+        BackendKind::Cuda => Err(BackendError::NotCompiledIn(kind)),
         BackendKind::Host => Ok(vec![host::HostBackend::new(None).device().clone()]),
     }
 }
@@ -379,6 +397,10 @@ pub fn open(kind: BackendKind, options: &OpenOptions) -> Result<Arc<dyn Backend>
         BackendKind::Vulkan => Ok(Arc::new(vulkan::VulkanBackend::open(options)?)),
         #[cfg(not(feature = "vulkan"))]
         BackendKind::Vulkan => Err(BackendError::NotCompiledIn(kind)),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => Ok(Arc::new(cuda::CudaBackend::open(options)?)),
+        #[cfg(not(feature = "cuda"))]
+        BackendKind::Cuda => Err(BackendError::NotCompiledIn(kind)),
         BackendKind::Host => Ok(Arc::new(host::HostBackend::new(options.memory_limit))),
     }
 }

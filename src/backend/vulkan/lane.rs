@@ -128,7 +128,9 @@ impl VulkanLane {
                     if chunk_offset % 4 != 0
                         || len % 4 != 0
                         || len == 0
-                        || chunk_offset + len > CHUNK_SIZE
+                        || chunk_offset
+                            .checked_add(len)
+                            .is_none_or(|end| end > CHUNK_SIZE)
                     {
                         return Err(BackendError::OutOfBounds(format!(
                             "zero {chunk_offset}+{len} in a {CHUNK_SIZE}-byte chunk"

@@ -1,0 +1,255 @@
+//! An open CUDA device: its primary context, and the table of chunk
+//! allocations the lanes copy to and from.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use cudarc::driver::sys;
+use tracing::{debug, warn};
+
+use super::conv;
+use super::driver::Adapter;
+use crate::backend::{BackendError, ChunkId, DeviceInfo, MemoryReport, CHUNK_SIZE};
+
+/// State every lane and chunk of one device shares. Dropped when the last
+/// of them is gone: chunks are freed, then the primary context released.
+pub(super) struct DeviceShared {
+    pub(super) info: DeviceInfo,
+    device: sys::CUdevice,
+    /// The device's primary context, retained for as long as this lives.
+    /// Primary rather than our own context: it is the one the CUDA runtime
+    /// and other libraries in the process share, so a process that also
+    /// uses CUDA elsewhere does not pay for (and switch between) two.
+    ctx: sys::CUcontext,
+    lost: AtomicBool,
+    /// Lanes polling their event right now, and how many may: a few
+    /// spinners cut small-request latency, but nbdkit's worker threads
+    /// spinning at once take the cores the socket and the client need.
+    pub(super) spinners: AtomicUsize,
+    pub(super) max_spinners: usize,
+    memory_limit: Option<u64>,
+    /// Chunk id → `CUdeviceptr` (0: none). Lanes read it without a lock;
+    /// only allocation and free write it, under `memory`.
+    chunks: Box<[AtomicU64]>,
+    memory: Mutex<Memory>,
+}
+
+// SAFETY: the context handle is only passed to the driver, whose API is
+// thread-safe; every other field is Send and Sync already.
+unsafe impl Send for DeviceShared {}
+// SAFETY: as above; shared access never mutates the handle.
+unsafe impl Sync for DeviceShared {}
+
+struct Memory {
+    /// Ids that were handed out and given back, reused first.
+    free_ids: Vec<u32>,
+    /// Ids below this have been handed out at some time.
+    next_id: u32,
+    held: u64,
+}
+
+impl DeviceShared {
+    pub(super) fn open(adapter: Adapter, memory_limit: Option<u64>) -> Result<Self, BackendError> {
+        let Adapter { device, info } = adapter;
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: a device from `cuDeviceGet`; the out-pointer is valid. The
+        // retain is released by `Drop`, also when opening fails below.
+        conv::check_context(&info.name, "cuDevicePrimaryCtxRetain", unsafe {
+            sys::cuDevicePrimaryCtxRetain(&mut ctx, device)
+        })?;
+        let capacity = (info.memory.total / CHUNK_SIZE) as usize + 1;
+        let mut shared = DeviceShared {
+            info,
+            device,
+            ctx,
+            lost: AtomicBool::new(false),
+            spinners: AtomicUsize::new(0),
+            max_spinners: std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1)),
+            memory_limit,
+            chunks: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
+            memory: Mutex::new(Memory {
+                free_ids: Vec::new(),
+                next_id: 0,
+                held: 0,
+            }),
+        };
+        shared.bind()?;
+        shared.info.memory.available = shared.free_memory()?;
+        debug!(
+            device = %shared.info.name,
+            bus = shared.info.pci_bus_id.as_deref().unwrap_or("?"),
+            dedicated = shared.info.dedicated_transfer_queue,
+            "CUDA device open"
+        );
+        Ok(shared)
+    }
+
+    fn memory_lock(&self) -> MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn check_alive(&self) -> Result<(), BackendError> {
+        if self.lost.load(Ordering::Acquire) {
+            return Err(BackendError::DeviceLost);
+        }
+        Ok(())
+    }
+
+    /// Notes a lost device: every later call fails at once.
+    pub(super) fn note(&self, err: BackendError) -> BackendError {
+        if err == BackendError::DeviceLost && !self.lost.swap(true, Ordering::AcqRel) {
+            warn!("{}: CUDA device lost", self.info.name);
+        }
+        err
+    }
+
+    /// Fails at once if the device is lost, else makes its context current
+    /// on this thread. nbdkit calls in from many worker threads and a lane
+    /// moves between them, so every entry point does this first; it costs
+    /// one thread-local read in the driver once the context is current.
+    pub(super) fn bind(&self) -> Result<(), BackendError> {
+        self.check_alive()?;
+        self.make_current().map_err(|e| self.note(e))
+    }
+
+    /// [`Self::bind`] without the lost check, for teardown, which tries to
+    /// give everything back even then.
+    pub(super) fn make_current(&self) -> Result<(), BackendError> {
+        let mut current: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: the out-pointer is valid.
+        conv::check("cuCtxGetCurrent", unsafe {
+            sys::cuCtxGetCurrent(&mut current)
+        })?;
+        if current != self.ctx {
+            // SAFETY: `ctx` stays retained while `self` lives.
+            conv::check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.ctx) })?;
+        }
+        Ok(())
+    }
+
+    /// `cuMemGetInfo`'s free bytes on this device. The context is bound.
+    fn free_memory(&self) -> Result<u64, BackendError> {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: the caller made the context current; out-pointers valid.
+        conv::check("cuMemGetInfo_v2", unsafe {
+            sys::cuMemGetInfo_v2(&mut free, &mut total)
+        })
+        .map_err(|e| self.note(e))?;
+        Ok(free as u64)
+    }
+
+    /// The total size, and what this process could still take: the
+    /// driver's free memory, capped by what the limit leaves. A device that
+    /// cannot say (lost) has nothing available.
+    pub(super) fn memory_report(&self) -> MemoryReport {
+        let held = self.memory_lock().held;
+        let free = self.bind().and_then(|()| self.free_memory());
+        let mut available = free.unwrap_or(0);
+        if let Some(limit) = self.memory_limit {
+            available = available.min(limit.saturating_sub(held));
+        }
+        MemoryReport {
+            total: self.info.memory.total,
+            available,
+        }
+    }
+
+    pub(super) fn allocate_chunk(&self) -> Result<ChunkId, BackendError> {
+        self.bind()?;
+        let mut memory = self.memory_lock();
+        if self
+            .memory_limit
+            .is_some_and(|limit| memory.held + CHUNK_SIZE > limit)
+        {
+            return Err(BackendError::OutOfDeviceMemory);
+        }
+        let id = memory.free_ids.last().copied().unwrap_or(memory.next_id);
+        if id as usize >= self.chunks.len() {
+            return Err(BackendError::OutOfDeviceMemory);
+        }
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: the context is current; the out-pointer is valid. The
+        // allocation is freed by `free_chunk` or `Drop`.
+        conv::check("cuMemAlloc_v2", unsafe {
+            sys::cuMemAlloc_v2(&mut ptr, CHUNK_SIZE as usize)
+        })
+        .map_err(|e| self.note(e))?;
+        if memory.free_ids.pop().is_none() {
+            memory.next_id += 1;
+        }
+        memory.held += CHUNK_SIZE;
+        self.chunks[id as usize].store(ptr, Ordering::Release);
+        Ok(ChunkId(id))
+    }
+
+    /// Frees a chunk no batch uses (the trait's rule). Under the lock, so
+    /// that `held` never undercounts what the device holds against the
+    /// limit. `cuMemFree` synchronises the context before it frees, so a
+    /// trim waits for the copies in flight on every lane.
+    pub(super) fn free_chunk(&self, chunk: ChunkId) {
+        let mut memory = self.memory_lock();
+        let id = chunk.0 as usize;
+        let ptr = self
+            .chunks
+            .get(id)
+            .map_or(0, |slot| slot.swap(0, Ordering::AcqRel));
+        if ptr == 0 {
+            warn!("freeing chunk {id}, which is not allocated");
+            return;
+        }
+        memory.free_ids.push(chunk.0);
+        memory.held -= CHUNK_SIZE;
+        // A lost device's memory goes back with its context, in `Drop`.
+        if self.bind().is_ok() {
+            // SAFETY: `ptr` came from `cuMemAlloc_v2` in this context and
+            // was just taken out of the table, so it is freed once.
+            let freed = conv::check("cuMemFree_v2", unsafe { sys::cuMemFree_v2(ptr) });
+            if let Err(err) = freed {
+                warn!("{}: freeing chunk {id}: {}", self.info.name, self.note(err));
+            }
+        }
+    }
+
+    /// The device address of a chunk, for a copy.
+    pub(super) fn chunk_ptr(&self, chunk: ChunkId) -> Result<sys::CUdeviceptr, BackendError> {
+        match self
+            .chunks
+            .get(chunk.0 as usize)
+            .map(|slot| slot.load(Ordering::Acquire))
+        {
+            Some(ptr) if ptr != 0 => Ok(ptr),
+            _ => Err(BackendError::BadChunk(chunk)),
+        }
+    }
+}
+
+impl Drop for DeviceShared {
+    fn drop(&mut self) {
+        // No lane is left (they hold this struct), so nothing new is queued;
+        // synchronising makes every chunk idle before it is freed.
+        if self.make_current().is_ok() {
+            // SAFETY: the context is current.
+            let synced = unsafe { sys::cuCtxSynchronize() };
+            if synced != sys::CUresult::CUDA_SUCCESS {
+                debug!("{}: cuCtxSynchronize at close: {synced:?}", self.info.name);
+            }
+            for slot in self.chunks.iter() {
+                let ptr = slot.swap(0, Ordering::AcqRel);
+                if ptr != 0 {
+                    // SAFETY: each live allocation is freed once, idle.
+                    let _ = unsafe { sys::cuMemFree_v2(ptr) };
+                }
+            }
+        }
+        // SAFETY: balances the retain in `open`. When this was the last
+        // reference the driver resets the context, which also frees whatever
+        // a lost context could not free above.
+        let released = unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.device) };
+        if released != sys::CUresult::CUDA_SUCCESS {
+            warn!(
+                "{}: releasing the CUDA context: {released:?}",
+                self.info.name
+            );
+        }
+    }
+}

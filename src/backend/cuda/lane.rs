@@ -1,0 +1,412 @@
+//! A CUDA lane: pinned staging memory, a stream of its own and an event
+//! that marks the end of the pending batch, all made once.
+
+use std::ffi::c_void;
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cudarc::driver::sys::{self, CUevent_flags, CUresult, CUstream_flags};
+use tracing::{debug, warn};
+
+use super::conv;
+use super::device::DeviceShared;
+use crate::backend::hostmem::LockedRegion;
+use crate::backend::{BackendError, ChunkId, Lane, TransferOp, CHUNK_SIZE};
+
+/// How long `wait` polls the event before sleeping in the driver (if few
+/// other lanes are polling). A small copy over PCIe is done in a few
+/// microseconds; sleeping and being woken costs more than that.
+const SPIN: Duration = Duration::from_micros(100);
+/// `cuMemHostRegister` takes any range, but whole pages are what the
+/// driver pins, and what `LockedRegion` hands out at the least.
+const STAGING_ALIGN: usize = 4096;
+
+/// Host memory a lane stages through.
+enum Staging {
+    /// Our own locked memory, registered with the driver (see `hostmem`
+    /// for why this is preferred). Unregistered before it is unmapped.
+    Registered(LockedRegion),
+    /// Pinned memory from `cuMemHostAlloc`, where registering failed.
+    Allocated { ptr: NonNull<u8>, len: usize },
+}
+
+impl Staging {
+    fn ptr(&self) -> *mut u8 {
+        match self {
+            Staging::Registered(region) => region.as_ptr(),
+            Staging::Allocated { ptr, .. } => ptr.as_ptr(),
+        }
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        match self {
+            Staging::Registered(region) => region.as_mut_slice(),
+            // SAFETY: `ptr..ptr+len` was allocated by `cuMemHostAlloc` and is
+            // owned by `self`; `&mut self` makes this the only reference.
+            Staging::Allocated { ptr, len } => unsafe {
+                std::slice::from_raw_parts_mut(ptr.as_ptr(), *len)
+            },
+        }
+    }
+}
+
+/// One step of a batch, checked and resolved to addresses.
+enum Step {
+    Upload {
+        dst: sys::CUdeviceptr,
+        src: *const u8,
+        len: usize,
+    },
+    Download {
+        dst: *mut u8,
+        src: sys::CUdeviceptr,
+        len: usize,
+    },
+    Zero {
+        dst: sys::CUdeviceptr,
+        words: usize,
+    },
+}
+
+pub(super) struct CudaLane {
+    shared: Arc<DeviceShared>,
+    stream: sys::CUstream,
+    /// Recorded after each batch; complete once every step before it is.
+    event: sys::CUevent,
+    /// `None` only while building or dropping.
+    staging: Option<Staging>,
+    /// Start of the staging memory; fixed for the lane's life.
+    staging_ptr: *mut u8,
+    staging_len: usize,
+    pending: bool,
+}
+
+// SAFETY: the stream and event handles are only passed to the driver, which
+// accepts them from any thread once the context is current (`bind`); the
+// staging memory is owned by the lane and reached through `&mut self`.
+unsafe impl Send for CudaLane {}
+
+impl CudaLane {
+    pub(super) fn new(shared: Arc<DeviceShared>, staging_len: usize) -> Result<Self, BackendError> {
+        shared.bind()?;
+        let mut lane = CudaLane {
+            shared,
+            stream: std::ptr::null_mut(),
+            event: std::ptr::null_mut(),
+            staging: None,
+            staging_ptr: std::ptr::null_mut(),
+            staging_len,
+            pending: false,
+        };
+        // From here on `Drop` gives back whatever was made.
+        // Non-blocking: the lane's copies must not wait for, nor hold up,
+        // work another library queues on the legacy default stream.
+        let flags = CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
+        // SAFETY: the context is current; the out-pointer is valid.
+        conv::check("cuStreamCreate", unsafe {
+            sys::cuStreamCreate(&mut lane.stream, flags)
+        })
+        .map_err(|e| lane.shared.note(e))?;
+        // No timing: cheaper to record. Blocking sync: past the spin in
+        // `wait`, the thread sleeps instead of polling in the driver.
+        let flags = CUevent_flags::CU_EVENT_DISABLE_TIMING as u32
+            | CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32;
+        // SAFETY: as above.
+        conv::check("cuEventCreate", unsafe {
+            sys::cuEventCreate(&mut lane.event, flags)
+        })
+        .map_err(|e| lane.shared.note(e))?;
+        let staging = lane.create_staging().map_err(|e| lane.shared.note(e))?;
+        lane.staging_ptr = staging.ptr();
+        lane.staging = Some(staging);
+        Ok(lane)
+    }
+
+    /// Our own locked memory, registered with the driver; driver-allocated
+    /// pinned memory where that fails. The context is current.
+    fn create_staging(&self) -> Result<Staging, BackendError> {
+        let len = self.staging_len;
+        match LockedRegion::new(len, STAGING_ALIGN) {
+            Ok(region) => {
+                // SAFETY: the range is a live mapping owned by `region`,
+                // which is unregistered before it is unmapped (`Drop`).
+                let registered = conv::check("cuMemHostRegister_v2", unsafe {
+                    sys::cuMemHostRegister_v2(region.as_ptr() as *mut c_void, region.len(), 0)
+                });
+                match registered {
+                    Ok(()) => return Ok(Staging::Registered(region)),
+                    Err(err) => {
+                        debug!("registering staging memory failed ({err}); using cuMemHostAlloc")
+                    }
+                }
+            }
+            Err(err) => debug!("mapping staging memory failed ({err}); using cuMemHostAlloc"),
+        }
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the context is current; the out-pointer is valid. Freed
+        // with `cuMemFreeHost` in `Drop`.
+        conv::check_host("cuMemHostAlloc", unsafe {
+            sys::cuMemHostAlloc(&mut ptr, len, 0)
+        })?;
+        let ptr = NonNull::new(ptr as *mut u8).ok_or(BackendError::OutOfHostMemory)?;
+        Ok(Staging::Allocated { ptr, len })
+    }
+
+    /// Checks one step against the staging buffer and the chunk, and
+    /// resolves it to addresses. Calls no driver function.
+    fn resolve(&self, op: &TransferOp) -> Result<Step, BackendError> {
+        match *op {
+            TransferOp::Upload {
+                staging_offset,
+                chunk,
+                chunk_offset,
+                len,
+            } => {
+                let (host, dst) = self.copy_ends(staging_offset, chunk, chunk_offset, len)?;
+                Ok(Step::Upload {
+                    dst,
+                    src: host,
+                    len: len as usize,
+                })
+            }
+            TransferOp::Download {
+                staging_offset,
+                chunk,
+                chunk_offset,
+                len,
+            } => {
+                let (host, src) = self.copy_ends(staging_offset, chunk, chunk_offset, len)?;
+                Ok(Step::Download {
+                    dst: host,
+                    src,
+                    len: len as usize,
+                })
+            }
+            TransferOp::Zero {
+                chunk,
+                chunk_offset,
+                len,
+            } => {
+                if chunk_offset % 4 != 0
+                    || len % 4 != 0
+                    || len == 0
+                    || chunk_offset
+                        .checked_add(len)
+                        .is_none_or(|end| end > CHUNK_SIZE)
+                {
+                    return Err(BackendError::OutOfBounds(format!(
+                        "zero {chunk_offset}+{len} in a {CHUNK_SIZE}-byte chunk"
+                    )));
+                }
+                Ok(Step::Zero {
+                    dst: self.shared.chunk_ptr(chunk)? + chunk_offset,
+                    words: (len / 4) as usize,
+                })
+            }
+        }
+    }
+
+    /// The staging and device addresses of a copy, checked to lie inside
+    /// the staging buffer and the chunk.
+    fn copy_ends(
+        &self,
+        staging_offset: usize,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        len: u64,
+    ) -> Result<(*mut u8, sys::CUdeviceptr), BackendError> {
+        let staging_end = (staging_offset as u64).checked_add(len);
+        let chunk_end = chunk_offset.checked_add(len);
+        match (staging_end, chunk_end) {
+            (Some(s), Some(c)) if len > 0 && s <= self.staging_len as u64 && c <= CHUNK_SIZE => {}
+            _ => {
+                return Err(BackendError::OutOfBounds(format!(
+                    "copy of {len} bytes at staging {staging_offset} / chunk {chunk_offset}"
+                )))
+            }
+        }
+        let device = self.shared.chunk_ptr(chunk)? + chunk_offset;
+        // Inside the staging buffer, checked above.
+        Ok((self.staging_ptr.wrapping_add(staging_offset), device))
+    }
+
+    /// Queues one checked step on the lane's stream.
+    fn enqueue(&self, step: Step) -> Result<(), BackendError> {
+        // For each arm: the context is current; `resolve` checked the
+        // addresses to lie inside the pinned staging buffer and a live chunk,
+        // and both stay so until `wait` returns (the store keeps the chunk,
+        // the lane its staging); the stream is the lane's.
+        let (call, result) = match step {
+            Step::Upload { dst, src, len } => {
+                // SAFETY: see above.
+                let result = unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(dst, src as *const c_void, len, self.stream)
+                };
+                ("cuMemcpyHtoDAsync_v2", result)
+            }
+            Step::Download { dst, src, len } => {
+                // SAFETY: see above.
+                let result =
+                    unsafe { sys::cuMemcpyDtoHAsync_v2(dst as *mut c_void, src, len, self.stream) };
+                ("cuMemcpyDtoHAsync_v2", result)
+            }
+            Step::Zero { dst, words } => {
+                // SAFETY: see above; `dst` is 4-byte aligned (chunk bases
+                // are 256-byte aligned, offsets checked multiples of 4).
+                let result = unsafe { sys::cuMemsetD32Async(dst, 0, words, self.stream) };
+                ("cuMemsetD32Async", result)
+            }
+        };
+        conv::check(call, result).map_err(|e| self.shared.note(e))
+    }
+
+    /// After a batch failed halfway: lets what was queued of it finish, so
+    /// that nothing still copies into staging or a chunk once `submit` has
+    /// returned and the caller reuses them.
+    fn drain(&self) {
+        // SAFETY: the stream is the lane's; the context is current.
+        let drained = unsafe { sys::cuStreamSynchronize(self.stream) };
+        if drained != CUresult::CUDA_SUCCESS {
+            let err = self
+                .shared
+                .note(conv::error("cuStreamSynchronize", drained));
+            debug!("draining a failed batch: {err}");
+        }
+    }
+
+    /// Polls the event until `SPIN` has passed since `start`: whether the
+    /// batch is done.
+    fn poll_event(&self, start: Instant) -> Result<bool, BackendError> {
+        loop {
+            // SAFETY: the event is the lane's and was recorded by `submit`.
+            match unsafe { sys::cuEventQuery(self.event) } {
+                CUresult::CUDA_SUCCESS => return Ok(true),
+                CUresult::CUDA_ERROR_NOT_READY => {}
+                other => return Err(self.shared.note(conv::error("cuEventQuery", other))),
+            }
+            if start.elapsed() >= SPIN {
+                return Ok(false);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn wait_event(&self) -> Result<(), BackendError> {
+        self.shared.bind()?;
+        let start = Instant::now();
+        let shared = &self.shared;
+        if shared.spinners.fetch_add(1, Ordering::AcqRel) < shared.max_spinners {
+            let done = self.poll_event(start);
+            shared.spinners.fetch_sub(1, Ordering::AcqRel);
+            if done? {
+                return Ok(());
+            }
+        } else {
+            shared.spinners.fetch_sub(1, Ordering::AcqRel);
+        }
+        // SAFETY: the event is the lane's and was recorded by `submit`. It
+        // was made with blocking sync, so this sleeps until the batch is done.
+        conv::check("cuEventSynchronize", unsafe {
+            sys::cuEventSynchronize(self.event)
+        })
+        .map_err(|e| self.shared.note(e))
+    }
+}
+
+impl Lane for CudaLane {
+    fn staging(&mut self) -> &mut [u8] {
+        let len = self.staging_len;
+        match self.staging.as_mut() {
+            Some(staging) => &mut staging.bytes()[..len],
+            None => &mut [],
+        }
+    }
+
+    fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
+        self.shared.check_alive()?;
+        if self.pending {
+            return Err(BackendError::Busy);
+        }
+        // Every step is checked before any reaches the driver: a batch that
+        // fails its checks moves no byte.
+        for op in ops {
+            self.resolve(op)?;
+        }
+        self.shared.bind()?;
+        for op in ops {
+            if let Err(err) = self.resolve(op).and_then(|step| self.enqueue(step)) {
+                self.drain();
+                return Err(err);
+            }
+        }
+        // SAFETY: event and stream are the lane's; the context is current.
+        let recorded = conv::check("cuEventRecord", unsafe {
+            sys::cuEventRecord(self.event, self.stream)
+        });
+        if let Err(err) = recorded {
+            self.drain();
+            return Err(self.shared.note(err));
+        }
+        self.pending = true;
+        Ok(())
+    }
+
+    fn wait(&mut self) -> Result<(), BackendError> {
+        if !self.pending {
+            return Ok(());
+        }
+        let result = self.wait_event();
+        self.pending = false;
+        result
+    }
+}
+
+impl Drop for CudaLane {
+    fn drop(&mut self) {
+        if self.pending {
+            if let Err(err) = self.wait_event() {
+                warn!("dropping a lane whose batch failed: {err}");
+            }
+        }
+        // Teardown goes on when the device is lost: whatever the driver
+        // still accepts is given back, the rest goes with the context.
+        let current = self.shared.make_current().is_ok();
+        if current {
+            // SAFETY: nothing of this lane is pending any more; handles that
+            // were never made (a half-built lane) are skipped.
+            unsafe {
+                if !self.event.is_null() {
+                    let _ = sys::cuEventDestroy_v2(self.event);
+                }
+                if !self.stream.is_null() {
+                    let _ = sys::cuStreamDestroy_v2(self.stream);
+                }
+            }
+        }
+        match self.staging.take() {
+            Some(Staging::Registered(region)) => {
+                // SAFETY: registered by `create_staging`; no copy uses it any
+                // more. Unregistered before `region` unmaps it.
+                let unregistered = current
+                    && unsafe { sys::cuMemHostUnregister(region.as_ptr() as *mut c_void) }
+                        == CUresult::CUDA_SUCCESS;
+                if unregistered {
+                    drop(region);
+                } else {
+                    // Still registered (a lost context lets go of it only
+                    // when released): keep the pages mapped rather than
+                    // unmap memory the driver may still reach.
+                    std::mem::forget(region);
+                }
+            }
+            Some(Staging::Allocated { ptr, .. }) if current => {
+                // SAFETY: allocated by `cuMemHostAlloc`; no copy uses it.
+                let _ = unsafe { sys::cuMemFreeHost(ptr.as_ptr() as *mut c_void) };
+            }
+            // A lost context frees its pinned memory when it is released.
+            Some(Staging::Allocated { .. }) | None => {}
+        }
+    }
+}

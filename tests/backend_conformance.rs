@@ -1,0 +1,162 @@
+//! The `Backend` and `Lane` contract itself, checked for every backend
+//! named in `VRAMSWAP_TEST_BACKENDS`: the parts the block store relies on
+//! but never provokes, such as refusing a bad step before it reaches the
+//! driver, `Busy`, and the memory limit.
+
+mod common;
+
+use vramswap::backend::{BackendError, ChunkId, Lane, TransferOp, CHUNK_SIZE};
+
+use common::{for_each_backend, open_backend};
+
+const STAGING: usize = 64 << 10;
+
+/// Submits a batch and waits for it: a backend may refuse a bad batch at
+/// either step.
+fn run(lane: &mut dyn Lane, ops: &[TransferOp]) -> Result<(), BackendError> {
+    lane.submit(ops).and_then(|()| lane.wait())
+}
+
+#[test]
+fn bad_steps_are_refused_and_the_lane_stays_usable() {
+    for_each_backend(|kind| {
+        let backend = open_backend(kind, None);
+        let chunk = backend.allocate_chunk().unwrap();
+        let mut lane = backend.create_lane(STAGING).unwrap();
+        assert_eq!(lane.staging().len(), STAGING, "{kind}");
+        let copy = |staging_offset: usize, chunk_offset: u64, len: u64| TransferOp::Upload {
+            staging_offset,
+            chunk,
+            chunk_offset,
+            len,
+        };
+        let fetch = |staging_offset: usize, chunk_offset: u64, len: u64| TransferOp::Download {
+            staging_offset,
+            chunk,
+            chunk_offset,
+            len,
+        };
+        let zero = |chunk_offset: u64, len: u64| TransferOp::Zero {
+            chunk,
+            chunk_offset,
+            len,
+        };
+        for op in [
+            copy(STAGING - 4, 0, 8),
+            fetch(STAGING - 4, 0, 8),
+            copy(0, CHUNK_SIZE - 4, 8),
+            fetch(0, CHUNK_SIZE - 4, 8),
+            copy(usize::MAX - 2, 0, 8),
+            fetch(0, u64::MAX - 2, 8),
+            copy(0, 0, 0),
+            zero(2, 8),
+            zero(0, 6),
+            zero(0, 0),
+            zero(CHUNK_SIZE - 4, 8),
+            zero(u64::MAX - 3, 8),
+        ] {
+            let result = run(&mut *lane, &[op]);
+            assert!(
+                matches!(result, Err(BackendError::OutOfBounds(_))),
+                "{kind}: {op:?}: {result:?}"
+            );
+        }
+        let missing = ChunkId(1 << 30);
+        let result = run(
+            &mut *lane,
+            &[TransferOp::Zero {
+                chunk: missing,
+                chunk_offset: 0,
+                len: 4,
+            }],
+        );
+        assert_eq!(result, Err(BackendError::BadChunk(missing)), "{kind}");
+
+        // A second batch while one is pending is refused; waiting twice is
+        // harmless.
+        lane.submit(&[zero(0, CHUNK_SIZE)]).unwrap();
+        assert_eq!(
+            lane.submit(&[zero(0, 4)]),
+            Err(BackendError::Busy),
+            "{kind}"
+        );
+        lane.wait().unwrap();
+        lane.wait().unwrap();
+
+        // After all that, the lane still moves bytes: a fill, then copies
+        // at odd offsets and lengths over it.
+        let pattern: Vec<u8> = (0..STAGING).map(|i| (i * 7 + 1) as u8).collect();
+        lane.staging().copy_from_slice(&pattern);
+        run(
+            &mut *lane,
+            &[
+                zero(0, CHUNK_SIZE),
+                copy(3, 1001, 5000),
+                copy(9000, CHUNK_SIZE - 333, 333),
+            ],
+        )
+        .unwrap();
+        lane.staging().fill(0xee);
+        run(
+            &mut *lane,
+            &[fetch(0, 0, 8192), fetch(10_000, CHUNK_SIZE - 1000, 1000)],
+        )
+        .unwrap();
+        let staging = lane.staging();
+        let mut want = vec![0u8; 8192];
+        want[1001..6001].copy_from_slice(&pattern[3..5003]);
+        assert!(staging[..8192] == want[..], "{kind}: head of the chunk");
+        assert!(staging[8192..10_000].iter().all(|b| *b == 0xee), "{kind}");
+        let mut want = vec![0u8; 1000];
+        want[667..].copy_from_slice(&pattern[9000..9333]);
+        assert!(
+            staging[10_000..11_000] == want[..],
+            "{kind}: tail of the chunk"
+        );
+
+        // A freed chunk is refused, not written.
+        backend.free_chunk(chunk);
+        let result = run(&mut *lane, &[zero(0, 4)]);
+        assert_eq!(result, Err(BackendError::BadChunk(chunk)), "{kind}");
+    });
+}
+
+#[test]
+fn the_memory_limit_caps_allocation_and_what_is_reported_available() {
+    for_each_backend(|kind| {
+        let backend = open_backend(kind, Some(2 * CHUNK_SIZE));
+        assert_eq!(backend.device().backend, kind);
+        let before = backend.memory();
+        assert!(before.total > 0, "{kind}: {before:?}");
+        assert_eq!(before.available, 2 * CHUNK_SIZE, "{kind}: {before:?}");
+        let a = backend.allocate_chunk().unwrap();
+        let b = backend.allocate_chunk().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(
+            backend.allocate_chunk(),
+            Err(BackendError::OutOfDeviceMemory),
+            "{kind}"
+        );
+        assert_eq!(backend.memory().available, 0, "{kind}");
+        backend.free_chunk(a);
+        assert_eq!(backend.memory().available, CHUNK_SIZE, "{kind}");
+        let c = backend.allocate_chunk().unwrap();
+        // Chunks outlive lanes and go back with the backend.
+        let mut lane = backend.create_lane(STAGING).unwrap();
+        lane.staging()[..4].copy_from_slice(&[1, 2, 3, 4]);
+        run(
+            &mut *lane,
+            &[TransferOp::Upload {
+                staging_offset: 0,
+                chunk: c,
+                chunk_offset: CHUNK_SIZE - 4,
+                len: 4,
+            }],
+        )
+        .unwrap();
+        drop(lane);
+        backend.free_chunk(b);
+        backend.free_chunk(b); // a second free is ignored
+        assert_eq!(backend.memory().available, CHUNK_SIZE, "{kind}");
+    });
+}
