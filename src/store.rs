@@ -896,13 +896,20 @@ impl BlockStore {
         Ok(())
     }
 
-    /// Gives a slot's chunk back to the GPU once no copy is using it.
+    /// Gives a slot's chunk back to the GPU once no copy is using it,
+    /// scrubbed first when it held data (see [`scrub_and_free`]).
     fn free_slot(&self, slot_index: usize) {
         let slot = &self.slots[slot_index];
+        // The lane before the slot's lock, the order every writer takes them.
+        let mut lanes = self.lanes.acquire(1);
         let mut guard = slot.chunk.write().unwrap_or_else(|e| e.into_inner());
-        slot.data.store(0, Ordering::Release);
+        let held_data = slot.data.swap(0, Ordering::AcqRel) != 0;
         if let Some(chunk) = guard.take() {
-            self.backend.free_chunk(chunk);
+            if held_data {
+                scrub_and_free(&*self.backend, lanes.first(), &[chunk]);
+            } else {
+                self.backend.free_chunk(chunk);
+            }
             self.chunks_allocated.fetch_sub(1, Ordering::Relaxed);
             debug!(slot = slot_index, ?chunk, "chunk freed");
         }
@@ -996,13 +1003,43 @@ fn read_lock(lock: &RwLock<Option<ChunkId>>) -> RwLockReadGuard<'_, Option<Chunk
     lock.read().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Drop for BlockStore {
-    fn drop(&mut self) {
-        for slot in self.slots.iter_mut() {
-            if let Some(chunk) = slot.chunk.get_mut().ok().and_then(Option::take) {
-                self.backend.free_chunk(chunk);
+/// Zeroes chunks on the GPU, then gives them back: VRAM we hand back to
+/// the driver never carries swapped-out pages to its next user, whatever the
+/// driver does (neither Vulkan nor CUDA promises to clear memory between
+/// processes). A failed scrub (a lost device) still frees the chunks; it is
+/// logged, and a lost device is torn down by its driver anyway.
+fn scrub_and_free(backend: &dyn Backend, lane: &mut dyn Lane, chunks: &[ChunkId]) {
+    let mut scrubbing = true;
+    for batch in chunks.chunks(64) {
+        let zeroes: ArrayVec<TransferOp, 64> = batch
+            .iter()
+            .map(|&chunk| TransferOp::Zero {
+                chunk,
+                chunk_offset: 0,
+                len: CHUNK_SIZE,
+            })
+            .collect();
+        if scrubbing {
+            if let Err(err) = lane.submit(&zeroes).and_then(|()| lane.wait()) {
+                warn!(%err, "could not scrub VRAM before freeing it; freeing it as it is");
+                scrubbing = false;
             }
         }
+        for &chunk in batch {
+            backend.free_chunk(chunk);
+        }
+    }
+}
+
+impl Drop for BlockStore {
+    fn drop(&mut self) {
+        let chunks: Vec<ChunkId> = self
+            .slots
+            .iter_mut()
+            .filter_map(|slot| slot.chunk.get_mut().ok().and_then(Option::take))
+            .collect();
+        let mut lanes = self.lanes.acquire(1);
+        scrub_and_free(&*self.backend, lanes.first(), &chunks);
     }
 }
 

@@ -446,3 +446,86 @@ fn every_chunk_is_zeroed_on_the_gpu_when_allocated_over_old_data() {
         drop(second);
     });
 }
+
+/// Reads every chunk back through a raw lane as it is freed, and counts
+/// those that still held data: what the next user of that VRAM would see.
+struct FreesInspected {
+    inner: Arc<dyn vramswap::backend::Backend>,
+    freed: std::sync::atomic::AtomicU64,
+    freed_with_data: std::sync::atomic::AtomicU64,
+}
+
+impl vramswap::backend::Backend for FreesInspected {
+    fn device(&self) -> &vramswap::backend::DeviceInfo {
+        self.inner.device()
+    }
+    fn memory(&self) -> vramswap::backend::MemoryReport {
+        self.inner.memory()
+    }
+    fn allocate_chunk(
+        &self,
+    ) -> Result<vramswap::backend::ChunkId, vramswap::backend::BackendError> {
+        self.inner.allocate_chunk()
+    }
+    fn free_chunk(&self, chunk: vramswap::backend::ChunkId) {
+        let mut lane = self.inner.create_lane(CHUNK_SIZE as usize).unwrap();
+        lane.submit(&[vramswap::backend::TransferOp::Download {
+            staging_offset: 0,
+            chunk,
+            chunk_offset: 0,
+            len: CHUNK_SIZE,
+        }])
+        .unwrap();
+        lane.wait().unwrap();
+        self.freed.fetch_add(1, Ordering::Relaxed);
+        if lane.staging().iter().any(|b| *b != 0) {
+            self.freed_with_data.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.free_chunk(chunk)
+    }
+    fn create_lane(
+        &self,
+        staging_bytes: usize,
+    ) -> Result<Box<dyn vramswap::backend::Lane>, vramswap::backend::BackendError> {
+        self.inner.create_lane(staging_bytes)
+    }
+}
+
+#[test]
+fn vram_is_scrubbed_before_it_goes_back_to_the_driver() {
+    // Neither Vulkan nor CUDA promises to clear memory between processes:
+    // a trimmed chunk and the whole device at close are zeroed first.
+    for_each_backend(|kind| {
+        for allocation in [AllocationPolicy::Lazy, AllocationPolicy::Eager] {
+            let gpu = Arc::new(FreesInspected {
+                inner: open_backend(kind, None),
+                freed: Default::default(),
+                freed_with_data: Default::default(),
+            });
+            let store = BlockStore::open(gpu.clone(), &config(16 * MIB, allocation)).unwrap();
+            let data = pattern(5, 2 * CHUNK_SIZE as usize);
+            store.write(&data, 0).unwrap();
+            // A whole trimmed chunk goes back at once with lazy allocation.
+            store.zero(0, CHUNK_SIZE).unwrap();
+            let after_trim = gpu.freed.load(Ordering::Relaxed);
+            drop(store);
+            let expected_at_trim = u64::from(allocation == AllocationPolicy::Lazy);
+            assert_eq!(after_trim, expected_at_trim, "{kind} {allocation:?}");
+            let all = if allocation == AllocationPolicy::Lazy {
+                2
+            } else {
+                4
+            };
+            assert_eq!(
+                gpu.freed.load(Ordering::Relaxed),
+                all,
+                "{kind} {allocation:?}"
+            );
+            assert_eq!(
+                gpu.freed_with_data.load(Ordering::Relaxed),
+                0,
+                "{kind} {allocation:?}: VRAM freed with data in it"
+            );
+        }
+    });
+}
