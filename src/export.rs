@@ -26,7 +26,7 @@ allocation=eager|lazy    take all VRAM at start (default; swap never finds
                          the GPU full) or a 4M chunk at its first write
 lanes=N                  pinned staging buffers (default 64)
 staging=SIZE             bytes per staging buffer, a multiple of 64K up to
-                         4M (default 1M)
+                         4M (default 2M)
 The preferred I/O size is 64K (one block); any offset and length work.";
 
 /// A refused parameter: names the key and the value.
@@ -223,7 +223,7 @@ mod tests {
         let config = parse(&[]).unwrap().store_config();
         assert_eq!(config.size, SizeSpec::Auto { reserve: 256 << 20 });
         assert_eq!(config.allocation, AllocationPolicy::Eager);
-        assert_eq!((config.lanes, config.staging_bytes), (64, 1 << 20));
+        assert_eq!((config.lanes, config.staging_bytes), (64, 2 << 20));
     }
 
     #[test]
