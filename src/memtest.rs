@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::backend::selftest::{
-    BadWord, Pattern, TestChunk, MAX_BAD_WORDS, MAX_CHUNKS_PER_STEP, WORDS_PER_CHUNK,
+    BadWord, Pattern, TestChunk, TestOp, MAX_BAD_WORDS, MAX_CHUNKS_PER_STEP, WORDS_PER_CHUNK,
 };
 use crate::backend::{
     Backend, BackendError, BackendKind, ChunkId, BLOCKS_PER_CHUNK, BLOCK_SIZE, CHUNK_SIZE,
@@ -63,9 +63,13 @@ pub struct MemtestProgress {
     /// Bytes swept so far (each sweep counts the area once).
     pub bytes_done: u64,
     pub bytes_total: u64,
+    /// Bytes of the area: one sweep.
+    pub size: u64,
     /// 1-based.
     pub pass: u32,
     pub pattern: Pattern,
+    /// What the current sweep does.
+    pub op: TestOp,
     /// Mismatching words so far.
     pub mismatches: u64,
     pub elapsed: Duration,
@@ -210,8 +214,10 @@ pub fn run(
                     progress(&MemtestProgress {
                         bytes_done,
                         bytes_total,
+                        size,
                         pass: pass + 1,
                         pattern,
+                        op: step.op,
                         mismatches,
                         elapsed: start.elapsed(),
                     });

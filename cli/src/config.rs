@@ -58,6 +58,8 @@ pub struct Settings {
     pub discard: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memtest: Option<bool>,
 }
 
 /// Where a setting came from, for error messages.
@@ -104,6 +106,7 @@ impl Settings {
             plugin: pick(&self.plugin, &over.plugin),
             discard: pick(&self.discard, &over.discard),
             timeout: pick(&self.timeout, &over.timeout),
+            memtest: pick(&self.memtest, &over.memtest),
         }
     }
 
@@ -161,6 +164,7 @@ impl Settings {
             plugin: self.plugin.clone(),
             discard: self.discard.unwrap_or(true),
             timeout: Duration::from_secs(self.timeout.unwrap_or(300)),
+            memtest: self.memtest.unwrap_or(false),
             settings: self.clone(),
         })
     }
@@ -329,6 +333,7 @@ device = \"1\"
 allocation = \"lazy\"
 size = \"32G\"
 discard = false
+memtest = true
 ";
 
     #[test]
@@ -350,6 +355,7 @@ discard = false
         assert_eq!(options.export.size, Some(32 << 30));
         assert_eq!(options.export.allocation, vramswap::AllocationPolicy::Lazy);
         assert!(!options.discard);
+        assert!(options.memtest);
         assert_eq!(
             (options.priority, options.connections, options.threads),
             (50, 4, 16)

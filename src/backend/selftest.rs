@@ -145,6 +145,14 @@ pub enum TestOp {
 }
 
 impl TestOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            TestOp::Fill => "fill",
+            TestOp::Check => "check",
+            TestOp::CheckInvert => "check+invert",
+        }
+    }
+
     /// Whether the step writes the chunks.
     pub fn writes(self) -> bool {
         matches!(self, TestOp::Fill | TestOp::CheckInvert)
