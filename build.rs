@@ -9,14 +9,15 @@ use std::path::PathBuf;
 const SHADERS: &[&str] = &["memtest"];
 
 fn compile(name: &str, source: &str) -> Result<Vec<u32>, String> {
+    let path = format!("shaders/{name}.wgsl");
     let module = naga::front::wgsl::parse_str(source)
-        .map_err(|e| e.emit_to_string_with_path(source, &format!("shaders/{name}.wgsl")))?;
+        .map_err(|e| e.emit_to_string_with_path(source, &path))?;
     let info = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
         naga::valid::Capabilities::PUSH_CONSTANT,
     )
     .validate(&module)
-    .map_err(|e| e.emit_to_string_with_path(source, &format!("shaders/{name}.wgsl")))?;
+    .map_err(|e| e.emit_to_string_with_path(source, &path))?;
     let options = naga::back::spv::Options {
         // SPIR-V 1.0: every Vulkan 1.1 driver takes it.
         lang_version: (1, 0),

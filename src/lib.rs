@@ -17,6 +17,7 @@
 //! ```
 
 pub mod backend;
+mod checksum;
 pub mod export;
 pub mod memtest;
 pub mod size;

@@ -239,6 +239,11 @@ pub struct StartArgs {
     /// Do not let the kernel discard freed swap pages.
     #[arg(long)]
     pub no_discard: bool,
+    /// Checksum every 64 KiB block on write and check it on read: a block
+    /// whose VRAM changed fails its read with EIO instead of handing a
+    /// process corrupt memory (the plugin's verify=on).
+    #[arg(long)]
+    pub verify: bool,
     /// Test the VRAM first (one quick pass of memtest over the size to
     /// serve) and refuse to start on bad memory.
     #[arg(long)]

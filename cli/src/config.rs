@@ -59,6 +59,8 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub memtest: Option<bool>,
 }
 
@@ -106,6 +108,7 @@ impl Settings {
             plugin: pick(&self.plugin, &over.plugin),
             discard: pick(&self.discard, &over.discard),
             timeout: pick(&self.timeout, &over.timeout),
+            verify: pick(&self.verify, &over.verify),
             memtest: pick(&self.memtest, &over.memtest),
         }
     }
@@ -116,12 +119,16 @@ impl Settings {
     pub fn to_options(&self, name: &str, origin: &Origin) -> Result<StartOptions> {
         crate::state::check_name(name)?;
         let mut export = ExportConfig::default();
+        let verify = self
+            .verify
+            .map(|on| if on { "on" } else { "off" }.to_string());
         for (key, value) in [
             ("backend", &self.backend),
             ("device", &self.device),
             ("size", &self.size),
             ("reserve", &self.reserve),
             ("allocation", &self.allocation),
+            ("verify", &verify),
         ] {
             if let Some(value) = value {
                 export.set(key, value).map_err(|e| {
@@ -333,6 +340,7 @@ device = \"1\"
 allocation = \"lazy\"
 size = \"32G\"
 discard = false
+verify = true
 memtest = true
 ";
 
@@ -355,7 +363,7 @@ memtest = true
         assert_eq!(options.export.size, Some(32 << 30));
         assert_eq!(options.export.allocation, vramswap::AllocationPolicy::Lazy);
         assert!(!options.discard);
-        assert!(options.memtest);
+        assert!(options.export.verify && options.memtest);
         assert_eq!(
             (options.priority, options.connections, options.threads),
             (50, 4, 16)

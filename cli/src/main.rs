@@ -48,6 +48,7 @@ impl StartArgs {
             plugin: self.plugin.clone(),
             discard: self.no_discard.then_some(false),
             timeout: self.timeout,
+            verify: self.verify.then_some(true),
             memtest: self.memtest.then_some(true),
         }
     }

@@ -812,6 +812,16 @@ mod tests {
     }
 
     #[test]
+    fn verify_reaches_the_plugin_as_verify_on() {
+        let mut system = machine();
+        let mut opts = options();
+        opts.export.set("verify", "on").unwrap();
+        let (_, plan) = preflight(&mut system, &gpus(), &opts, false);
+        let server = plan.unwrap().describe(Step::StartServer);
+        assert!(server.ends_with("size=8589934592 verify=on"), "{server}");
+    }
+
+    #[test]
     fn a_full_start_runs_every_step_and_records_state() {
         let mut system = machine();
         with_server(&mut system);
