@@ -7,9 +7,8 @@ mod common;
 
 use std::sync::Arc;
 
-use vramswap::backend::faulty::{FaultPlan, FaultyBackend};
 use vramswap::backend::selftest::{Fill, TestChunk, TestOp, TestStep, WORDS_PER_CHUNK};
-use vramswap::backend::{TransferOp, BLOCK_SIZE, CHUNK_SIZE};
+use vramswap::backend::{TransferOp, CHUNK_SIZE};
 use vramswap::memtest::{self, MemtestConfig, MemtestError};
 
 use common::{for_each_backend, open_backend, Counting};
@@ -126,8 +125,12 @@ fn clean_memory_passes_every_pattern_over_several_passes() {
     });
 }
 
+/// Needs `--features fault-injection` (scripts/test-all passes it).
+#[cfg(feature = "fault-injection")]
 #[test]
 fn a_stuck_bit_is_reported_in_exactly_its_block() {
+    use vramswap::backend::faulty::{FaultPlan, FaultyBackend};
+    use vramswap::backend::BLOCK_SIZE;
     for_each_backend(|kind| {
         // 18 chunks: two batches of steps; the bit is in the second.
         // Word 5 * 16384 + 123 has bit 8 clear in the address pattern, so
