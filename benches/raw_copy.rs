@@ -6,7 +6,12 @@
 //!                                 [--seconds 2] [--csv FILE]
 //!                                 [--lanes 64] [--staging 1M]
 //!                                 [--requests 4M,64K] [--threads 1,4,16]
+//!                                 [--verify]
 //! ```
+//!
+//! `--verify` runs the store with block checksums on (`verify=on`): the
+//! same figures with a CRC32C computed per 64 KiB block on write and
+//! checked on read; compare with a run without it on the same machine.
 //!
 //! The ceiling moves whole 4 MiB chunks between the backend's own pinned
 //! staging buffers and VRAM, no host copy at all, several batches in
@@ -84,6 +89,7 @@ fn parse_args() -> Args {
                     .unwrap_or_else(|e| die(&format!("--staging: {e}")))
                     as usize
             }
+            "--verify" => args.store.verify = true,
             "--bench" => {} // cargo bench passes this
             other => die(&format!("unknown argument {other}")),
         }
@@ -382,6 +388,15 @@ fn main() {
         offset += CHUNK_SIZE;
     }
 
+    println!(
+        "store: verify={} (block checksums {})",
+        if args.store.verify { "on" } else { "off" },
+        if args.store.verify {
+            "computed on write, checked on read"
+        } else {
+            "off"
+        }
+    );
     let mut csv = String::from(
         "backend,device,direction,request_bytes,threads,gb_per_s,ceiling_gb_per_s,ratio\n",
     );

@@ -26,7 +26,11 @@ allocation=eager|lazy    take all VRAM at start (default; swap never finds
                          the GPU full) or a 4M chunk at its first write
 lanes=N                  pinned staging buffers (default 64)
 staging=SIZE             bytes per staging buffer, a multiple of 64K up to
-                         4M (default 2M)
+                         4M (default 2M; at least 192K with verify=on)
+verify=on|off            checksum (CRC32C) every 64K block on write and check
+                         it on read: a block whose VRAM changed fails its
+                         read with EIO instead of returning bad data
+                         (default off)
 The preferred I/O size is 64K (one block); any offset and length work.";
 
 /// A refused parameter: names the key and the value.
@@ -52,6 +56,7 @@ pub struct ExportConfig {
     pub allocation: AllocationPolicy,
     pub lanes: usize,
     pub staging: usize,
+    pub verify: bool,
     /// Each `key=value` as given, for messages that quote the user.
     given: Vec<(String, String)>,
 }
@@ -66,6 +71,7 @@ impl Default for ExportConfig {
             allocation: AllocationPolicy::Eager,
             lanes: DEFAULT_LANES,
             staging: DEFAULT_STAGING,
+            verify: false,
             given: Vec::new(),
         }
     }
@@ -126,6 +132,13 @@ impl ExportConfig {
                 }
                 self.staging = bytes as usize;
             }
+            "verify" => {
+                self.verify = match value.to_ascii_lowercase().as_str() {
+                    "on" | "true" | "yes" | "1" => true,
+                    "off" | "false" | "no" | "0" => false,
+                    _ => return Err(bad("expected on or off".into())),
+                }
+            }
             _ => {
                 return Err(ConfigError(format!(
                     "unknown parameter '{key}' (see: nbdkit vramswap --help)"
@@ -151,6 +164,13 @@ impl ExportConfig {
                 "size={} and reserve={} exclude each other: reserve only applies when the size is automatic",
                 ByteSize(size),
                 ByteSize(reserve)
+            )));
+        }
+        if self.verify && (self.staging as u64) < 3 * BLOCK_SIZE {
+            return Err(ConfigError(format!(
+                "staging={} is too small for verify=on: it needs at least {}",
+                ByteSize(self.staging as u64),
+                ByteSize(3 * BLOCK_SIZE)
             )));
         }
         Ok(())
@@ -187,6 +207,9 @@ impl ExportConfig {
         if self.staging != defaults.staging {
             args.push(format!("staging={}", self.staging));
         }
+        if self.verify {
+            args.push("verify=on".into());
+        }
         args
     }
 
@@ -201,6 +224,7 @@ impl ExportConfig {
             allocation: self.allocation,
             lanes: self.lanes,
             staging_bytes: self.staging,
+            verify: self.verify,
         }
     }
 }
@@ -224,6 +248,7 @@ mod tests {
         assert_eq!(config.size, SizeSpec::Auto { reserve: 256 << 20 });
         assert_eq!(config.allocation, AllocationPolicy::Eager);
         assert_eq!((config.lanes, config.staging_bytes), (64, 2 << 20));
+        assert!(!config.verify);
     }
 
     #[test]
@@ -235,6 +260,7 @@ mod tests {
             ("allocation", "lazy"),
             ("lanes", "16"),
             ("staging", "256K"),
+            ("verify", "on"),
         ])
         .unwrap();
         assert_eq!(config.backend, Some(BackendKind::Vulkan));
@@ -243,6 +269,7 @@ mod tests {
         assert_eq!(store.size, SizeSpec::Bytes(8 << 30));
         assert_eq!(store.allocation, AllocationPolicy::Lazy);
         assert_eq!((store.lanes, store.staging_bytes), (16, 256 << 10));
+        assert!(store.verify);
         let auto = parse(&[("reserve", "1G")]).unwrap().store_config();
         assert_eq!(auto.size, SizeSpec::Auto { reserve: 1 << 30 });
     }
@@ -268,6 +295,7 @@ mod tests {
                 "staging=100K: must be a multiple of 64 KiB",
             ),
             ("device", " ", "device= : empty value"),
+            ("verify", "maybe", "verify=maybe: expected on or off"),
             ("colour", "blue", "unknown parameter 'colour'"),
         ] {
             let err = parse(&[(key, value)]).unwrap_err().to_string();
@@ -290,7 +318,8 @@ mod tests {
                 ("reserve", "1G"),
                 ("allocation", "lazy"),
                 ("lanes", "8"),
-                ("staging", "64K"),
+                ("staging", "256K"),
+                ("verify", "on"),
             ],
         ] {
             let config = parse(&pairs).unwrap();
@@ -307,6 +336,8 @@ mod tests {
     fn conflicting_and_repeated_keys_are_refused() {
         let err = parse(&[("size", "1G"), ("reserve", "1G")]).unwrap_err();
         assert!(err.to_string().contains("exclude each other"), "{err}");
+        let err = parse(&[("verify", "on"), ("staging", "128K")]).unwrap_err();
+        assert!(err.to_string().contains("too small for verify=on"), "{err}");
         let err = parse(&[("size", "1G"), ("size", "2G")]).unwrap_err();
         assert_eq!(err.to_string(), "size= is given more than once");
     }

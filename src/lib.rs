@@ -17,11 +17,14 @@
 //! ```
 
 pub mod backend;
+mod checksum;
 pub mod export;
+pub mod memtest;
 pub mod size;
 pub mod store;
 
 pub use backend::{Backend, BackendError, BackendKind, DeviceInfo, DeviceSelector};
 pub use export::ExportConfig;
+pub use memtest::{MemtestConfig, MemtestError, MemtestReport};
 pub use size::{parse_size, ByteSize, SizeError};
 pub use store::{AllocationPolicy, BlockStore, SizeSpec, StoreConfig, StoreError, StoreStats};

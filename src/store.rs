@@ -14,6 +14,15 @@
 //!
 //! No heap allocation happens on the I/O path: staging lanes are made at
 //! open, and per-request state lives on the stack.
+//!
+//! With `verify` on, every block has a CRC32C in host RAM (see
+//! [`crate::checksum`]): set from the caller's bytes as they are copied
+//! into staging, updated from the old and new bytes of the range on a
+//! partial write (the old ones are downloaded in the same batch, before the
+//! upload, into the last two blocks of the lane's staging), and checked
+//! over the whole block on every read that downloads it. A block that
+//! fails fails its read with EIO and is logged and counted. Blocks that
+//! hold no data read as zeros without the GPU, so they need no checksum.
 
 use std::fmt;
 use std::str::FromStr;
@@ -28,6 +37,7 @@ use crate::backend::{
     copy_to_staging, Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, TransferOp,
     BLOCKS_PER_CHUNK, BLOCK_SIZE, CHUNK_SIZE,
 };
+use crate::checksum::{self, Checksums};
 use crate::size::ByteSize;
 
 /// VRAM left to other users when the size is automatic.
@@ -47,6 +57,9 @@ pub const DEFAULT_STAGING: usize = 2 << 20;
 /// 15–50 µs after submit even when tiny; with four in flight the copy into
 /// staging, not that latency, sets the pace of a large request.
 const MAX_DEPTH: usize = 4;
+/// Times a read is retried when a block fails its check while a write to
+/// it was in flight: each retry first waits for the writers to finish.
+const MAX_TORN_READS: usize = 64;
 
 /// How big the device is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,8 +119,11 @@ pub struct StoreConfig {
     pub allocation: AllocationPolicy,
     /// Staging lanes (pinned buffers with their command contexts).
     pub lanes: usize,
-    /// Bytes per lane: a multiple of [`BLOCK_SIZE`], at most [`CHUNK_SIZE`].
+    /// Bytes per lane: a multiple of [`BLOCK_SIZE`], at most [`CHUNK_SIZE`]
+    /// (and at least 3 blocks with `verify`).
     pub staging_bytes: usize,
+    /// Checksum every block on write and check it on read.
+    pub verify: bool,
 }
 
 impl Default for StoreConfig {
@@ -117,6 +133,7 @@ impl Default for StoreConfig {
             allocation: AllocationPolicy::default(),
             lanes: DEFAULT_LANES,
             staging_bytes: DEFAULT_STAGING,
+            verify: false,
         }
     }
 }
@@ -149,6 +166,10 @@ pub enum StoreError {
     NoSpace,
     #[error("the device has failed and serves no more requests: {0}")]
     Failed(String),
+    #[error("checksum mismatch in the 64 KiB block at offset {offset:#x}: its VRAM changed after it was written")]
+    Checksum { offset: u64 },
+    #[error("the 64 KiB block at offset {offset:#x} kept changing while it was read")]
+    Unsettled { offset: u64 },
     #[error("{0}")]
     Backend(BackendError),
 }
@@ -161,7 +182,10 @@ impl StoreError {
             StoreError::NoSpace => libc::ENOSPC,
             StoreError::TooLarge { .. } | StoreError::NothingLeft { .. } => libc::ENOSPC,
             StoreError::TooSmall(_) => libc::EINVAL,
-            StoreError::Failed(_) | StoreError::Backend(_) => libc::EIO,
+            StoreError::Failed(_)
+            | StoreError::Backend(_)
+            | StoreError::Checksum { .. }
+            | StoreError::Unsettled { .. } => libc::EIO,
         }
     }
 }
@@ -253,6 +277,10 @@ pub struct StoreStats {
     pub blocks_with_data: u64,
     /// Why the store stopped serving, if it did.
     pub failure: Option<String>,
+    /// Whether blocks are checksummed.
+    pub verify: bool,
+    /// Reads of blocks that failed their checksum.
+    pub checksum_errors: u64,
 }
 
 /// A byte-addressed device in VRAM. Safe to share between threads.
@@ -265,6 +293,9 @@ pub struct BlockStore {
     chunks_allocated: AtomicU64,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
+    /// `verify`: a checksum per block, indexed `slot * 64 + block`.
+    checksums: Option<Checksums>,
+    checksum_errors: AtomicU64,
     /// Wakes writers waiting for another writer to finish zeroing a block.
     init_lock: Mutex<()>,
     init_done: Condvar,
@@ -337,10 +368,59 @@ struct Pending {
     piece: Piece,
     /// Reads: blocks that were downloaded and must be copied out.
     download_bits: u64,
+    /// Reads: the chunk offset that staging byte 0 holds (the piece's
+    /// start, or with `verify` the start of its first block).
+    staging_origin: u64,
     /// Writes: blocks that hold data once the batch is done.
     set_bits: u64,
     /// Writes: busy bits this request holds, cleared when done.
     busy_bits: u64,
+    /// `verify` only: see [`Sums`].
+    sums: Sums,
+}
+
+/// A piece's checksum work (`verify`), carried from submit to finish.
+#[derive(Debug, Clone, Copy)]
+struct Sums {
+    /// Writes: the new checksum of each whole block, by block in the chunk;
+    /// reads: each downloaded block's write sequence before the download.
+    per_block: [u32; BLOCKS_PER_CHUNK],
+    /// Writes: the blocks written in part.
+    partial: [Option<PartialBlock>; 2],
+}
+
+impl Default for Sums {
+    fn default() -> Self {
+        Sums {
+            per_block: [0; BLOCKS_PER_CHUNK],
+            partial: [None; 2],
+        }
+    }
+}
+
+/// A block a write covers only in part.
+#[derive(Debug, Clone, Copy)]
+struct PartialBlock {
+    block: usize,
+    /// The written range, as chunk offsets.
+    from: u64,
+    to: u64,
+    /// Raw CRC of the new bytes of the range.
+    new: u32,
+    /// Where the old bytes of the range were downloaded in staging, or
+    /// `None` when the block was zeroed in this batch (no old bytes).
+    old_at: Option<usize>,
+}
+
+/// How the checksums of a read came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Verdict {
+    Clean,
+    /// A block failed while a write to it was in flight: read it again.
+    Torn,
+    /// A block failed with no write near it: its VRAM changed. The device
+    /// offset of the first such block.
+    Corrupt(u64),
 }
 
 /// Where bytes come from in a write.
@@ -395,7 +475,18 @@ impl BlockStore {
                 busy: AtomicU64::new(0),
             })
             .collect();
-        let lanes = LanePool::new(backend.as_ref(), config.lanes, config.staging_bytes)?;
+        if config.verify && (config.staging_bytes as u64) < 3 * BLOCK_SIZE {
+            return Err(StoreError::Config(format!(
+                "verify needs staging buffers of at least {}: two blocks of each hold the old bytes of partial writes",
+                ByteSize(3 * BLOCK_SIZE)
+            )));
+        }
+        let lanes = LanePool::new(
+            backend.as_ref(),
+            config.lanes,
+            config.staging_bytes,
+            config.verify,
+        )?;
         let store = BlockStore {
             backend,
             size: resolved.bytes,
@@ -405,6 +496,10 @@ impl BlockStore {
             chunks_allocated: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
+            checksums: config
+                .verify
+                .then(|| Checksums::new(chunk_count * BLOCKS_PER_CHUNK)),
+            checksum_errors: AtomicU64::new(0),
             init_lock: Mutex::new(()),
             init_done: Condvar::new(),
         };
@@ -414,6 +509,7 @@ impl BlockStore {
             allocation = %store.policy,
             lanes = config.lanes,
             staging = %ByteSize(config.staging_bytes as u64),
+            verify = config.verify,
             "block store ready to allocate"
         );
         if store.policy == AllocationPolicy::Eager {
@@ -451,6 +547,8 @@ impl BlockStore {
                 .map(|s| u64::from(s.data.load(Ordering::Relaxed).count_ones()))
                 .sum(),
             failure: self.failure(),
+            verify: self.checksums.is_some(),
+            checksum_errors: self.checksum_errors.load(Ordering::Relaxed),
         }
     }
 
@@ -477,17 +575,33 @@ impl BlockStore {
             let slot = &self.slots[slot_index];
             let guard = read_lock(&slot.chunk);
             let out = &mut buf[done..done + len as usize];
-            let result = match *guard {
-                None => {
-                    out.fill(0);
-                    Ok(())
+            let mut result = Ok(Verdict::Clean);
+            for _ in 0..MAX_TORN_READS {
+                result = match *guard {
+                    None => {
+                        out.fill(0);
+                        Ok(Verdict::Clean)
+                    }
+                    Some(chunk) => self.read_segment(&mut lanes, slot_index, chunk, start, out),
+                };
+                if result != Ok(Verdict::Torn) {
+                    break;
                 }
-                Some(chunk) => self.read_segment(&mut lanes, slot_index, chunk, start, out),
-            };
+                self.wait_for_writers(slot_index, start, len);
+            }
             // Every copy into this chunk is finished before its lock goes.
             let drained = lanes.drain();
             drop(guard);
-            self.outcome(result.and(drained))?;
+            match result.and_then(|verdict| drained.map(|()| verdict)) {
+                Ok(Verdict::Clean) => {}
+                Ok(Verdict::Corrupt(offset)) => return Err(StoreError::Checksum { offset }),
+                Ok(Verdict::Torn) => {
+                    return Err(StoreError::Unsettled {
+                        offset: offset + done as u64,
+                    })
+                }
+                Err(err) => self.outcome(Err(err))?,
+            }
             done += len as usize;
         }
         Ok(())
@@ -618,7 +732,7 @@ impl BlockStore {
     /// About how many lane-sized pieces a request splits into.
     fn piece_count(&self, offset: u64, len: u64) -> usize {
         let first = offset / BLOCK_SIZE * BLOCK_SIZE;
-        (offset + len - first).div_ceil(self.lanes.staging_bytes) as usize
+        (offset + len - first).div_ceil(self.lanes.piece_bytes) as usize
     }
 
     /// The chunk holding `pos`, the offset in it and how much of `remaining`
@@ -634,7 +748,7 @@ impl BlockStore {
     /// on block boundaries, so only a request's first and last block can be
     /// partial.
     fn pieces(&self, slot: usize, start: u64, len: u64) -> impl Iterator<Item = Piece> {
-        let staging = self.lanes.staging_bytes;
+        let staging = self.lanes.piece_bytes;
         let end = start + len;
         let mut pos = start;
         std::iter::from_fn(move || {
@@ -654,6 +768,8 @@ impl BlockStore {
         })
     }
 
+    /// Reads one chunk's part of a request; with `verify`, says whether
+    /// every downloaded block passed its check.
     fn read_segment(
         &self,
         lanes: &mut Lanes<'_>,
@@ -661,10 +777,12 @@ impl BlockStore {
         chunk: ChunkId,
         start: u64,
         out: &mut [u8],
-    ) -> Result<(), BackendError> {
-        let submitted = self.read_pieces(lanes, slot_index, chunk, start, out);
-        let finished = lanes.finish_all(|pending, lane, ok| finish_read(pending, lane, ok, out));
-        submitted.and(finished)
+    ) -> Result<Verdict, BackendError> {
+        let mut verdict = Verdict::Clean;
+        let submitted = self.read_pieces(lanes, slot_index, chunk, start, out, &mut verdict);
+        let finished = lanes
+            .finish_all(|pending, lane, ok| self.finish_read(pending, lane, ok, out, &mut verdict));
+        submitted.and(finished).map(|()| verdict)
     }
 
     fn read_pieces(
@@ -674,11 +792,20 @@ impl BlockStore {
         chunk: ChunkId,
         start: u64,
         out: &mut [u8],
+        verdict: &mut Verdict,
     ) -> Result<(), BackendError> {
         let slot = &self.slots[slot_index];
         for piece in self.pieces(slot_index, start, out.len() as u64) {
-            let lane = lanes.next_free(|pending, lane, ok| finish_read(pending, lane, ok, out))?;
+            let lane = lanes
+                .next_free(|pending, lane, ok| self.finish_read(pending, lane, ok, out, verdict))?;
             let bits = slot.data.load(Ordering::Acquire) & piece.block_mask();
+            // With verify, whole blocks are downloaded (the checksum covers
+            // the block), from the first block's start.
+            let origin = match self.checksums {
+                Some(_) => piece.first_block() as u64 * BLOCK_SIZE,
+                None => piece.start,
+            };
+            let mut sums = Sums::default();
             let mut ops: ArrayVec<TransferOp, BLOCKS_PER_CHUNK> = ArrayVec::new();
             let mut block = piece.first_block();
             while block <= piece.last_block() {
@@ -690,8 +817,18 @@ impl BlockStore {
                 let from = (run_start as u64 * BLOCK_SIZE).max(piece.start);
                 let to = (block as u64 * BLOCK_SIZE).min(piece.start + piece.len);
                 if holds {
+                    let (from, to) = match &self.checksums {
+                        Some(checksums) => {
+                            for b in run_start..block {
+                                sums.per_block[b] =
+                                    checksums.snapshot(slot_index * BLOCKS_PER_CHUNK + b);
+                            }
+                            (run_start as u64 * BLOCK_SIZE, block as u64 * BLOCK_SIZE)
+                        }
+                        None => (from, to),
+                    };
                     ops.push(TransferOp::Download {
-                        staging_offset: (from - piece.start) as usize,
+                        staging_offset: (from - origin) as usize,
                         chunk,
                         chunk_offset: from,
                         len: to - from,
@@ -708,13 +845,85 @@ impl BlockStore {
                     Pending {
                         piece,
                         download_bits: bits,
+                        staging_origin: origin,
                         set_bits: 0,
                         busy_bits: 0,
+                        sums,
                     },
                 )?;
             }
         }
         Ok(())
+    }
+
+    /// Copies a finished read's downloaded blocks out, checking each one's
+    /// checksum first with `verify`.
+    fn finish_read(
+        &self,
+        pending: &Pending,
+        lane: &mut dyn Lane,
+        ok: bool,
+        out: &mut [u8],
+        verdict: &mut Verdict,
+    ) {
+        if !ok {
+            return;
+        }
+        let piece = pending.piece;
+        let origin = pending.staging_origin;
+        let staging = lane.staging();
+        for block in piece.first_block()..=piece.last_block() {
+            if pending.download_bits & (1 << block) == 0 {
+                continue;
+            }
+            let block_start = block as u64 * BLOCK_SIZE;
+            if let Some(checksums) = &self.checksums {
+                let at = (block_start - origin) as usize;
+                let index = piece.slot * BLOCKS_PER_CHUNK + block;
+                let sum = checksum::block(&staging[at..at + BLOCK_SIZE as usize]);
+                if sum != checksums.get(index) {
+                    if checksums.changed_since(index, pending.sums.per_block[block]) {
+                        *verdict = (*verdict).max(Verdict::Torn);
+                    } else {
+                        let offset = piece.slot as u64 * CHUNK_SIZE + block_start;
+                        self.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            offset,
+                            "{}: checksum mismatch in the 64 KiB block at offset {offset:#x}: \
+                             its VRAM changed after it was written (read fails with EIO)",
+                            self.device().name
+                        );
+                        if !matches!(verdict, Verdict::Corrupt(_)) {
+                            *verdict = Verdict::Corrupt(offset);
+                        }
+                    }
+                    continue;
+                }
+            }
+            let from = block_start.max(piece.start);
+            let to = (block_start + BLOCK_SIZE).min(piece.start + piece.len);
+            let s = (from - origin) as usize;
+            let n = (to - from) as usize;
+            let at = piece.buf + (from - piece.start) as usize;
+            out[at..at + n].copy_from_slice(&staging[s..s + n]);
+        }
+    }
+
+    /// Waits until no write is in flight on the blocks of a segment.
+    fn wait_for_writers(&self, slot_index: usize, start: u64, len: u64) {
+        let Some(checksums) = &self.checksums else {
+            return;
+        };
+        let first = slot_index * BLOCKS_PER_CHUNK + (start / BLOCK_SIZE) as usize;
+        let last = slot_index * BLOCKS_PER_CHUNK + ((start + len - 1) / BLOCK_SIZE) as usize;
+        while (first..=last).any(|b| checksums.writing(b)) {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Reads of blocks that failed their checksum, since open.
+    pub fn checksum_errors(&self) -> u64 {
+        self.checksum_errors.load(Ordering::Relaxed)
     }
 
     fn write_from(&self, source: Source<'_>, offset: u64, len: u64) -> Result<(), StoreError> {
@@ -758,7 +967,8 @@ impl BlockStore {
         len: u64,
         source: Source<'_>,
     ) -> Result<(), BackendError> {
-        let finish = |pending: &Pending, _: &mut dyn Lane, ok: bool| self.finish_write(pending, ok);
+        let finish =
+            |pending: &Pending, lane: &mut dyn Lane, ok: bool| self.finish_write(pending, lane, ok);
         let submitted = self.write_pieces(lanes, slot_index, chunk, start, len, source, finish);
         // Runs even after an error, so busy bits are always released.
         let finished = lanes.finish_all(finish);
@@ -778,22 +988,49 @@ impl BlockStore {
     ) -> Result<(), BackendError> {
         for piece in self.pieces(slot_index, start, len) {
             let lane = lanes.next_free(finish)?;
+            let reserve = self.lanes.piece_bytes as usize;
             let staging = &mut lanes.lane(lane).staging()[..piece.len as usize];
-            match source {
-                Source::Bytes(b) => {
-                    copy_to_staging(staging, &b[piece.buf..piece.buf + piece.len as usize])
-                }
-                Source::Zeros => staging.fill(0),
-            }
             let whole = piece.whole_block_mask();
-            let mut ops: ArrayVec<TransferOp, 3> = ArrayVec::new();
+            let mut sums = Sums::default();
+            let src = match source {
+                Source::Bytes(b) => Some(&b[piece.buf..piece.buf + piece.len as usize]),
+                Source::Zeros => None,
+            };
+            match (src, &self.checksums) {
+                (Some(src), None) => copy_to_staging(staging, src),
+                (Some(src), Some(_)) => {
+                    // Block by block, the checksum first: the copy then
+                    // reads the bytes from cache, not memory.
+                    let mut at = 0;
+                    for block in piece.first_block()..=piece.last_block() {
+                        let end = (((block + 1) as u64 * BLOCK_SIZE).min(piece.start + piece.len)
+                            - piece.start) as usize;
+                        if whole & (1 << block) != 0 {
+                            sums.per_block[block] = checksum::block(&src[at..end]);
+                        }
+                        copy_to_staging(&mut staging[at..end], &src[at..end]);
+                        at = end;
+                    }
+                }
+                (None, checksums) => {
+                    staging.fill(0);
+                    if let Some(checksums) = checksums {
+                        sums.per_block.fill(checksums.zero_block());
+                    }
+                }
+            }
+            let mut ops: ArrayVec<TransferOp, 5> = ArrayVec::new();
+            let mut downloads: ArrayVec<TransferOp, 2> = ArrayVec::new();
             let mut busy_bits = 0;
+            let mut partial_bits = 0;
             for block in [piece.first_block(), piece.last_block()] {
                 let bit = 1u64 << block;
-                if whole & bit == 0
-                    && busy_bits & bit == 0
-                    && self.claim_block_init(slot_index, bit)
-                {
+                if whole & bit != 0 || partial_bits & bit != 0 {
+                    continue;
+                }
+                partial_bits |= bit;
+                let zeroed = self.claim_block_init(slot_index, bit);
+                if zeroed {
                     busy_bits |= bit;
                     ops.push(TransferOp::Zero {
                         chunk,
@@ -801,7 +1038,37 @@ impl BlockStore {
                         len: BLOCK_SIZE,
                     });
                 }
+                if self.checksums.is_some() {
+                    let from = (block as u64 * BLOCK_SIZE).max(piece.start);
+                    let to = ((block as u64 + 1) * BLOCK_SIZE).min(piece.start + piece.len);
+                    let range = (from - piece.start) as usize..(to - piece.start) as usize;
+                    let new = match src {
+                        Some(src) => checksum::raw(&src[range]),
+                        None => 0,
+                    };
+                    // The old bytes of the range, read before the upload
+                    // overwrites them, into this block's reserve.
+                    let old_at = (!zeroed).then(|| {
+                        let at = reserve + downloads.len() * BLOCK_SIZE as usize;
+                        downloads.push(TransferOp::Download {
+                            staging_offset: at,
+                            chunk,
+                            chunk_offset: from,
+                            len: to - from,
+                        });
+                        at
+                    });
+                    let slot = if block == piece.first_block() { 0 } else { 1 };
+                    sums.partial[slot] = Some(PartialBlock {
+                        block,
+                        from,
+                        to,
+                        new,
+                        old_at,
+                    });
+                }
             }
+            ops.extend(downloads);
             ops.push(TransferOp::Upload {
                 staging_offset: 0,
                 chunk,
@@ -811,11 +1078,18 @@ impl BlockStore {
             let pending = Pending {
                 piece,
                 download_bits: 0,
+                staging_origin: piece.start,
                 set_bits: whole | busy_bits,
                 busy_bits,
+                sums,
             };
+            if let Some(checksums) = &self.checksums {
+                for block in piece.first_block()..=piece.last_block() {
+                    checksums.begin_write(slot_index * BLOCKS_PER_CHUNK + block);
+                }
+            }
             if let Err(err) = lanes.submit(lane, &ops, pending) {
-                self.finish_write(&pending, false);
+                self.finish_write(&pending, lanes.lane(lane), false);
                 return Err(err);
             }
         }
@@ -864,12 +1138,50 @@ impl BlockStore {
         self.init_done.notify_all();
     }
 
-    fn finish_write(&self, pending: &Pending, ok: bool) {
-        let slot = &self.slots[pending.piece.slot];
+    fn finish_write(&self, pending: &Pending, lane: &mut dyn Lane, ok: bool) {
+        let piece = pending.piece;
+        let slot = &self.slots[piece.slot];
+        if let Some(checksums) = &self.checksums {
+            let base = piece.slot * BLOCKS_PER_CHUNK;
+            // A failed batch may have written some of its bytes: the old
+            // checksums stay, and reading those blocks fails their check.
+            if ok {
+                self.update_checksums(checksums, pending, lane);
+            }
+            for block in piece.first_block()..=piece.last_block() {
+                checksums.end_write(base + block);
+            }
+        }
         if ok {
             slot.data.fetch_or(pending.set_bits, Ordering::AcqRel);
         }
-        self.release_busy(pending.piece.slot, pending.busy_bits);
+        self.release_busy(piece.slot, pending.busy_bits);
+    }
+
+    /// A finished write's checksums: whole blocks get theirs, partial
+    /// blocks the change of their range.
+    fn update_checksums(&self, checksums: &Checksums, pending: &Pending, lane: &mut dyn Lane) {
+        let piece = pending.piece;
+        let base = piece.slot * BLOCKS_PER_CHUNK;
+        let whole = piece.whole_block_mask();
+        for block in piece.first_block()..=piece.last_block() {
+            if whole & (1 << block) != 0 {
+                checksums.set(base + block, pending.sums.per_block[block]);
+            }
+        }
+        let staging = lane.staging();
+        for partial in pending.sums.partial.iter().flatten() {
+            let after = (partial.block as u64 + 1) * BLOCK_SIZE - partial.to;
+            let index = base + partial.block;
+            match partial.old_at {
+                None => checksums.set(index, checksums.zeroed_then(partial.new, after)),
+                Some(at) => {
+                    let old =
+                        checksum::raw(&staging[at..at + (partial.to - partial.from) as usize]);
+                    checksums.apply(index, checksums.delta(old, partial.new, after));
+                }
+            }
+        }
     }
 
     /// Takes a chunk for an empty slot and zeroes it (lazy allocation).
@@ -983,25 +1295,6 @@ impl BlockStore {
     }
 }
 
-fn finish_read(pending: &Pending, lane: &mut dyn Lane, ok: bool, out: &mut [u8]) {
-    if !ok {
-        return;
-    }
-    let piece = pending.piece;
-    let staging = lane.staging();
-    let mut block = piece.first_block();
-    while block <= piece.last_block() {
-        if pending.download_bits & (1 << block) != 0 {
-            let from = (block as u64 * BLOCK_SIZE).max(piece.start);
-            let to = ((block as u64 + 1) * BLOCK_SIZE).min(piece.start + piece.len);
-            let s = (from - piece.start) as usize;
-            let n = (to - from) as usize;
-            out[piece.buf + s..piece.buf + s + n].copy_from_slice(&staging[s..s + n]);
-        }
-        block += 1;
-    }
-}
-
 fn read_lock(lock: &RwLock<Option<ChunkId>>) -> RwLockReadGuard<'_, Option<ChunkId>> {
     lock.read().unwrap_or_else(|e| e.into_inner())
 }
@@ -1051,11 +1344,19 @@ struct LanePool {
     lanes: Box<[Mutex<Box<dyn Lane>>]>,
     free: Mutex<Vec<usize>>,
     returned: Condvar,
-    staging_bytes: u64,
+    /// Staging bytes a piece of a request may use: all of it, or with
+    /// `verify` all but the last two blocks, which take the old bytes of a
+    /// partial write's first and last block.
+    piece_bytes: u64,
 }
 
 impl LanePool {
-    fn new(backend: &dyn Backend, count: usize, staging_bytes: usize) -> Result<Self, StoreError> {
+    fn new(
+        backend: &dyn Backend,
+        count: usize,
+        staging_bytes: usize,
+        verify: bool,
+    ) -> Result<Self, StoreError> {
         let lanes = (0..count)
             .map(|_| backend.create_lane(staging_bytes).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?
@@ -1064,7 +1365,7 @@ impl LanePool {
             lanes,
             free: Mutex::new((0..count).rev().collect()),
             returned: Condvar::new(),
-            staging_bytes: staging_bytes as u64,
+            piece_bytes: staging_bytes as u64 - if verify { 2 * BLOCK_SIZE } else { 0 },
         })
     }
 

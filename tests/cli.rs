@@ -115,6 +115,7 @@ fn dry_run_prints_the_plan_and_the_checks() {
             "64M",
             "--priority",
             "7",
+            "--memtest",
             "--plugin",
             plugin,
         ],
@@ -130,6 +131,7 @@ fn dry_run_prints_the_plan_and_the_checks() {
         "swapon --priority 7 --discard".to_string(),
         "ok    gpu".to_string(),
         "ok    size    64 MiB (eager)".to_string(),
+        "ok    memtest 64 MiB clean (address, random;".to_string(),
     ] {
         assert!(
             run.stdout.contains(&needle),
@@ -148,6 +150,32 @@ fn dry_run_prints_the_plan_and_the_checks() {
         Some(if would_pass { 0 } else { 1 }),
         "{}",
         run.stdout
+    );
+}
+
+#[test]
+fn memtest_of_64m_on_the_vulkan_device_finds_no_bad_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = vramswap(dir.path(), &["memtest", "--size", "64M", "--json"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let report: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["backend"], "vulkan");
+    assert_eq!(report["size"], 64 << 20);
+    assert_eq!(report["bad_blocks"], Value::Array(Vec::new()), "{report}");
+    assert_eq!(report["mismatches"], 0);
+    // Every pattern: walking ones, zeros, address and random sweep twice,
+    // moving inversions four times.
+    assert_eq!(report["bytes_swept"], 12 * (64 << 20));
+    assert!(report["gb_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    // Not a terminal: one progress line per sweep on stderr.
+    assert_eq!(
+        run.stderr
+            .lines()
+            .filter(|l| l.starts_with("vramswap: memtest: pass 1/1"))
+            .count(),
+        12,
+        "{}",
+        run.stderr
     );
 }
 
@@ -177,6 +205,19 @@ fn bad_flags_and_unknown_instances_are_clear_errors() {
             vec!["start", "--nbd", "/dev/sda", "--dry-run"],
             "'/dev/sda' is not an NBD device",
         ),
+        (
+            vec!["memtest", "--size", "lots"],
+            "--size lots: 'lots' is not a size",
+        ),
+        (
+            vec!["memtest", "--size", "1M"],
+            "smaller than one 4 MiB chunk",
+        ),
+        (
+            vec!["memtest", "--patterns", "zebra"],
+            "invalid value 'zebra'",
+        ),
+        (vec!["memtest", "--passes", "0"], "0 is not in 1.."),
         (vec!["stop", "nope"], "no instance 'nope'"),
         (vec!["status", "nope"], "no instance 'nope'"),
     ] {

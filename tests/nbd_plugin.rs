@@ -291,6 +291,7 @@ fn bad_parameters_exit_non_zero_with_one_line_naming_key_and_value() {
         (vec!["allocation=sometimes"], "allocation=sometimes:"),
         (vec!["backend=opencl"], "backend=opencl: unknown backend"),
         (vec!["size=1G", "reserve=1G"], "exclude each other"),
+        (vec!["verify=maybe"], "verify=maybe: expected on or off"),
         (vec!["size=64P"], "size=64P: size 64 PiB is larger than"),
         (vec!["device=99", "size=8M"], "device=99: no device 99"),
         (
@@ -401,6 +402,42 @@ attempt('check', lambda: (h.pread(65536, 0) == b'1' * 65536 and h.pread(65536, 1
     }
     assert!(server.is_running());
     let status = server.status_when(|s| s["failed_requests"] == 1);
+    assert!(status["failure"].is_null(), "{status}");
+}
+
+#[test]
+fn with_verify_a_block_whose_vram_changed_fails_its_reads_and_the_status_file_counts_it() {
+    // Upload 2 (the second write) lands with a bit flipped in VRAM, after
+    // the plugin computed its checksum.
+    let mut server = serve(&["size=8M", "verify=on", "inject-corrupt-upload-at=2"]);
+    let out = nbdsh(
+        &server.uri(),
+        &format!(
+            "{TRY}
+attempt('first', lambda: h.pwrite(b'1' * 65536, 0))
+attempt('second', lambda: h.pwrite(b'2' * 65536, 65536))
+attempt('read-good', lambda: h.pread(65536, 0) == b'1' * 65536 or 1 / 0)
+attempt('read-bad', lambda: h.pread(4096, 65536 + 8192))
+attempt('read-across', lambda: h.pread(3 * 65536, 0))
+attempt('read-fresh', lambda: h.pread(65536, 1 << 20) == bytes(65536) or 1 / 0)
+attempt('rewrite', lambda: h.pwrite(b'3' * 65536, 65536))
+attempt('read-healed', lambda: h.pread(65536, 65536) == b'3' * 65536 or 1 / 0)"
+        ),
+    );
+    for line in [
+        "first ok",
+        "second ok",
+        "read-good ok",
+        "read-bad EIO",
+        "read-across EIO",
+        "read-fresh ok",
+        "rewrite ok",
+        "read-healed ok",
+    ] {
+        assert!(out.contains(line), "{line}:\n{out}");
+    }
+    assert!(server.is_running());
+    let status = server.status_when(|s| s["checksum_errors"] == 2 && s["failed_requests"] == 2);
     assert!(status["failure"].is_null(), "{status}");
 }
 

@@ -78,7 +78,7 @@ proptest! {
     /// model's.
     #[test]
     fn any_request_sequence_matches_a_model(ops in prop::collection::vec(op(12 * CHUNK_SIZE), 1..24),
-                                            lazy in any::<bool>()) {
+                                            lazy in any::<bool>(), verify in any::<bool>()) {
         let size = 12 * CHUNK_SIZE;
         let store = BlockStore::open(
             Arc::new(HostBackend::new(None)),
@@ -86,7 +86,9 @@ proptest! {
                 size: SizeSpec::Bytes(size),
                 allocation: if lazy { AllocationPolicy::Lazy } else { AllocationPolicy::Eager },
                 lanes: 3,
-                staging_bytes: 128 << 10,
+                // verify keeps two blocks of each lane for old bytes.
+                staging_bytes: if verify { 192 << 10 } else { 128 << 10 },
+                verify,
             },
         )
         .unwrap();
@@ -112,5 +114,6 @@ proptest! {
         let mut all = vec![0u8; size as usize];
         store.read(&mut all, 0).unwrap();
         prop_assert!(all == model);
+        prop_assert_eq!(store.stats().checksum_errors, 0);
     }
 }

@@ -22,11 +22,26 @@ fn config(size: u64, allocation: AllocationPolicy) -> StoreConfig {
         allocation,
         lanes: 8,
         staging_bytes: 256 << 10,
+        verify: false,
     }
 }
 
 fn store(kind: BackendKind, size: u64, allocation: AllocationPolicy) -> BlockStore {
     BlockStore::open(open_backend(kind, None), &config(size, allocation)).expect("open store")
+}
+
+/// A store with block checksums on (`verify=on`) or off.
+fn store_verify(
+    kind: BackendKind,
+    size: u64,
+    allocation: AllocationPolicy,
+    verify: bool,
+) -> BlockStore {
+    let config = StoreConfig {
+        verify,
+        ..config(size, allocation)
+    };
+    BlockStore::open(open_backend(kind, None), &config).expect("open store")
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -287,9 +302,13 @@ fn check_range(store: &BlockStore, model: &[u8], base: u64, offset: u64, len: u6
 #[test]
 fn randomized_single_thread_model_with_large_requests() {
     for_each_backend(|kind| {
-        for allocation in [AllocationPolicy::Eager, AllocationPolicy::Lazy] {
+        for (allocation, verify) in [
+            (AllocationPolicy::Eager, false),
+            (AllocationPolicy::Lazy, false),
+            (AllocationPolicy::Eager, true),
+        ] {
             let size = 24 * MIB;
-            let store = store(kind, size, allocation);
+            let store = store_verify(kind, size, allocation, verify);
             let mut model = vec![0u8; size as usize];
             let mut rng = SmallRng::seed_from_u64(42);
             for _ in 0..300 {
@@ -299,6 +318,7 @@ fn randomized_single_thread_model_with_large_requests() {
                 check_range(&store, &model, 0, probe, 200_000);
             }
             check_range(&store, &model, 0, 0, size);
+            assert_eq!(store.stats().checksum_errors, 0, "{kind}: false alarms");
         }
     });
 }
@@ -307,9 +327,17 @@ fn randomized_single_thread_model_with_large_requests() {
 fn randomized_multi_thread_model() {
     for_each_backend(|kind| {
         for allocation in [AllocationPolicy::Eager, AllocationPolicy::Lazy] {
-            run_threads(kind, allocation);
+            run_threads(kind, allocation, false);
         }
     });
+}
+
+/// With checksums on, threads writing different bytes of one block at once
+/// keep its checksum right (the updates are XORs in any order), and reads
+/// racing those writes are read again, never failed.
+#[test]
+fn randomized_multi_thread_model_with_checksums() {
+    for_each_backend(|kind| run_threads(kind, AllocationPolicy::Lazy, true));
 }
 
 /// Threads share chunks and blocks but never bytes: the first half of the
@@ -317,7 +345,7 @@ fn randomized_multi_thread_model() {
 /// 64 KiB block at once), the second half in whole chunks (so trims give
 /// chunks back while others copy). Each thread checks its own bytes against
 /// its own model after every step, and all of it at the end.
-fn run_threads(kind: BackendKind, allocation: AllocationPolicy) {
+fn run_threads(kind: BackendKind, allocation: AllocationPolicy, verify: bool) {
     const THREADS: usize = 6;
     const STRIPE: u64 = 20 << 10;
     let stripes_per_thread = 40u64;
@@ -325,7 +353,7 @@ fn run_threads(kind: BackendKind, allocation: AllocationPolicy) {
     let chunked_base = striped.div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
     let chunks_per_thread = 2u64;
     let size = chunked_base + CHUNK_SIZE * chunks_per_thread * THREADS as u64;
-    let store = Arc::new(store(kind, size, allocation));
+    let store = Arc::new(store_verify(kind, size, allocation, verify));
     std::thread::scope(|scope| {
         for t in 0..THREADS {
             let store = store.clone();
@@ -361,6 +389,7 @@ fn run_threads(kind: BackendKind, allocation: AllocationPolicy) {
             });
         }
     });
+    assert_eq!(store.stats().checksum_errors, 0, "{kind}: false alarms");
 }
 
 #[test]
@@ -368,11 +397,15 @@ fn concurrent_partial_writes_into_one_fresh_block_all_land() {
     // Every thread writes its own 4 KiB into the same never-written block at
     // the same moment. Each write must zero the rest of the block first,
     // exactly once: a second zeroing would erase a neighbour's bytes.
-    for_each_backend(|kind| {
+    for (kind, verify) in common::backend_kinds()
+        .into_iter()
+        .flat_map(|k| [(k, false), (k, true)])
+    {
+        eprintln!("--- backend {kind}, verify {verify}");
         const THREADS: u64 = 8;
         const PIECE: u64 = 4096;
         let blocks = 48;
-        let store = store(kind, 4 * MIB, AllocationPolicy::Eager);
+        let store = store_verify(kind, 4 * MIB, AllocationPolicy::Eager, verify);
         for round in 0..3u8 {
             let barrier = std::sync::Barrier::new(THREADS as usize);
             std::thread::scope(|scope| {
@@ -404,6 +437,94 @@ fn concurrent_partial_writes_into_one_fresh_block_all_land() {
             }
             // Trim everything: the blocks are fresh again for the next round.
             store.zero(0, 4 * MIB).unwrap();
+        }
+        assert_eq!(store.stats().checksum_errors, 0, "{kind}: false alarms");
+    }
+}
+
+/// Needs `--features fault-injection`: a bit of VRAM flips after the store
+/// wrote it (a real extra copy behind the store's back). With checksums on,
+/// every read of that block fails with EIO, is counted, and other blocks
+/// read fine; a rewrite heals it. Without, the flipped bit is read back.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn verify_fails_reads_of_a_block_whose_vram_changed() {
+    use vramswap::backend::faulty::{FaultPlan, FaultyBackend};
+    for_each_backend(|kind| {
+        // Each case: writes, in order; the last write's upload is the one
+        // corrupted; the block it lands in.
+        let whole = BLOCK_SIZE;
+        let cases = [
+            ("a whole block", vec![(0, whole), (5 * whole, whole)], 5),
+            (
+                "a partial write over data",
+                vec![(7 * whole, whole), (7 * whole + 8192, 4096)],
+                7,
+            ),
+            (
+                "a partial write into a fresh block",
+                vec![(9 * whole + 100, 3000)],
+                9,
+            ),
+        ];
+        for (what, writes, bad_block) in cases {
+            for verify in [true, false] {
+                let plan = FaultPlan {
+                    corrupt_upload_at: Some(writes.len() as u64),
+                    ..Default::default()
+                };
+                let backend = Arc::new(FaultyBackend::new(open_backend(kind, None), plan));
+                let store = BlockStore::open(
+                    backend,
+                    &StoreConfig {
+                        verify,
+                        ..config(8 * MIB, AllocationPolicy::Eager)
+                    },
+                )
+                .unwrap();
+                let mut model = vec![0u8; (8 * MIB) as usize];
+                for (i, &(offset, len)) in writes.iter().enumerate() {
+                    let data = pattern(i as u64 + 7, len as usize);
+                    store.write(&data, offset).unwrap();
+                    model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+                }
+                let last = writes.last().unwrap().0;
+                let block_start = bad_block * BLOCK_SIZE;
+                let mut buf = vec![0u8; BLOCK_SIZE as usize];
+                if !verify {
+                    // The fault is real: the bit comes back flipped.
+                    store.read(&mut buf, block_start).unwrap();
+                    let at = (last - block_start) as usize;
+                    assert_eq!(buf[at], model[last as usize] ^ 1, "{kind}: {what}");
+                    continue;
+                }
+                for (offset, len) in [
+                    (block_start, BLOCK_SIZE),
+                    (last, 1),
+                    (block_start - 3 * BLOCK_SIZE, 5 * BLOCK_SIZE),
+                ] {
+                    let mut buf = vec![0u8; len as usize];
+                    let err = store.read(&mut buf, offset).unwrap_err();
+                    assert_eq!(
+                        err,
+                        StoreError::Checksum {
+                            offset: block_start
+                        },
+                        "{kind}: {what}"
+                    );
+                    assert_eq!(err.errno(), libc::EIO);
+                }
+                assert_eq!(store.stats().checksum_errors, 3, "{kind}: {what}");
+                // Other blocks, written or not, read fine.
+                let mut all_but = vec![0u8; block_start as usize];
+                store.read(&mut all_but, 0).unwrap();
+                assert!(all_but == model[..block_start as usize], "{kind}: {what}");
+                // Rewriting the whole block gives it a new checksum.
+                let fresh = pattern(99, BLOCK_SIZE as usize);
+                store.write(&fresh, block_start).unwrap();
+                store.read(&mut buf, block_start).unwrap();
+                assert!(buf == fresh, "{kind}: {what}");
+            }
         }
     });
 }

@@ -58,6 +58,10 @@ pub struct Settings {
     pub discard: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memtest: Option<bool>,
 }
 
 /// Where a setting came from, for error messages.
@@ -104,6 +108,8 @@ impl Settings {
             plugin: pick(&self.plugin, &over.plugin),
             discard: pick(&self.discard, &over.discard),
             timeout: pick(&self.timeout, &over.timeout),
+            verify: pick(&self.verify, &over.verify),
+            memtest: pick(&self.memtest, &over.memtest),
         }
     }
 
@@ -113,12 +119,16 @@ impl Settings {
     pub fn to_options(&self, name: &str, origin: &Origin) -> Result<StartOptions> {
         crate::state::check_name(name)?;
         let mut export = ExportConfig::default();
+        let verify = self
+            .verify
+            .map(|on| if on { "on" } else { "off" }.to_string());
         for (key, value) in [
             ("backend", &self.backend),
             ("device", &self.device),
             ("size", &self.size),
             ("reserve", &self.reserve),
             ("allocation", &self.allocation),
+            ("verify", &verify),
         ] {
             if let Some(value) = value {
                 export.set(key, value).map_err(|e| {
@@ -161,6 +171,7 @@ impl Settings {
             plugin: self.plugin.clone(),
             discard: self.discard.unwrap_or(true),
             timeout: Duration::from_secs(self.timeout.unwrap_or(300)),
+            memtest: self.memtest.unwrap_or(false),
             settings: self.clone(),
         })
     }
@@ -329,6 +340,8 @@ device = \"1\"
 allocation = \"lazy\"
 size = \"32G\"
 discard = false
+verify = true
+memtest = true
 ";
 
     #[test]
@@ -350,6 +363,7 @@ discard = false
         assert_eq!(options.export.size, Some(32 << 30));
         assert_eq!(options.export.allocation, vramswap::AllocationPolicy::Lazy);
         assert!(!options.discard);
+        assert!(options.export.verify && options.memtest);
         assert_eq!(
             (options.priority, options.connections, options.threads),
             (50, 4, 16)

@@ -3,12 +3,15 @@
 use anyhow::Result;
 use serde::Serialize;
 use vramswap::backend::{self, BackendError, BackendKind, DeviceInfo, DeviceSelector};
-use vramswap::ByteSize;
+use vramswap::{ByteSize, MemtestConfig, MemtestReport};
 
 /// Where GPU facts come from: the real backends, or fixtures in tests.
 pub trait Gpus {
     fn devices(&self, kind: BackendKind) -> Result<Vec<DeviceInfo>, BackendError>;
     fn default_backend(&self, selector: &DeviceSelector) -> Result<BackendKind, BackendError>;
+    /// The quick memory test over `size` bytes of `device` (found by
+    /// UUID: under Vulkan whichever backend will serve it).
+    fn memtest(&self, device: &DeviceInfo, size: u64) -> anyhow::Result<MemtestReport>;
 }
 
 pub struct RealGpus;
@@ -20,6 +23,16 @@ impl Gpus for RealGpus {
 
     fn default_backend(&self, selector: &DeviceSelector) -> Result<BackendKind, BackendError> {
         backend::default_backend(selector)
+    }
+
+    fn memtest(&self, device: &DeviceInfo, size: u64) -> anyhow::Result<MemtestReport> {
+        crate::memtest::test_device(
+            BackendKind::Vulkan,
+            &DeviceSelector::Uuid(device.uuid),
+            Some(size),
+            MemtestConfig::quick,
+            |_| {},
+        )
     }
 }
 
@@ -149,9 +162,11 @@ pub mod fake {
     use super::*;
     use vramswap::backend::{DeviceKind, MemoryReport};
 
-    /// One Vulkan GPU with `available` bytes free.
+    /// GPUs, and what a memory test of them finds.
     pub struct FakeGpus {
         pub devices: Vec<DeviceInfo>,
+        /// Offsets of the 64 KiB blocks the memory test reports bad.
+        pub bad_blocks: Vec<u64>,
     }
 
     pub fn gpu(name: &str, available: u64) -> DeviceInfo {
@@ -185,6 +200,29 @@ pub mod fake {
 
         fn default_backend(&self, _selector: &DeviceSelector) -> Result<BackendKind, BackendError> {
             Ok(BackendKind::Vulkan)
+        }
+
+        fn memtest(&self, device: &DeviceInfo, size: u64) -> anyhow::Result<MemtestReport> {
+            let config = MemtestConfig::quick(size);
+            Ok(MemtestReport {
+                device: device.name.clone(),
+                backend: BackendKind::Vulkan,
+                size,
+                passes: 1,
+                bytes_swept: size * config.sweeps(),
+                patterns: config.patterns,
+                elapsed: std::time::Duration::from_secs(1),
+                mismatches: self.bad_blocks.len() as u64,
+                bad_blocks: self
+                    .bad_blocks
+                    .iter()
+                    .map(|&offset| vramswap::memtest::BadBlock {
+                        offset,
+                        errors: 1,
+                        words: Vec::new(),
+                    })
+                    .collect(),
+            })
         }
     }
 }

@@ -6,6 +6,7 @@
 mod args;
 mod config;
 mod devices;
+mod memtest;
 mod nbd;
 mod sleep;
 mod start;
@@ -47,6 +48,8 @@ impl StartArgs {
             plugin: self.plugin.clone(),
             discard: self.no_discard.then_some(false),
             timeout: self.timeout,
+            verify: self.verify.then_some(true),
+            memtest: self.memtest.then_some(true),
         }
     }
 }
@@ -138,6 +141,7 @@ fn main() -> ExitCode {
         Command::Status { names, json } => status::run(&system, names, *json),
         Command::Suspend => sleep::suspend(&mut system, &RealGpus),
         Command::Resume => sleep::resume(&mut system, &RealGpus),
+        Command::Memtest(args) => memtest::run(args, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -150,6 +150,7 @@ mod tests {
     fn gpus() -> FakeGpus {
         FakeGpus {
             devices: vec![gpu("gpu", 8 << 30)],
+            bad_blocks: Vec::new(),
         }
     }
 

@@ -35,6 +35,8 @@ pub struct StartOptions {
     pub discard: bool,
     /// How long to wait for nbdkit to open the GPU and answer.
     pub timeout: Duration,
+    /// Test the VRAM (one quick memtest pass over `size`) in preflight.
+    pub memtest: bool,
     /// The settings these options were made from, kept in `state.json` so
     /// `resume` can start the area again exactly.
     pub settings: crate::config::Settings,
@@ -205,6 +207,9 @@ pub fn preflight(
             .map(|s| format!("{} ({})", ByteSize(*s), options.export.allocation))
             .map_err(Clone::clone),
     );
+    if let (true, Ok((_, device)), Ok(size)) = (options.memtest, &gpu, &size) {
+        check("memtest", memtest(gpus, device, *size));
+    }
 
     // A dry run shows the plan even where the kernel has no NBD devices yet
     // (a start would load the module and use the first free one).
@@ -225,6 +230,29 @@ pub fn preflight(
         _ => None,
     };
     (checks, plan)
+}
+
+/// The quick memory test over the area about to be served: the same VRAM
+/// the server takes next (it is given back just before).
+fn memtest(gpus: &dyn Gpus, device: &DeviceInfo, size: u64) -> std::result::Result<String, String> {
+    let report = gpus
+        .memtest(device, size)
+        .map_err(|e| format!("memtest: {e:#}"))?;
+    if !report.bad_blocks.is_empty() {
+        return Err(format!(
+            "memtest found {} in {}: refusing to swap to bad VRAM (details: vramswap memtest --device {})",
+            crate::memtest::bad_summary(&report),
+            device.name,
+            device.uuid_string()
+        ));
+    }
+    let patterns: Vec<&str> = report.patterns.iter().map(|p| p.name()).collect();
+    Ok(format!(
+        "{} clean ({}; {:.1} GB/s)",
+        ByteSize(report.size),
+        patterns.join(", "),
+        report.gb_per_s()
+    ))
 }
 
 fn name_is_free(
@@ -724,6 +752,7 @@ mod tests {
             plugin: Some("/usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so".into()),
             discard: true,
             timeout: Duration::from_secs(300),
+            memtest: false,
             settings: Default::default(),
         }
     }
@@ -752,6 +781,7 @@ mod tests {
     fn gpus() -> FakeGpus {
         FakeGpus {
             devices: vec![gpu("NVIDIA H100 80GB HBM3", 79 << 30)],
+            bad_blocks: Vec::new(),
         }
     }
 
@@ -779,6 +809,16 @@ mod tests {
                 "write /run/vramswap/default/state.json",
             ]
         );
+    }
+
+    #[test]
+    fn verify_reaches_the_plugin_as_verify_on() {
+        let mut system = machine();
+        let mut opts = options();
+        opts.export.set("verify", "on").unwrap();
+        let (_, plan) = preflight(&mut system, &gpus(), &opts, false);
+        let server = plan.unwrap().describe(Step::StartServer);
+        assert!(server.ends_with("size=8589934592 verify=on"), "{server}");
     }
 
     #[test]
@@ -970,6 +1010,44 @@ mod tests {
                 .collect();
             assert!(changed.is_empty(), "{label}: touched {changed:?}");
         }
+    }
+
+    #[test]
+    fn memtest_runs_in_preflight_and_bad_vram_stops_start_before_anything() {
+        let mut system = machine();
+        with_server(&mut system);
+        let mut opts = options();
+        opts.memtest = true;
+        let (checks, plan) = preflight(&mut system, &gpus(), &opts, false);
+        let memtest = checks.iter().find(|c| c.what == "memtest").unwrap();
+        assert_eq!(
+            memtest.result.as_deref(),
+            Ok("8 GiB clean (address, random; 34.4 GB/s)")
+        );
+        assert!(plan.is_some());
+
+        let mut system = machine();
+        let bad = FakeGpus {
+            bad_blocks: vec![0x10000, 0x7_0000],
+            ..gpus()
+        };
+        let err = run(&mut system, &bad, &opts, false)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "memtest found 2 bad 64 KiB blocks at 0x10000, 0x70000 (2 mismatching words) in \
+             NVIDIA H100 80GB HBM3: refusing to swap to bad VRAM (details: vramswap memtest \
+             --device 39393939-3939-3939-3939-393939393939)"
+        );
+        assert!(
+            system.calls.iter().all(|c| match c {
+                Call::Run(l) => l.starts_with("nbdkit --"),
+                _ => false,
+            }),
+            "touched {:?}",
+            system.calls
+        );
     }
 
     #[test]

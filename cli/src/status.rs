@@ -96,6 +96,10 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
             ("failed_requests", "requests failed (EIO)"),
             ("nospace_requests", "writes found the GPU full (ENOSPC)"),
             ("panics", "internal errors"),
+            (
+                "checksum_errors",
+                "blocks failed their checksum (VRAM corruption; see vramswap memtest)",
+            ),
         ] {
             let n = report[key].as_u64().unwrap_or(0);
             if n > 0 {
@@ -243,7 +247,7 @@ mod tests {
         // A running server that reports failed requests is not healthy.
         system.fixture(
             "/run/vramswap/good/server.json",
-            r#"{"failure":"the device was lost","failed_requests":3,"nospace_requests":0,"panics":1}"#,
+            r#"{"failure":"the device was lost","failed_requests":3,"nospace_requests":0,"panics":1,"checksum_errors":2}"#,
         );
         let degraded = inspect(&system, "good").unwrap();
         assert_eq!(
@@ -251,7 +255,8 @@ mod tests {
             [
                 "the server has failed: the device was lost",
                 "3 requests failed (EIO)",
-                "1 internal errors"
+                "1 internal errors",
+                "2 blocks failed their checksum (VRAM corruption; see vramswap memtest)"
             ]
         );
         assert_eq!(

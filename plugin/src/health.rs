@@ -16,12 +16,17 @@ use vramswap::BlockStore;
 static FAILED: AtomicU64 = AtomicU64::new(0);
 static NOSPACE: AtomicU64 = AtomicU64::new(0);
 static PANICS: AtomicU64 = AtomicU64::new(0);
+/// Requests that found a block failing its checksum (the store counts the
+/// blocks).
+static CHECKSUM: AtomicU64 = AtomicU64::new(0);
 static DIRTY: AtomicBool = AtomicBool::new(false);
 
-/// A request that failed with `errno`, or panicked.
+/// A request that failed with `errno`, or panicked; a read that found
+/// a block whose checksum failed (also a failure with EIO).
 pub enum Event {
     Failed(i32),
     Panic,
+    Checksum,
 }
 
 pub fn record(event: Event, store: &RwLock<Option<Arc<BlockStore>>>) {
@@ -29,6 +34,7 @@ pub fn record(event: Event, store: &RwLock<Option<Arc<BlockStore>>>) {
         Event::Failed(libc::ENOSPC) => NOSPACE.fetch_add(1, Ordering::Relaxed) == 0,
         Event::Failed(_) => FAILED.fetch_add(1, Ordering::Relaxed) == 0,
         Event::Panic => PANICS.fetch_add(1, Ordering::Relaxed) == 0,
+        Event::Checksum => CHECKSUM.fetch_add(1, Ordering::Relaxed) == 0,
     };
     if first {
         write(store);
@@ -62,16 +68,17 @@ pub fn write(store: &RwLock<Option<Arc<BlockStore>>>) {
     let Some(path) = std::env::var_os("VRAMSWAP_STATUS_FILE") else {
         return;
     };
-    let failure = store
+    let (failure, checksum_errors) = store
         .read()
         .unwrap_or_else(PoisonError::into_inner)
         .as_ref()
-        .and_then(|s| s.failure());
+        .map_or((None, 0), |s| (s.failure(), s.checksum_errors()));
     let report = serde_json::json!({
         "failure": failure,
         "failed_requests": FAILED.load(Ordering::Relaxed),
         "nospace_requests": NOSPACE.load(Ordering::Relaxed),
         "panics": PANICS.load(Ordering::Relaxed),
+        "checksum_errors": checksum_errors,
         "updated": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
     });
     let path = std::path::PathBuf::from(path);

@@ -39,7 +39,8 @@ struct Settings {
     #[cfg(feature = "fault-injection")]
     inject_panic_at: Option<u64>,
     /// `inject-alloc-fail-from=N`, `inject-batch-fail-at=N`,
-    /// `inject-lost-from-batch=N` (test builds): see `backend::faulty`.
+    /// `inject-lost-from-batch=N`, `inject-corrupt-upload-at=N` (test
+    /// builds): see `backend::faulty`.
     #[cfg(feature = "fault-injection")]
     faults: vramswap::backend::faulty::FaultPlan,
 }
@@ -78,6 +79,9 @@ impl VramSwap {
     /// A store error as nbdkit reports it, counted for `vramswap status`.
     fn error(&self, err: StoreError) -> Error {
         let errno = err.errno();
+        if matches!(err, StoreError::Checksum { .. }) {
+            health::record(health::Event::Checksum, &STORE);
+        }
         health::record(health::Event::Failed(errno), &STORE);
         Error::new(errno, err.to_string())
     }
@@ -225,6 +229,7 @@ impl Server for VramSwap {
                     "inject-alloc-fail-from" => settings.faults.alloc_fails_from = n,
                     "inject-batch-fail-at" => settings.faults.batch_fails_at = n,
                     "inject-lost-from-batch" => settings.faults.lost_from_batch = n,
+                    "inject-corrupt-upload-at" => settings.faults.corrupt_upload_at = n,
                     _ => {
                         return Err(Error::new(
                             libc::EINVAL,

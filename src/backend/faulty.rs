@@ -6,11 +6,19 @@
 //! allocation fails (as a full GPU would), the Nth batch's completion
 //! reports a copy error (EIO), or the device is lost after N batches (EIO
 //! for every later request, as after a GPU reset).
+//!
+//! Memory faults are real bytes in real device memory, changed behind the
+//! caller's back with extra copies (download a word, change it, upload
+//! it): a bit that flips after an upload (what `verify=on` must catch),
+//! and a stuck bit the self-test must find.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use super::{Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, TransferOp};
+use super::selftest::{SelfTest, StepResult, TestChunk, TestStep};
+use super::{
+    Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, TransferOp, CHUNK_SIZE,
+};
 
 /// Which faults to inject. `None` never fails.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -22,11 +30,20 @@ pub struct FaultPlan {
     pub batch_fails_at: Option<u64>,
     /// From the Nth batch on, the device is lost.
     pub lost_from_batch: Option<u64>,
+    /// The Nth upload (counting from 1, over all lanes) lands in device
+    /// memory with bit 0 of its first byte flipped, once it is done: the
+    /// bytes change after whoever wrote them computed their checksum.
+    pub corrupt_upload_at: Option<u64>,
+    /// Self-test: bit 0 of the byte at this offset of the area under test
+    /// (chunk `offset / CHUNK_SIZE` of the steps' chunks) is stuck at 1
+    /// after every step that writes.
+    pub stuck_bit_at: Option<u64>,
 }
 
 struct Counters {
     allocations: AtomicU64,
     batches: AtomicU64,
+    uploads: AtomicU64,
     lost: AtomicBool,
 }
 
@@ -35,6 +52,8 @@ pub struct FaultyBackend {
     inner: Arc<dyn Backend>,
     plan: FaultPlan,
     counters: Arc<Counters>,
+    /// The lane that forces the stuck bit, made at its first use.
+    stuck_lane: Mutex<Option<Box<dyn Lane>>>,
 }
 
 impl FaultyBackend {
@@ -45,10 +64,42 @@ impl FaultyBackend {
             counters: Arc::new(Counters {
                 allocations: AtomicU64::new(0),
                 batches: AtomicU64::new(0),
+                uploads: AtomicU64::new(0),
                 lost: AtomicBool::new(false),
             }),
+            stuck_lane: Mutex::new(None),
         }
     }
+}
+
+/// Changes one 32-bit word of device memory through `lane`: downloads it
+/// into the first 4 staging bytes, applies `change`, uploads it back.
+fn change_word(
+    lane: &mut dyn Lane,
+    chunk: ChunkId,
+    chunk_offset: u64,
+    change: impl Fn(u32) -> u32,
+) -> Result<(), BackendError> {
+    let word = TransferOp::Download {
+        staging_offset: 0,
+        chunk,
+        chunk_offset,
+        len: 4,
+    };
+    lane.submit(&[word])?;
+    lane.wait()?;
+    let staging = lane.staging();
+    let value = change(u32::from_le_bytes([
+        staging[0], staging[1], staging[2], staging[3],
+    ]));
+    staging[..4].copy_from_slice(&value.to_le_bytes());
+    lane.submit(&[TransferOp::Upload {
+        staging_offset: 0,
+        chunk,
+        chunk_offset,
+        len: 4,
+    }])?;
+    lane.wait()
 }
 
 impl Backend for FaultyBackend {
@@ -81,7 +132,39 @@ impl Backend for FaultyBackend {
             plan: self.plan,
             counters: self.counters.clone(),
             fail_this: None,
+            corrupt_this: None,
         }))
+    }
+
+    fn self_test(&self) -> Option<&dyn SelfTest> {
+        self.inner.self_test().map(|_| self as &dyn SelfTest)
+    }
+}
+
+impl SelfTest for FaultyBackend {
+    fn run(&self, chunks: &[TestChunk], step: &TestStep) -> Result<StepResult, BackendError> {
+        let inner = self.inner.self_test().ok_or(BackendError::Api {
+            call: "self_test",
+            detail: "the wrapped backend has none".into(),
+        })?;
+        let result = inner.run(chunks, step)?;
+        let Some(at) = self.plan.stuck_bit_at else {
+            return Ok(result);
+        };
+        let Some(test) = chunks.iter().find(|c| c.index == at / CHUNK_SIZE) else {
+            return Ok(result);
+        };
+        if step.op.writes() {
+            let mut lane = self.stuck_lane.lock().unwrap_or_else(|e| e.into_inner());
+            let lane = match &mut *lane {
+                Some(lane) => lane,
+                empty => empty.insert(self.inner.create_lane(64 << 10)?),
+            };
+            let offset = at % CHUNK_SIZE;
+            let bit = 1u32 << (8 * (offset % 4));
+            change_word(lane.as_mut(), test.chunk, offset - offset % 4, |v| v | bit)?;
+        }
+        Ok(result)
     }
 }
 
@@ -91,6 +174,9 @@ struct FaultyLane {
     counters: Arc<Counters>,
     /// The error the pending batch completes with.
     fail_this: Option<BackendError>,
+    /// The upload of the pending batch to corrupt once it is done: its
+    /// chunk and offset.
+    corrupt_this: Option<(ChunkId, u64)>,
 }
 
 impl Lane for FaultyLane {
@@ -115,11 +201,35 @@ impl Lane for FaultyLane {
         } else {
             None
         };
+        self.corrupt_this = None;
+        for op in ops {
+            if let TransferOp::Upload {
+                chunk,
+                chunk_offset,
+                ..
+            } = *op
+            {
+                let n = self.counters.uploads.fetch_add(1, Ordering::AcqRel) + 1;
+                if self.plan.corrupt_upload_at == Some(n) {
+                    self.corrupt_this = Some((chunk, chunk_offset));
+                }
+            }
+        }
         self.inner.submit(ops)
     }
 
     fn wait(&mut self) -> Result<(), BackendError> {
         let result = self.inner.wait();
+        if let (Ok(()), Some((chunk, offset))) = (&result, self.corrupt_this.take()) {
+            let bit = 1u32 << (8 * (offset % 4));
+            // The caller may still read what the batch downloaded into
+            // staging: the word borrowed for the change is put back.
+            let mut saved = [0u8; 4];
+            saved.copy_from_slice(&self.inner.staging()[..4]);
+            let changed = change_word(self.inner.as_mut(), chunk, offset - offset % 4, |v| v ^ bit);
+            self.inner.staging()[..4].copy_from_slice(&saved);
+            changed?;
+        }
         match self.fail_this.take() {
             Some(err) => Err(err),
             None => result,

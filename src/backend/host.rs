@@ -9,6 +9,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::selftest::{self, BadWord, SelfTest, StepResult, TestChunk, TestOp, TestStep};
 use super::{
     Backend, BackendError, BackendKind, ChunkId, DeviceInfo, DeviceKind, Lane, MemoryReport,
     TransferOp, CHUNK_SIZE,
@@ -132,6 +133,45 @@ impl Backend for HostBackend {
             staging: vec![0; staging_bytes].into_boxed_slice(),
             result: None,
         }))
+    }
+
+    fn self_test(&self) -> Option<&dyn SelfTest> {
+        Some(self)
+    }
+}
+
+/// The self-test's reference model: the same steps as the shader, word by
+/// word on the host.
+impl SelfTest for HostBackend {
+    fn run(&self, chunks: &[TestChunk], step: &TestStep) -> Result<StepResult, BackendError> {
+        selftest::check_chunks(chunks)?;
+        let mut result = StepResult::new(chunks.len());
+        let mut memory = self.shared.lock();
+        for (slot, test) in chunks.iter().enumerate() {
+            let data = memory
+                .slots
+                .get_mut(test.chunk.0 as usize)
+                .and_then(Option::as_mut)
+                .ok_or(BackendError::BadChunk(test.chunk))?;
+            for (word, bytes) in data.chunks_exact_mut(4).enumerate() {
+                let expected = selftest::expected_word(step, test.index, word as u64);
+                let observed = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                if step.op != TestOp::Fill && observed != expected {
+                    result.record(BadWord {
+                        slot,
+                        word: word as u64,
+                        observed,
+                        expected,
+                    });
+                }
+                match step.op {
+                    TestOp::Fill => bytes.copy_from_slice(&expected.to_le_bytes()),
+                    TestOp::CheckInvert => bytes.copy_from_slice(&(!expected).to_le_bytes()),
+                    TestOp::Check => {}
+                }
+            }
+        }
+        Ok(result)
     }
 }
 

@@ -21,6 +21,7 @@ use thiserror::Error;
 pub mod faulty;
 pub mod host;
 mod hostmem;
+pub mod selftest;
 
 pub use hostmem::copy_to_staging;
 #[cfg(feature = "cuda")]
@@ -282,8 +283,9 @@ pub struct MemoryReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ChunkId(pub u32);
 
-/// One step of a lane's batch. Steps run in order: a fill is complete
-/// before a later step of the same batch touches the same bytes.
+/// One step of a lane's batch. Steps run in order: each step is complete
+/// before a later step of the same batch touches the bytes it touched (a
+/// download of a range, then an upload over it, reads the old bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransferOp {
     /// Copy `len` bytes from the lane's staging buffer to a chunk.
@@ -346,6 +348,12 @@ pub trait Backend: Send + Sync {
 
     /// Makes a lane with a staging buffer of `staging_bytes`.
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError>;
+
+    /// Compute on chunks, for the VRAM self-test; `None` where the backend
+    /// has none (CUDA: test the same GPU through Vulkan).
+    fn self_test(&self) -> Option<&dyn selftest::SelfTest> {
+        None
+    }
 }
 
 /// What to open and with which limits.

@@ -56,6 +56,12 @@ pub(super) struct DeviceShared {
     pub(super) raw: ash::Device,
     pub(super) queues: Box<[Mutex<vk::Queue>]>,
     pub(super) queue_family: u32,
+    /// Where compute shaders run (the self-test), if anywhere.
+    compute: Option<ComputeQueue>,
+    /// The queue families that use chunks: buffers are shared between
+    /// them (`CONCURRENT`) when there are two, so what a shader wrote a
+    /// copy reads without an ownership transfer.
+    families: Vec<u32>,
     pub(super) adapter: Adapter,
     pub(super) lost: AtomicBool,
     pub(super) spin: Duration,
@@ -75,6 +81,13 @@ pub(super) struct DeviceShared {
     pub(super) instance: Instance,
 }
 
+/// The compute queue: a queue of its own family, or (`own: None`) the
+/// first copy queue when that family computes too.
+struct ComputeQueue {
+    family: u32,
+    own: Option<Mutex<vk::Queue>>,
+}
+
 struct Memory {
     allocator: Option<Allocator>,
     chunks: Vec<Option<(vk::Buffer, Allocation)>>,
@@ -90,9 +103,19 @@ impl DeviceShared {
     ) -> Result<Self, BackendError> {
         let queue_count = adapter.queue_count.min(MAX_QUEUES);
         let priorities = vec![1.0f32; queue_count as usize];
-        let queue_info = [vk::DeviceQueueCreateInfo::default()
+        let mut queue_info = vec![vk::DeviceQueueCreateInfo::default()
             .queue_family_index(adapter.queue_family)
             .queue_priorities(&priorities)];
+        let separate_compute = adapter
+            .compute_family
+            .filter(|&family| family != adapter.queue_family);
+        if let Some(family) = separate_compute {
+            queue_info.push(
+                vk::DeviceQueueCreateInfo::default()
+                    .queue_family_index(family)
+                    .queue_priorities(&priorities[..1]),
+            );
+        }
         let mut extensions = Vec::new();
         if adapter.has_memory_budget {
             extensions.push(ash::ext::memory_budget::NAME.as_ptr());
@@ -111,6 +134,15 @@ impl DeviceShared {
             // SAFETY: the family and index were requested at device creation.
             .map(|i| Mutex::new(unsafe { raw.get_device_queue(adapter.queue_family, i) }))
             .collect();
+        let compute = adapter.compute_family.map(|family| ComputeQueue {
+            family,
+            own: separate_compute.map(|family| {
+                // SAFETY: queue 0 of this family was requested above.
+                Mutex::new(unsafe { raw.get_device_queue(family, 0) })
+            }),
+        });
+        let mut families = vec![adapter.queue_family];
+        families.extend(separate_compute);
         let allocator = Allocator::new(&AllocatorCreateDesc {
             instance: instance.raw.clone(),
             device: raw.clone(),
@@ -148,6 +180,8 @@ impl DeviceShared {
             raw,
             queues,
             queue_family: adapter.queue_family,
+            compute,
+            families,
             adapter,
             lost: AtomicBool::new(false),
             spin,
@@ -190,8 +224,15 @@ impl DeviceShared {
         self.instance.memory(&self.adapter, held, self.memory_limit)
     }
 
+    /// The compute queue's family and the queue, where the device has one.
+    pub(super) fn compute_queue(&self) -> Option<(u32, &Mutex<vk::Queue>)> {
+        let compute = self.compute.as_ref()?;
+        let queue = compute.own.as_ref().unwrap_or(&self.queues[0]);
+        Some((compute.family, queue))
+    }
+
     /// Makes a buffer with memory bound from `location`.
-    fn create_buffer(
+    pub(super) fn create_buffer(
         &self,
         size: u64,
         location: MemoryLocation,
@@ -209,14 +250,18 @@ impl DeviceShared {
         name: &str,
     ) -> Result<(vk::Buffer, Allocation), BackendError> {
         let allocator = memory.allocator.as_mut().ok_or(BackendError::DeviceLost)?;
-        let info = vk::BufferCreateInfo::default()
-            .size(size)
-            .usage(
-                vk::BufferUsageFlags::TRANSFER_SRC
-                    | vk::BufferUsageFlags::TRANSFER_DST
-                    | vk::BufferUsageFlags::STORAGE_BUFFER,
-            )
-            .sharing_mode(vk::SharingMode::EXCLUSIVE);
+        // STORAGE_BUFFER: the self-test's shaders read and write chunks.
+        let info = vk::BufferCreateInfo::default().size(size).usage(
+            vk::BufferUsageFlags::TRANSFER_SRC
+                | vk::BufferUsageFlags::TRANSFER_DST
+                | vk::BufferUsageFlags::STORAGE_BUFFER,
+        );
+        let info = if self.families.len() > 1 {
+            info.sharing_mode(vk::SharingMode::CONCURRENT)
+                .queue_family_indices(&self.families)
+        } else {
+            info.sharing_mode(vk::SharingMode::EXCLUSIVE)
+        };
         // SAFETY: valid create info; the buffer is destroyed below on error
         // or by `destroy_buffer`.
         let buffer = unsafe { self.raw.create_buffer(&info, None) }
@@ -380,11 +425,15 @@ impl DeviceShared {
                 }
                 drop(region);
             }
-            Staging::Allocated(allocation) => {
-                let mut memory = self.memory_lock();
-                Self::destroy_buffer_locked(&self.raw, &mut memory, buffer, allocation);
-            }
+            Staging::Allocated(allocation) => self.destroy_buffer(buffer, allocation),
         }
+    }
+
+    /// Destroys a buffer from [`DeviceShared::create_buffer`]. No submitted
+    /// work may use it any more.
+    pub(super) fn destroy_buffer(&self, buffer: vk::Buffer, allocation: Allocation) {
+        let mut memory = self.memory_lock();
+        Self::destroy_buffer_locked(&self.raw, &mut memory, buffer, allocation);
     }
 
     fn destroy_buffer_locked(

@@ -26,6 +26,9 @@ pub(super) struct Adapter {
     pub(super) info: DeviceInfo,
     pub(super) queue_family: u32,
     pub(super) queue_count: u32,
+    /// A family that can dispatch compute shaders (the self-test), when
+    /// the device has one; it may be `queue_family` itself.
+    pub(super) compute_family: Option<u32>,
     /// The largest device-local heap: where chunks live.
     pub(super) vram_heap: usize,
     pub(super) has_memory_budget: bool,
@@ -134,6 +137,17 @@ impl Instance {
             debug!("skipping {name}: no queue can copy buffers");
             return Ok(None);
         };
+        let computes =
+            |f: &vk::QueueFamilyProperties| f.queue_flags.contains(vk::QueueFlags::COMPUTE);
+        // The copy family when it computes too (one queue family for all),
+        // else the first that does.
+        let compute_family = if computes(&families[queue_family]) {
+            Some(queue_family)
+        } else {
+            families
+                .iter()
+                .position(|f| computes(f) && f.queue_count > 0)
+        };
 
         // SAFETY: `raw` came from this instance.
         let memory = unsafe { self.raw.get_physical_device_memory_properties(raw) };
@@ -166,6 +180,7 @@ impl Instance {
             },
             queue_family: queue_family as u32,
             queue_count: families[queue_family].queue_count,
+            compute_family: compute_family.map(|f| f as u32),
             vram_heap,
             has_memory_budget,
             host_import_alignment: has_host_import

@@ -83,7 +83,24 @@ impl VulkanLane {
         unsafe { device.begin_command_buffer(cmd, &begin) }
             .map_err(|e| conv::error("vkBeginCommandBuffer", e))?;
         let mut downloads = false;
-        for (i, op) in ops.iter().enumerate() {
+        // What the steps since the last barrier did to chunks: a later
+        // step that touches the same kind of bytes waits for them (copies
+        // in one command buffer may otherwise run in any order).
+        let (mut read, mut written) = (false, false);
+        for op in ops {
+            let writes_chunk = !matches!(op, TransferOp::Download { .. });
+            if written || (read && writes_chunk) {
+                self.barrier(
+                    vk::PipelineStageFlags::TRANSFER,
+                    vk::AccessFlags::TRANSFER_READ | vk::AccessFlags::TRANSFER_WRITE,
+                );
+                (read, written) = (false, false);
+            }
+            if writes_chunk {
+                written = true;
+            } else {
+                read = true;
+            }
             match *op {
                 TransferOp::Upload {
                     staging_offset,
@@ -139,13 +156,6 @@ impl VulkanLane {
                     let dst = self.shared.chunk_buffer(chunk)?;
                     // SAFETY: the range is 4-aligned and inside the buffer.
                     unsafe { device.cmd_fill_buffer(cmd, dst, chunk_offset, len, 0) };
-                    if i + 1 < ops.len() {
-                        // Later steps of this batch see the zeros.
-                        self.barrier(
-                            vk::PipelineStageFlags::TRANSFER,
-                            vk::AccessFlags::TRANSFER_READ | vk::AccessFlags::TRANSFER_WRITE,
-                        );
-                    }
                 }
             }
         }

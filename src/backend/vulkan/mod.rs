@@ -7,11 +7,17 @@
 //! wherever a Vulkan 1.1 driver does: NVIDIA, AMD, Intel, and Mesa's
 //! lavapipe on the CPU, which is what the tests use on machines with no GPU.
 //!
+//! The self-test runs `shaders/memtest.wgsl` on a compute-capable queue
+//! (the copy queue itself where its family computes); chunks are storage
+//! buffers, shared between the two families when they differ.
+//!
 //! Files split by lifetime: `instance` finds adapters, `device` opens one
-//! and owns its memory, `lane` records and waits for copies, `conv` holds
-//! every conversion between Vulkan's values and ours.
+//! and owns its memory, `lane` records and waits for copies, `compute`
+//! runs the self-test's shaders, `conv` holds every conversion between
+//! Vulkan's values and ours.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+mod compute;
 mod conv;
 mod device;
 mod instance;
@@ -20,9 +26,11 @@ mod lane;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use self::compute::VulkanSelfTest;
 use self::device::DeviceShared;
 use self::instance::Instance;
 use self::lane::VulkanLane;
+use super::selftest::SelfTest;
 use super::{
     select_device, Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, OpenOptions,
 };
@@ -37,6 +45,8 @@ pub fn enumerate() -> Result<Vec<DeviceInfo>, BackendError> {
 pub struct VulkanBackend {
     shared: Arc<DeviceShared>,
     next_queue: AtomicUsize,
+    /// `None` where no queue family can run compute shaders.
+    self_test: Option<VulkanSelfTest>,
 }
 
 impl VulkanBackend {
@@ -54,9 +64,13 @@ impl VulkanBackend {
                 available: infos.iter().map(DeviceInfo::short).collect(),
             })?;
         let adapter = adapters.swap_remove(position);
-        let shared = DeviceShared::open(instance, adapter, options.memory_limit)?;
+        let shared = Arc::new(DeviceShared::open(instance, adapter, options.memory_limit)?);
         Ok(VulkanBackend {
-            shared: Arc::new(shared),
+            self_test: shared
+                .compute_queue()
+                .is_some()
+                .then(|| VulkanSelfTest::new(shared.clone())),
+            shared,
             next_queue: AtomicUsize::new(0),
         })
     }
@@ -86,5 +100,9 @@ impl Backend for VulkanBackend {
             staging_bytes,
             queue,
         )?))
+    }
+
+    fn self_test(&self) -> Option<&dyn SelfTest> {
+        self.self_test.as_ref().map(|t| t as &dyn SelfTest)
     }
 }
