@@ -239,3 +239,70 @@ fn bad_flags_and_unknown_instances_are_clear_errors() {
         "[]"
     );
 }
+
+#[test]
+fn garbage_in_every_flag_is_one_clear_line_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("not.toml");
+    std::fs::write(&config, "[swap\nsize = \n").unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["start", "--backend", "opengl"], "opengl"),
+        (vec!["start", "--size", "0", "--dry-run"], "--size 0"),
+        (vec!["start", "--size", "-1G"], "-1"),
+        (vec!["start", "--size", "99999999999T"], "99999999999T"),
+        (vec!["start", "--size", "1.5.G"], "1.5.G"),
+        (vec!["start", "--reserve", "lots"], "lots"),
+        (vec!["start", "--priority", "99999999999"], "99999999999"),
+        (vec!["start", "--priority", "40000"], "--priority 40000"),
+        (vec!["start", "--priority", "high"], "high"),
+        (
+            vec!["start", "--nbd", "/dev/nbd-1", "--dry-run"],
+            "/dev/nbd-1",
+        ),
+        (vec!["start", "--connections", "many"], "many"),
+        (vec!["start", "--threads", "0"], "0"),
+        (vec!["start", "--timeout", "-5"], "-5"),
+        (vec!["start", "--timeout", "soon"], "soon"),
+        (vec!["start", "--allocation", ""], "allocation"),
+        (vec!["start", "--config", &config], "not.toml"),
+        (vec!["start", "a/b"], "a/b"),
+        (vec!["start", "--bogus"], "--bogus"),
+        (vec!["memtest", "--passes", "0"], "0"),
+        (vec!["memtest", "--size", "huge"], "huge"),
+        (vec!["memtest", "--patterns", "stripes"], "stripes"),
+        (vec!["devices", "--bogus"], "--bogus"),
+        (vec!["status", "--json", "--bogus"], "--bogus"),
+        (vec!["stop", "--all", "name"], "cannot be used with"),
+    ];
+    for (args, needle) in cases {
+        let run = vramswap(dir.path(), &args);
+        assert!(
+            matches!(run.code, Some(c) if c != 0 && c != 101),
+            "{args:?}: exit {:?} (0 is success, 101 a panic)\n{}",
+            run.code,
+            run.stderr
+        );
+        assert!(!run.stderr.contains("panicked"), "{args:?}: {}", run.stderr);
+        // The first line says it, or (--dry-run) the failed preflight check.
+        let first = run.stderr.lines().next().unwrap_or("");
+        let failed_check = run
+            .stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("FAIL") && l.contains(needle));
+        assert!(
+            first.contains(needle) || failed_check,
+            "{args:?}: the first line does not name {needle:?}:\n{}{}",
+            run.stderr,
+            run.stdout
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .filter(|n| n != "not.toml")
+            .collect();
+        assert!(left.is_empty(), "{args:?} left {left:?} behind");
+        assert_eq!(nbdkit_processes_for(dir.path()), 0, "{args:?}");
+    }
+}

@@ -161,10 +161,19 @@ impl Settings {
                     ),
                 }
             };
+        // swapon(8) takes -1 to 32767.
+        let priority = match self.priority {
+            None => 50,
+            Some(p) if (-1..=32767).contains(&p) => p,
+            Some(p) => bail!(
+                "{}: expected -1 to 32767",
+                origin.names("priority", &p.to_string())
+            ),
+        };
         Ok(StartOptions {
             name: name.to_string(),
             export,
-            priority: self.priority.unwrap_or(50),
+            priority,
             nbd: self.nbd.clone(),
             connections: range("connections", self.connections, 1, 64, 4)?,
             threads: range("threads", self.threads, 1, 1024, 16)?,
