@@ -306,3 +306,50 @@ fn garbage_in_every_flag_is_one_clear_line_and_leaves_nothing() {
         assert_eq!(nbdkit_processes_for(dir.path()), 0, "{args:?}");
     }
 }
+
+#[test]
+fn device_all_plans_one_member_per_gpu() {
+    // lavapipe is the one Vulkan device here: one member, named after the
+    // group and the GPU's index, serving that GPU.
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = plugin_path().to_string_lossy().into_owned();
+    let run = vramswap(
+        dir.path(),
+        &[
+            "start",
+            "swap",
+            "--backend",
+            "vulkan",
+            "--device",
+            "all",
+            "--size",
+            "64M",
+            "--plugin",
+            &plugin,
+            "--dry-run",
+        ],
+    );
+    assert!(
+        run.stdout.contains("/run/vramswap/swap-gpu0/") || run.stdout.contains("swap-gpu0"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("device=0"), "{}", run.stdout);
+    // No /dev/nbd here: the member's preflight fails, and says which member.
+    assert_ne!(run.code, Some(0));
+    assert!(
+        run.stderr
+            .lines()
+            .next()
+            .unwrap_or("")
+            .contains("swap-gpu0: "),
+        "{}",
+        run.stderr
+    );
+    let bad = vramswap(dir.path(), &["start", "--device", "0,0", "--dry-run"]);
+    assert!(
+        bad.stderr.contains("--device 0,0: names GPU 0 twice"),
+        "{}",
+        bad.stderr
+    );
+}

@@ -57,6 +57,7 @@ pub enum Command {
         vramswap start                               all free VRAM but 256 MiB, first GPU\n  \
         vramswap start --backend vulkan --size 8G    8 GiB through Vulkan\n  \
         vramswap start --device 1 --reserve 2G       second GPU, leave 2 GiB to others\n  \
+        vramswap start --device all --size 16G       16 GiB on every GPU, pages striped\n  \
         vramswap start scratch --allocation lazy --size 32G --priority 10\n  \
         vramswap start gpu0                          the [gpu0] area of /etc/vramswap.toml\n\n\
         Settings come from the NAME's section of the config file when there is one;\n\
@@ -209,7 +210,9 @@ pub struct StartArgs {
     /// GPU API [default: cuda when built in and it sees the device, else vulkan].
     #[arg(long)]
     pub backend: Option<Backend>,
-    /// GPU: index, part of its name, or UUID [default: the first discrete GPU].
+    /// GPU: index, part of its name, or UUID [default: the first discrete GPU];
+    /// `all` or a comma-separated list: one swap area per GPU, all at the
+    /// same priority (NAME-gpuI each, stopped and shown together as NAME).
     #[arg(long)]
     pub device: Option<String>,
     /// Size of the swap area, e.g. 8G [default: available VRAM minus --reserve].

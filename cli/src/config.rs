@@ -81,7 +81,9 @@ impl Origin {
         }
     }
 
-    fn names(&self, key: &str, value: &str) -> String {
+    /// `--key value` for a flag, `file:line: key = "value"` for a config
+    /// setting: how an error names a bad value.
+    pub fn names(&self, key: &str, value: &str) -> String {
         match self.keys.get(key) {
             Some(at) => format!("{at}: {key} = {value:?}"),
             None => format!("--{key} {value}"),
@@ -182,6 +184,7 @@ impl Settings {
             timeout: Duration::from_secs(self.timeout.unwrap_or(300)),
             memtest: self.memtest.unwrap_or(false),
             settings: self.clone(),
+            group: None,
         })
     }
 }

@@ -6,6 +6,7 @@
 mod args;
 mod config;
 mod devices;
+mod group;
 mod memtest;
 mod nbd;
 mod sleep;
@@ -76,8 +77,23 @@ fn start(system: &mut dyn System, gpus: &dyn Gpus, args: &StartArgs) -> Result<(
     let mut failed = Vec::new();
     for name in &names {
         let (file, origin) = config.areas.get(name).cloned().unwrap_or_default();
-        let options = file.overlay(&flags).to_options(name, &origin);
-        if let Err(err) = options.and_then(|o| start::run(system, gpus, &o, args.dry_run)) {
+        let settings = file.overlay(&flags);
+        let result = match group::devices(gpus, &settings, &origin) {
+            Ok(Some(indexes)) => group::start(
+                system,
+                gpus,
+                name,
+                &settings,
+                &origin,
+                &indexes,
+                args.dry_run,
+            ),
+            Ok(None) => settings
+                .to_options(name, &origin)
+                .and_then(|o| start::run(system, gpus, &o, args.dry_run)),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = result {
             if names.len() == 1 {
                 return Err(err);
             }

@@ -124,6 +124,7 @@ mod tests {
                 ..Default::default()
             },
             started: 0,
+            group: None,
         };
         system.fixture(
             &format!("/run/vramswap/{name}/state.json"),

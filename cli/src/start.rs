@@ -40,6 +40,8 @@ pub struct StartOptions {
     /// The settings these options were made from, kept in `state.json` so
     /// `resume` can start the area again exactly.
     pub settings: crate::config::Settings,
+    /// The group this instance is a member of (one GPU of several).
+    pub group: Option<String>,
 }
 
 /// What preflight found out: enough to run every step.
@@ -51,6 +53,9 @@ pub struct Plan {
     pub backend: BackendKind,
     pub device: DeviceInfo,
     pub size: u64,
+    /// On a machine with several NUMA nodes: the GPU's node and its CPUs,
+    /// which the server is pinned to.
+    pub numa: Option<(u32, String)>,
     pub options: StartOptions,
 }
 
@@ -210,6 +215,18 @@ pub fn preflight(
     if let (true, Ok((_, device)), Ok(size)) = (options.memtest, &gpu, &size) {
         check("memtest", memtest(gpus, device, *size));
     }
+    let numa = gpu
+        .as_ref()
+        .ok()
+        .and_then(|(_, device)| numa_node(system, device));
+    if let Some((node, cpus)) = &numa {
+        check(
+            "numa",
+            Ok(format!(
+                "GPU on node {node}: the server runs on its CPUs {cpus}"
+            )),
+        );
+    }
 
     // A dry run shows the plan even where the kernel has no NBD devices yet
     // (a start would load the module and use the first free one).
@@ -225,11 +242,51 @@ pub fn preflight(
             backend,
             device,
             size,
+            numa,
             options: options.clone(),
         }),
         _ => None,
     };
     (checks, plan)
+}
+
+/// The GPU's NUMA node and that node's CPU list, on a machine with more
+/// than one node (from sysfs; `None` on one node or when the kernel does
+/// not say). The server pinned to those CPUs keeps its I/O threads next to
+/// the GPU, and its staging buffers, first touched by those threads, in the
+/// node's memory.
+fn numa_node(system: &dyn System, device: &DeviceInfo) -> Option<(u32, String)> {
+    let nodes = system
+        .list(Path::new("/sys/devices/system/node"))
+        .ok()?
+        .into_iter()
+        .filter(|n| {
+            n.strip_prefix("node")
+                .is_some_and(|i| i.parse::<u32>().is_ok())
+        })
+        .count();
+    if nodes < 2 {
+        return None;
+    }
+    let bus = device.pci_bus_id.as_deref()?;
+    let node: u32 = system
+        .read(
+            &Path::new("/sys/bus/pci/devices")
+                .join(bus)
+                .join("numa_node"),
+        )
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cpus = system
+        .read(Path::new(&format!(
+            "/sys/devices/system/node/node{node}/cpulist"
+        )))
+        .ok()?
+        .trim()
+        .to_string();
+    (!cpus.is_empty()).then_some((node, cpus))
 }
 
 /// The quick memory test over the area about to be served: the same VRAM
@@ -407,8 +464,14 @@ impl Plan {
     fn nbdkit_command(&self) -> Cmd {
         let mut export = self.options.export.clone();
         export.backend = Some(self.backend);
-        Cmd::new("nbdkit")
-            .arg("--unix")
+        let cmd = match &self.numa {
+            Some((_, cpus)) => Cmd::new("taskset")
+                .arg("--cpu-list")
+                .arg(cpus)
+                .arg("nbdkit"),
+            None => Cmd::new("nbdkit"),
+        };
+        cmd.arg("--unix")
             .arg(self.instance.socket().to_string_lossy())
             .arg("--pidfile")
             .arg(self.instance.pidfile().to_string_lossy())
@@ -516,6 +579,7 @@ impl Plan {
             started: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            group: self.options.group.clone(),
         }
     }
 
@@ -754,6 +818,7 @@ mod tests {
             timeout: Duration::from_secs(300),
             memtest: false,
             settings: Default::default(),
+            group: None,
         }
     }
 
@@ -783,6 +848,32 @@ mod tests {
             devices: vec![gpu("NVIDIA H100 80GB HBM3", 79 << 30)],
             bad_blocks: Vec::new(),
         }
+    }
+
+    #[test]
+    fn on_several_numa_nodes_the_server_is_pinned_to_the_gpus_node() {
+        let mut system = machine();
+        system.fixture("/sys/devices/system/node/node0/cpulist", "0-7\n");
+        let (_, plan) = preflight(&mut system, &gpus(), &options(), false);
+        assert_eq!(plan.unwrap().numa, None, "one node: nothing to pin");
+
+        system.fixture("/sys/devices/system/node/node1/cpulist", "8-15,24-31\n");
+        system.fixture("/sys/bus/pci/devices/0000:01:00.0/numa_node", "1\n");
+        let (checks, plan) = preflight(&mut system, &gpus(), &options(), false);
+        let plan = plan.unwrap();
+        assert_eq!(plan.numa, Some((1, "8-15,24-31".to_string())));
+        assert!(checks.iter().any(|c| c.what == "numa"), "{checks:?}");
+        assert!(
+            plan.describe(Step::StartServer)
+                .contains("taskset --cpu-list 8-15,24-31 nbdkit --unix"),
+            "{}",
+            plan.describe(Step::StartServer)
+        );
+
+        // The kernel does not know the GPU's node: no pinning.
+        system.fixture("/sys/bus/pci/devices/0000:01:00.0/numa_node", "-1\n");
+        let (_, plan) = preflight(&mut system, &gpus(), &options(), false);
+        assert_eq!(plan.unwrap().numa, None);
     }
 
     #[test]

@@ -93,6 +93,10 @@ pub struct State {
     pub settings: crate::config::Settings,
     /// Seconds since the Unix epoch.
     pub started: u64,
+    /// The group this instance belongs to (`start --device all` or a list
+    /// of devices: one instance per GPU, all named after the group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 pub const STATE_VERSION: u32 = 1;
@@ -144,6 +148,35 @@ pub fn instances(system: &dyn System) -> Result<Vec<String>> {
     }
 }
 
+/// The instances `start` made as members of `group`, in name order; empty
+/// when there is no such group.
+pub fn group_members(system: &dyn System, group: &str) -> Result<Vec<String>> {
+    let mut members: Vec<String> = instances(system)?
+        .into_iter()
+        .filter(|name| {
+            InstanceDir::new(name)
+                .and_then(|i| State::load(system, &i))
+                .is_ok_and(|s| s.group.as_deref() == Some(group))
+        })
+        .collect();
+    members.sort();
+    Ok(members)
+}
+
+/// What a name on the command line of `stop` or `status` stands for: the
+/// instance of that name, else the members of the group of that name.
+pub fn resolve(system: &dyn System, name: &str) -> Result<Vec<String>> {
+    let instance = InstanceDir::new(name)?;
+    if system.exists(&instance.dir) {
+        return Ok(vec![name.to_string()]);
+    }
+    let members = group_members(system, name)?;
+    if members.is_empty() {
+        bail!("no instance '{name}'");
+    }
+    Ok(members)
+}
+
 /// The pid in nbdkit's pidfile, if it wrote one.
 pub fn read_pid(system: &dyn System, pidfile: &Path) -> Option<u32> {
     system.read(pidfile).ok()?.trim().parse().ok()
@@ -169,6 +202,7 @@ mod tests {
             connections: 4,
             settings: Default::default(),
             started: 1_795_000_000,
+            group: None,
         }
     }
 

@@ -12,6 +12,8 @@ use crate::system::System;
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct InstanceStatus {
     pub name: String,
+    /// The group of GPUs this instance is one of (`start --device all`).
+    pub group: Option<String>,
     pub healthy: bool,
     /// What is wrong, one phrase each.
     pub problems: Vec<String>,
@@ -38,6 +40,7 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
     }
     let mut status = InstanceStatus {
         name: name.to_string(),
+        group: None,
         healthy: false,
         problems: Vec::new(),
         nbd_device: None,
@@ -60,6 +63,7 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
             return Ok(status);
         }
     };
+    status.group = state.group.clone();
     status.server_alive = system.alive(state.pid);
     status.nbd_attached = nbd::kernel_name(&state.nbd_device)
         .map(|n| nbd::is_attached(system, n))
@@ -125,7 +129,11 @@ pub fn run(system: &dyn System, names: &[String], json: bool) -> Result<()> {
     let names = if names.is_empty() {
         state::instances(system)?
     } else {
-        names.to_vec()
+        let mut all = Vec::new();
+        for name in names {
+            all.extend(state::resolve(system, name)?);
+        }
+        all
     };
     let statuses = names
         .iter()
@@ -198,6 +206,7 @@ mod tests {
             connections: 4,
             settings: Default::default(),
             started: 0,
+            group: None,
         };
         system.fixture(
             &format!("/run/vramswap/{name}/state.json"),

@@ -29,8 +29,13 @@ pub fn run(system: &mut dyn System, names: &[String], all: bool) -> Result<()> {
         println!("vramswap: no instances to stop");
         return Ok(());
     }
-    let mut failed = Vec::new();
+    // A group's name stands for all its members.
+    let mut members = Vec::new();
     for name in &names {
+        members.extend(state::resolve(system, name)?);
+    }
+    let mut failed = Vec::new();
+    for name in &members {
         if let Err(err) = stop_one(system, name) {
             eprintln!("vramswap: error: {name}: {err:#}");
             failed.push(name.as_str());
@@ -144,6 +149,7 @@ mod tests {
             connections: 4,
             settings: Default::default(),
             started: 0,
+            group: None,
         };
         system.fixture("/run/vramswap/default/state.json", &state.to_json());
         system.fixture("/run/vramswap/default/nbdkit.pid", "4321\n");
