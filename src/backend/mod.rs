@@ -24,6 +24,34 @@ mod hostmem;
 pub mod selftest;
 
 pub use hostmem::copy_to_staging;
+
+/// Whether a GPU backend's device is lost. Once it is, every later call
+/// fails at once with [`BackendError::DeviceLost`]: nothing is retried on a
+/// device whose memory can no longer be trusted.
+#[cfg(any(feature = "vulkan", feature = "cuda"))]
+#[derive(Debug, Default)]
+pub(crate) struct LostFlag(std::sync::atomic::AtomicBool);
+
+#[cfg(any(feature = "vulkan", feature = "cuda"))]
+impl LostFlag {
+    pub(crate) fn check(&self) -> Result<(), BackendError> {
+        if self.0.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(BackendError::DeviceLost);
+        }
+        Ok(())
+    }
+
+    /// Passes `err` on, noting (and logging once, naming `device`) a lost
+    /// device.
+    pub(crate) fn note(&self, err: BackendError, device: &str) -> BackendError {
+        if err == BackendError::DeviceLost
+            && !self.0.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            tracing::warn!("{device}: device lost");
+        }
+        err
+    }
+}
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "vulkan")]

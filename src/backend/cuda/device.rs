@@ -1,7 +1,7 @@
 //! An open CUDA device: its primary context, and the table of chunk
 //! allocations the lanes copy to and from.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use cudarc::driver::sys;
@@ -9,7 +9,7 @@ use tracing::{debug, warn};
 
 use super::conv;
 use super::driver::Adapter;
-use crate::backend::{BackendError, ChunkId, DeviceInfo, MemoryReport, CHUNK_SIZE};
+use crate::backend::{BackendError, ChunkId, DeviceInfo, LostFlag, MemoryReport, CHUNK_SIZE};
 
 /// State every lane and chunk of one device shares. Dropped when the last
 /// of them is gone: chunks are freed, then the primary context released.
@@ -21,7 +21,7 @@ pub(super) struct DeviceShared {
     /// and other libraries in the process share, so a process that also
     /// uses CUDA elsewhere does not pay for (and switch between) two.
     ctx: sys::CUcontext,
-    lost: AtomicBool,
+    lost: LostFlag,
     /// Lanes polling their event right now, and how many may: a few
     /// spinners cut small-request latency, but nbdkit's worker threads
     /// spinning at once take the cores the socket and the client need.
@@ -62,7 +62,7 @@ impl DeviceShared {
             info,
             device,
             ctx,
-            lost: AtomicBool::new(false),
+            lost: LostFlag::default(),
             spinners: AtomicUsize::new(0),
             max_spinners: std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1)),
             memory_limit,
@@ -89,18 +89,12 @@ impl DeviceShared {
     }
 
     pub(super) fn check_alive(&self) -> Result<(), BackendError> {
-        if self.lost.load(Ordering::Acquire) {
-            return Err(BackendError::DeviceLost);
-        }
-        Ok(())
+        self.lost.check()
     }
 
     /// Notes a lost device: every later call fails at once.
     pub(super) fn note(&self, err: BackendError) -> BackendError {
-        if err == BackendError::DeviceLost && !self.lost.swap(true, Ordering::AcqRel) {
-            warn!("{}: CUDA device lost", self.info.name);
-        }
-        err
+        self.lost.note(err, &self.info.name)
     }
 
     /// Fails at once if the device is lost, else makes its context current

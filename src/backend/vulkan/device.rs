@@ -1,7 +1,7 @@
 //! An open Vulkan device: its transfer queues, its allocator, and the table
 //! of chunk buffers the lanes copy to and from.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use super::conv;
 use super::instance::{Adapter, Instance};
 use crate::backend::hostmem::LockedRegion;
-use crate::backend::{BackendError, ChunkId, DeviceKind, MemoryReport, CHUNK_SIZE};
+use crate::backend::{BackendError, ChunkId, DeviceKind, LostFlag, MemoryReport, CHUNK_SIZE};
 
 /// Queues of the transfer family used at once. NVIDIA exposes 2 transfer
 /// queues, AMD 1–2 SDMA queues; more lanes than queues share them.
@@ -63,7 +63,7 @@ pub(super) struct DeviceShared {
     /// copy reads without an ownership transfer.
     families: Vec<u32>,
     pub(super) adapter: Adapter,
-    pub(super) lost: AtomicBool,
+    lost: LostFlag,
     pub(super) spin: Duration,
     /// Lanes polling their fence right now, and how many may: a few
     /// spinners cut small-request latency, but 16 nbdkit threads spinning
@@ -183,7 +183,7 @@ impl DeviceShared {
             compute,
             families,
             adapter,
-            lost: AtomicBool::new(false),
+            lost: LostFlag::default(),
             spin,
             spinners: AtomicUsize::new(0),
             max_spinners: std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1)),
@@ -205,18 +205,12 @@ impl DeviceShared {
     }
 
     pub(super) fn check_alive(&self) -> Result<(), BackendError> {
-        if self.lost.load(Ordering::Acquire) {
-            return Err(BackendError::DeviceLost);
-        }
-        Ok(())
+        self.lost.check()
     }
 
     /// Notes a lost device: every later call fails at once.
     pub(super) fn note(&self, err: BackendError) -> BackendError {
-        if err == BackendError::DeviceLost && !self.lost.swap(true, Ordering::AcqRel) {
-            warn!("{}: Vulkan device lost", self.adapter.info.name);
-        }
-        err
+        self.lost.note(err, &self.adapter.info.name)
     }
 
     pub(super) fn memory_report(&self) -> MemoryReport {
