@@ -393,6 +393,7 @@ impl Plan {
                 "VRAMSWAP_STATUS_FILE",
                 self.instance.server_status().to_string_lossy(),
             )
+            .new_session()
     }
 
     fn attach_command(&self) -> Cmd {
@@ -769,7 +770,7 @@ mod tests {
             [
                 "mkdir -m 0700 /run/vramswap/default",
                                 "VRAMSWAP_LOG_FILE=/run/vramswap/default/nbdkit.log \
-                 VRAMSWAP_STATUS_FILE=/run/vramswap/default/server.json nbdkit --unix /run/vramswap/default/nbd.sock \
+                 VRAMSWAP_STATUS_FILE=/run/vramswap/default/server.json setsid nbdkit --unix /run/vramswap/default/nbd.sock \
                  --pidfile /run/vramswap/default/nbdkit.pid --threads 16 \
                  /usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so backend=vulkan size=8589934592",
                 "wait until nbdkit answers on /run/vramswap/default/nbd.sock (up to 300 s), then chmod 0600 it",
