@@ -22,6 +22,9 @@ vs() {
 # A counter from /proc/vmstat.
 vmstat() { awk -v k="$1" '$1 == k { print $2 }' /proc/vmstat; }
 
+# Used MiB and priority of swap area DEVICE: "USED PRIORITY".
+swap_used_prio() { awk -v d="$1" '$1 == d { print int($4 / 1024), $5 }' /proc/swaps; }
+
 # A field of /proc/meminfo, in MiB.
 meminfo_mib() { awk -v k="$1:" '$1 == k { print int($2 / 1024) }' /proc/meminfo; }
 
@@ -62,9 +65,9 @@ hogs_start() {
         hog_pids+=($!)
     done
     for seed in "$@"; do
-        until grep -q written "/tmp/hog-$seed.out"; do
+        until grep -qs written "/tmp/hog-$seed.out"; do
             for pid in "${hog_pids[@]}"; do
-                kill -0 "$pid" 2>/dev/null || { cat /tmp/hog-*.out; fail "hog $pid died while writing"; }
+                alive "$pid" || { cat /tmp/hog-*.out; fail "hog $pid died while writing"; }
             done
             sleep 0.5
         done
@@ -84,12 +87,20 @@ hogs_verify() {
     [ "$failed" = 0 ] || fail "a hog found corrupt pages or died"
 }
 
+# Whether process PID runs (a zombie, exited but not yet reaped by the
+# guest's busybox init, does not).
+alive() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ $stat != *") Z "* ]]
+}
+
 # Fails unless instance NAME on DEVICE left nothing behind: no directory,
 # no server, no swap area, the NBD device detached.
 expect_clean() {
     local name=$1 device=$2 pid=$3
     [ ! -e "/run/vramswap/$name" ] || fail "/run/vramswap/$name is still there"
-    ! kill -0 "$pid" 2>/dev/null || fail "nbdkit $pid still runs"
+    ! alive "$pid" || fail "nbdkit $pid still runs"
     ! grep -q "^$device " /proc/swaps || fail "$device is still a swap area"
     [ ! -e "/sys/block/${device#/dev/}/pid" ] || fail "$device is still attached"
     [ "$(cat "/sys/block/${device#/dev/}/size")" = 0 ] || fail "$device still has a size"

@@ -14,7 +14,7 @@ setsid bash -c "$(declare -f say vs)
     vs start --backend vulkan --size 256M && touch /tmp/started && exec sleep 600" &
 starter=$!
 until [ -e /tmp/started ]; do
-    kill -0 "$starter" 2>/dev/null || fail "start failed"
+    alive "$starter" || fail "start failed"
     sleep 0.5
 done
 kill -TERM -- -"$(ps -o pgid= -p "$starter" | tr -d ' ')"
@@ -22,7 +22,7 @@ wait "$starter" || true
 say "start took $((SECONDS - t0)) s"
 pid=$(server_pid default)
 device=$(nbd_device default)
-kill -0 "$pid" || fail "nbdkit died with the process group that started it"
+alive "$pid" || fail "nbdkit died with the process group that started it"
 grep "^$device " /proc/swaps || fail "$device is not a swap area"
 say "MemAvailable after start: $(meminfo_mib MemAvailable) MiB"
 
@@ -66,12 +66,12 @@ read -r out0 in0 < <(swapped_mib)
 t0=$SECONDS
 hogs_start "" "$tight" 5
 say "written in $((SECONDS - t0)) s; MemAvailable $(meminfo_mib MemAvailable) MiB, swap used $(awk -v d="$device" '$1 == d { print int($4 / 1024) }' /proc/swaps) MiB"
-kill -0 "$pid" || fail "nbdkit died under memory pressure"
+alive "$pid" || fail "nbdkit died under memory pressure"
 t0=$SECONDS
 hogs_verify
 say "verified in $((SECONDS - t0)) s"
 expect_swapped 64
-kill -0 "$pid" || fail "nbdkit died under memory pressure"
+alive "$pid" || fail "nbdkit died under memory pressure"
 vs status
 
 t0=$SECONDS
