@@ -185,6 +185,14 @@ pub trait System {
         std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))?;
         std::fs::rename(temp, real)
     }
+    /// Writes to a file that must exist, in place: a sysfs attribute.
+    fn write_attribute(&mut self, path: &Path, value: &str) -> io::Result<()> {
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(under(self.root(), path))?
+            .write_all(value.as_bytes())
+    }
     fn set_mode(&mut self, path: &Path, mode: u32) -> io::Result<()> {
         std::fs::set_permissions(
             under(self.root(), path),
@@ -516,6 +524,16 @@ pub mod fake {
             let real = under(self.root.path(), path);
             std::fs::write(&real, contents)?;
             std::fs::set_permissions(&real, std::fs::Permissions::from_mode(mode))
+        }
+
+        fn write_attribute(&mut self, path: &Path, value: &str) -> io::Result<()> {
+            self.calls.push(Call::Write(path.to_path_buf()));
+            self.check(&format!("write {}", path.display()))?;
+            let real = under(self.root.path(), path);
+            if !real.exists() {
+                return Err(io::Error::from(io::ErrorKind::NotFound));
+            }
+            std::fs::write(real, value)
         }
 
         fn set_mode(&mut self, path: &Path, mode: u32) -> io::Result<()> {
