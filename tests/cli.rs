@@ -124,7 +124,7 @@ fn dry_run_prints_the_plan_and_the_checks() {
     for needle in [
         "plan for instance 'test'".to_string(),
         format!("mkdir -m 0700 {}", run_dir.display()),
-        format!("nbdkit --unix {}/nbd.sock", run_dir.display()),
+        format!("setsid nbdkit --unix {}/nbd.sock", run_dir.display()),
         format!("{plugin} backend=vulkan size=67108864"),
         "-b 4096 -swap -C 4".to_string(),
         "mkswap -L vramswap-test".to_string(),

@@ -68,7 +68,9 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  vramswap stop\n  vramswap stop scratch\n  vramswap stop --all\n\n\
         swapoff moves every swapped-out page back into RAM first; if RAM cannot hold\n\
-        them it fails, and vramswap stops nothing."
+        them it fails, and vramswap stops nothing. An instance whose server has died\n\
+        has lost its pages (processes that touch them get SIGBUS): stop says so and\n\
+        removes it even if swapoff fails."
     )]
     Stop {
         /// Instances to stop [default: default].

@@ -66,16 +66,18 @@ pub enum Step {
     StartServer,
     WaitForServer,
     Attach,
+    NoThrottling,
     Mkswap,
     Swapon,
     WriteState,
 }
 
-pub const STEPS: [Step; 7] = [
+pub const STEPS: [Step; 8] = [
     Step::CreateDir,
     Step::StartServer,
     Step::WaitForServer,
     Step::Attach,
+    Step::NoThrottling,
     Step::Mkswap,
     Step::Swapon,
     Step::WriteState,
@@ -88,6 +90,7 @@ impl Step {
             Step::StartServer => "start nbdkit",
             Step::WaitForServer => "wait for nbdkit to serve",
             Step::Attach => "attach the NBD device",
+            Step::NoThrottling => "turn off writeback throttling",
             Step::Mkswap => "mkswap",
             Step::Swapon => "swapon",
             Step::WriteState => "record state",
@@ -484,6 +487,7 @@ impl Plan {
                 "VRAMSWAP_STATUS_FILE",
                 self.instance.server_status().to_string_lossy(),
             )
+            .new_session()
     }
 
     fn attach_command(&self) -> Cmd {
@@ -493,6 +497,19 @@ impl Plan {
             .arg(&self.nbd_device)
             .args(["-b", "4096", "-swap", "-C"])
             .arg(self.options.connections.to_string())
+    }
+
+    /// The NBD device's writeback throttling (wbt) latency target. vramswap
+    /// sets it to 0 (off). The device holds only swap, so there is no
+    /// buffered writeback whose reads wbt could protect; and on Linux 6.1
+    /// a server that dies with requests in flight leaves wbt's in-flight
+    /// count behind, after which every swap-out on that device (the next
+    /// instance gets the same /dev/nbdN) waits in wbt_wait forever. The
+    /// guest test `kill` hung that way until this step.
+    fn wbt_attribute(&self) -> PathBuf {
+        Path::new("/sys/block")
+            .join(nbd::kernel_name(&self.nbd_device).unwrap_or("nbd0"))
+            .join("queue/wbt_lat_usec")
     }
 
     fn mkswap_command(&self) -> Cmd {
@@ -525,6 +542,7 @@ impl Plan {
                 self.options.timeout.as_secs()
             ),
             Step::Attach => self.attach_command().to_string(),
+            Step::NoThrottling => format!("echo 0 > {}", self.wbt_attribute().display()),
             Step::Mkswap => self.mkswap_command().to_string(),
             Step::Swapon => self.swapon_command().to_string(),
             Step::WriteState => format!("write {}", self.instance.state().display()),
@@ -599,6 +617,17 @@ impl Plan {
             }
             Step::WaitForServer => self.wait_for_server(system),
             Step::Attach => run_ok(system, &self.attach_command()),
+            Step::NoThrottling => {
+                let attribute = self.wbt_attribute();
+                if !system.exists(&attribute) {
+                    // A kernel without writeback throttling.
+                    debug!("{} does not exist", attribute.display());
+                    return Ok(());
+                }
+                system
+                    .write_attribute(&attribute, "0")
+                    .with_context(|| format!("echo 0 > {}", attribute.display()))
+            }
             Step::Mkswap => run_ok(system, &self.mkswap_command()),
             Step::Swapon => run_ok(system, &self.swapon_command()),
             Step::WriteState => {
@@ -625,7 +654,9 @@ impl Plan {
                 &Cmd::new("nbd-client").arg("-d").arg(&self.nbd_device),
             )),
             Step::Swapon => Some(run_ok(system, &Cmd::new("swapoff").arg(&self.nbd_device))),
-            Step::WaitForServer | Step::Mkswap | Step::WriteState => None,
+            // Left off: the device is only ever vramswap's swap, and the
+            // hang it prevents outlives the instance (see wbt_attribute).
+            Step::WaitForServer | Step::NoThrottling | Step::Mkswap | Step::WriteState => None,
         }
     }
 
@@ -827,6 +858,7 @@ mod tests {
         let mut system = FakeSystem::new();
         system.fixture("/usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so", "");
         system.fixture("/sys/block/nbd0/size", "0\n");
+        system.fixture("/sys/block/nbd0/queue/wbt_lat_usec", "2000\n");
         system.fixture("/sys/block/nbd1/size", "0\n");
         system.fixture("/run/vramswap/.keep", "");
         system.answer("nbdkit --version", 0, "nbdkit 1.32.5\n", "");
@@ -890,11 +922,12 @@ mod tests {
             [
                 "mkdir -m 0700 /run/vramswap/default",
                                 "VRAMSWAP_LOG_FILE=/run/vramswap/default/nbdkit.log \
-                 VRAMSWAP_STATUS_FILE=/run/vramswap/default/server.json nbdkit --unix /run/vramswap/default/nbd.sock \
+                 VRAMSWAP_STATUS_FILE=/run/vramswap/default/server.json setsid nbdkit --unix /run/vramswap/default/nbd.sock \
                  --pidfile /run/vramswap/default/nbdkit.pid --threads 16 \
                  /usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so backend=vulkan size=8589934592",
                 "wait until nbdkit answers on /run/vramswap/default/nbd.sock (up to 300 s), then chmod 0600 it",
                 "nbd-client -unix /run/vramswap/default/nbd.sock /dev/nbd0 -b 4096 -swap -C 4",
+                "echo 0 > /sys/block/nbd0/queue/wbt_lat_usec",
                 "mkswap -L vramswap-default /dev/nbd0",
                 "swapon --priority 50 --discard /dev/nbd0",
                 "write /run/vramswap/default/state.json",
@@ -929,6 +962,22 @@ mod tests {
             .contains(&Call::SetMode(instance.socket(), 0o600)));
         let ran = system.ran();
         assert!(ran.iter().any(|l| l.starts_with("swapon")), "{ran:?}");
+        assert_eq!(
+            system
+                .read(Path::new("/sys/block/nbd0/queue/wbt_lat_usec"))
+                .unwrap(),
+            "0"
+        );
+    }
+
+    #[test]
+    fn a_kernel_without_writeback_throttling_is_fine() {
+        let mut system = machine();
+        with_server(&mut system);
+        std::fs::remove_dir_all(system.root.path().join("sys/block/nbd0/queue")).unwrap();
+        let (_, plan) = preflight(&mut system, &gpus(), &options(), false);
+        plan.unwrap().execute(&mut system).unwrap();
+        assert!(system.ran().iter().any(|l| l.starts_with("swapon")));
     }
 
     /// For every step: make it fail, and check that exactly the steps
@@ -940,6 +989,10 @@ mod tests {
             (Step::StartServer, "nbdkit --unix"),
             (Step::WaitForServer, ""),
             (Step::Attach, "nbd-client -unix"),
+            (
+                Step::NoThrottling,
+                "write /sys/block/nbd0/queue/wbt_lat_usec",
+            ),
             (Step::Mkswap, "mkswap"),
             (Step::Swapon, "swapon"),
             (Step::WriteState, "write /run/vramswap/default/state.json"),
@@ -981,7 +1034,10 @@ mod tests {
                 .position(|c| match c {
                     Call::Run(l) => !prefix.is_empty() && l.contains(prefix),
                     Call::CreateDir(_) => step == Step::CreateDir,
-                    Call::Write(p) => step == Step::WriteState && p.ends_with("state.json"),
+                    Call::Write(p) => {
+                        (step == Step::WriteState && p.ends_with("state.json"))
+                            || (step == Step::NoThrottling && p.ends_with("wbt_lat_usec"))
+                    }
                     _ => false,
                 })
                 .unwrap_or_else(|| {
@@ -1010,7 +1066,9 @@ mod tests {
                 // nbdkit failed to run: it wrote no pidfile, nothing to stop.
                 Step::StartServer => vec!["remove dir"],
                 Step::WaitForServer => vec!["stop nbdkit", "remove dir"],
-                Step::Attach | Step::Mkswap => vec!["detach", "stop nbdkit", "remove dir"],
+                Step::Attach | Step::NoThrottling | Step::Mkswap => {
+                    vec!["detach", "stop nbdkit", "remove dir"]
+                }
                 Step::Swapon | Step::WriteState => {
                     vec!["swapoff", "detach", "stop nbdkit", "remove dir"]
                 }

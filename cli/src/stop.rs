@@ -2,12 +2,19 @@
 //! RAM), then detach the NBD device, stop nbdkit (which gives the VRAM
 //! back) and remove the instance directory. If swapoff fails, nothing else
 //! is touched: the pages are still in VRAM and the server must keep them.
+//!
+//! Unless the server is dead: then its pages are lost whatever stop does
+//! (since Linux 6.0 swapoff succeeds and leaves an error entry for each
+//! lost page, so the process that touches one gets SIGBUS), and keeping
+//! the instance would only hold on to a useless NBD device. So stop says
+//! so, runs swapoff, and detaches and removes the instance even when
+//! swapoff fails, naming what is left.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tracing::info;
+use tracing::{info, warn};
 use vramswap::ByteSize;
 
 use crate::nbd;
@@ -54,9 +61,27 @@ pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
     }
     let state = State::load(system, &instance)?;
     let device = state.nbd_device.clone();
+    let server_alive = system.alive(state.pid);
+    if !server_alive {
+        warn!(
+            "{name}: nbdkit (pid {}) is not running: the pages it held are lost \
+             (processes that touch them get SIGBUS); removing what is left",
+            state.pid
+        );
+    }
 
+    let mut swap_left = None;
     if let Some(area) = nbd::swap_area(system, &device) {
-        swapoff(system, &device, area.used_kib)?;
+        if let Err(err) = swapoff(system, &device, area.used_kib) {
+            if server_alive {
+                bail!(
+                    "{err:#}: the pages stay in VRAM and nothing was stopped; free some RAM \
+                     (the kernel needs room for {}) and try again",
+                    ByteSize(nbd::swap_area(system, &device).map_or(0, |a| a.used_kib) << 10)
+                );
+            }
+            swap_left = Some(err);
+        }
     }
     let kernel_name = nbd::kernel_name(&device)?;
     if nbd::is_attached(system, kernel_name) {
@@ -72,6 +97,12 @@ pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
     system
         .remove_dir_all(&instance.dir)
         .with_context(|| format!("remove {}", instance.dir.display()))?;
+    if let Some(err) = swap_left {
+        bail!(
+            "{err:#}; the server was dead, so '{name}' was removed anyway: {device} stays an \
+             active swap area holding only lost pages until 'swapoff {device}' succeeds"
+        );
+    }
     println!(
         "vramswap: stopped '{name}' ({device}, {})",
         ByteSize(state.size)
@@ -113,12 +144,7 @@ fn swapoff(system: &mut dyn System, device: &str, used_kib: u64) -> Result<()> {
         eprintln!();
     }
     if !out.success() {
-        bail!(
-            "swapoff {device} failed ({}): the pages stay in VRAM and nothing was stopped; \
-             free some RAM (the kernel needs room for {}) and try again",
-            out.reason(),
-            ByteSize(remaining() << 10)
-        );
+        bail!("swapoff {device} failed ({})", out.reason());
     }
     info!(
         "swapoff {device}: done in {:.1} s",
@@ -167,18 +193,8 @@ mod tests {
     fn stop_undoes_start_in_order_and_removes_everything() {
         let mut system = running();
         stop_one(&mut system, "default").unwrap();
-        let order: Vec<String> = system
-            .calls
-            .iter()
-            .filter_map(|c| match c {
-                Call::Run(l) => Some(l.clone()),
-                Call::Signal(pid, sig) => Some(format!("signal {pid} {sig}")),
-                Call::RemoveDir(p) => Some(format!("rm {}", p.display())),
-                _ => None,
-            })
-            .collect();
         assert_eq!(
-            order,
+            actions(&system),
             [
                 "swapoff /dev/nbd0".to_string(),
                 "nbd-client -d /dev/nbd0".to_string(),
@@ -204,6 +220,63 @@ mod tests {
         assert_eq!(system.ran(), ["swapoff /dev/nbd0"]);
         assert!(system.alive.get(&4321) == Some(&true));
         assert!(system.exists(std::path::Path::new("/run/vramswap/default/state.json")));
+    }
+
+    /// The order of what stop did, as short words.
+    fn actions(system: &FakeSystem) -> Vec<String> {
+        system
+            .calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Run(l) => Some(l.clone()),
+                Call::Signal(pid, sig) => Some(format!("signal {pid} {sig}")),
+                Call::RemoveDir(p) => Some(format!("rm {}", p.display())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_dead_server_is_cleaned_up_without_signalling_it() {
+        let mut system = running();
+        system.alive.insert(4321, false);
+        stop_one(&mut system, "default").unwrap();
+        assert_eq!(
+            actions(&system),
+            [
+                "swapoff /dev/nbd0",
+                "nbd-client -d /dev/nbd0",
+                "rm /run/vramswap/default"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dead_server_is_removed_even_when_swapoff_fails() {
+        let mut system = running();
+        system.alive.insert(4321, false);
+        system.answer(
+            "swapoff",
+            255,
+            "",
+            "swapoff: /dev/nbd0: swapoff failed: Input/output error\n",
+        );
+        let err = format!("{:#}", stop_one(&mut system, "default").unwrap_err());
+        assert_eq!(
+            err,
+            "swapoff /dev/nbd0 failed (swapoff: /dev/nbd0: swapoff failed: Input/output error); \
+             the server was dead, so 'default' was removed anyway: /dev/nbd0 stays an active \
+             swap area holding only lost pages until 'swapoff /dev/nbd0' succeeds"
+        );
+        assert_eq!(
+            actions(&system),
+            [
+                "swapoff /dev/nbd0",
+                "nbd-client -d /dev/nbd0",
+                "rm /run/vramswap/default"
+            ]
+        );
+        assert!(!system.exists(std::path::Path::new("/run/vramswap/default")));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::fmt;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -21,6 +22,8 @@ pub struct Cmd {
     pub program: String,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Run it in a session of its own (`setsid`): see [`Cmd::new_session`].
+    pub new_session: bool,
 }
 
 impl Cmd {
@@ -29,7 +32,18 @@ impl Cmd {
             program: program.into(),
             args: Vec::new(),
             env: Vec::new(),
+            new_session: false,
         }
+    }
+
+    /// Runs the program in a new session and process group, away from the
+    /// caller's terminal: signals sent to the caller's process group (^C
+    /// in the script that ran `vramswap start`, `timeout`, `kill 0`) must
+    /// not reach a server that holds swapped-out pages. nbdkit daemonizes
+    /// without calling setsid itself.
+    pub fn new_session(mut self) -> Self {
+        self.new_session = true;
+        self
     }
 
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
@@ -63,6 +77,9 @@ impl fmt::Display for Cmd {
         };
         for (k, v) in &self.env {
             write!(f, "{k}={} ", quote(v))?;
+        }
+        if self.new_session {
+            write!(f, "setsid ")?;
         }
         write!(f, "{}", quote(&self.program))?;
         for a in &self.args {
@@ -168,6 +185,14 @@ pub trait System {
         std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))?;
         std::fs::rename(temp, real)
     }
+    /// Writes to a file that must exist, in place: a sysfs attribute.
+    fn write_attribute(&mut self, path: &Path, value: &str) -> io::Result<()> {
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(under(self.root(), path))?
+            .write_all(value.as_bytes())
+    }
     fn set_mode(&mut self, path: &Path, mode: u32) -> io::Result<()> {
         std::fs::set_permissions(
             under(self.root(), path),
@@ -231,6 +256,19 @@ fn command(cmd: &Cmd) -> Command {
     command.args(&cmd.args).stdin(Stdio::null());
     for (k, v) in &cmd.env {
         command.env(k, v);
+    }
+    if cmd.new_session {
+        // SAFETY: runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed; setsid(2) is one, and it
+        // touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
     }
     command
 }
@@ -488,6 +526,16 @@ pub mod fake {
             std::fs::set_permissions(&real, std::fs::Permissions::from_mode(mode))
         }
 
+        fn write_attribute(&mut self, path: &Path, value: &str) -> io::Result<()> {
+            self.calls.push(Call::Write(path.to_path_buf()));
+            self.check(&format!("write {}", path.display()))?;
+            let real = under(self.root.path(), path);
+            if !real.exists() {
+                return Err(io::Error::from(io::ErrorKind::NotFound));
+            }
+            std::fs::write(real, value)
+        }
+
         fn set_mode(&mut self, path: &Path, mode: u32) -> io::Result<()> {
             self.calls.push(Call::SetMode(path.to_path_buf(), mode));
             Ok(())
@@ -515,6 +563,10 @@ mod tests {
         assert_eq!(
             cmd.to_string(),
             "VRAMSWAP_LOG_FILE=/run/x.log nbdkit -U '/run/vramswap/a b/nbd.sock' size=8G"
+        );
+        assert_eq!(
+            Cmd::new("nbdkit").arg("-U").new_session().to_string(),
+            "setsid nbdkit -U"
         );
     }
 

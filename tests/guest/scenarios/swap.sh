@@ -1,0 +1,81 @@
+#!/bin/bash
+# Issue 10: the kernel swaps pages out to vramswap (lavapipe) and back, no
+# page is corrupted, status is healthy while pages are out, and stop leaves
+# nothing behind. One hog in a memory cgroup, three at once, then one that
+# squeezes the whole guest: it must neither deadlock nor OOM-kill nbdkit.
+# shellcheck source=SCRIPTDIR/../lib.sh
+. "$GUEST_DIR/lib.sh"
+
+# Started from a shell whose process group is then killed, as timeout(1)
+# or ^C would: nbdkit runs in a session of its own and must survive it.
+t0=$SECONDS
+rm -f /tmp/started
+setsid bash -c "$(declare -f say vs)
+    vs start --backend vulkan --size 256M && touch /tmp/started && exec sleep 600" &
+starter=$!
+until [ -e /tmp/started ]; do
+    alive "$starter" || fail "start failed"
+    sleep 0.5
+done
+kill -TERM -- -"$(ps -o pgid= -p "$starter" | tr -d ' ')"
+wait "$starter" || true
+say "start took $((SECONDS - t0)) s"
+pid=$(server_pid default)
+device=$(nbd_device default)
+alive "$pid" || fail "nbdkit died with the process group that started it"
+grep "^$device " /proc/swaps || fail "$device is not a swap area"
+say "MemAvailable after start: $(meminfo_mib MemAvailable) MiB"
+
+# Returns after checking pswpout and pswpin grew by at least MIB each.
+expect_swapped() {
+    read -r out1 in1 < <(swapped_mib)
+    say "pswpout +$((out1 - out0)) MiB, pswpin +$((in1 - in0)) MiB"
+    [ $((out1 - out0)) -ge "$1" ] || fail "only $((out1 - out0)) MiB swapped out"
+    [ $((in1 - in0)) -ge "$1" ] || fail "only $((in1 - in0)) MiB swapped in"
+}
+
+say "one hog: 224 MiB in a 128 MiB cgroup"
+cgroup one 128
+read -r out0 in0 < <(swapped_mib)
+t0=$SECONDS
+hogs_start one 224 1
+say "written in $((SECONDS - t0)) s; $(($(cat /sys/fs/cgroup/one/memory.swap.current) >> 20)) MiB swapped out"
+vs status
+vs status --json | grep -q '"swap_used": [1-9]' || fail "status shows no swap in use"
+t0=$SECONDS
+hogs_verify
+say "verified in $((SECONDS - t0)) s"
+expect_swapped 64
+
+say "three hogs at once: 3 x 72 MiB in a 160 MiB cgroup"
+cgroup three 160
+read -r out0 in0 < <(swapped_mib)
+t0=$SECONDS
+hogs_start three 72 2 3 4
+say "written in $((SECONDS - t0)) s; $(($(cat /sys/fs/cgroup/three/memory.swap.current) >> 20)) MiB swapped out"
+t0=$SECONDS
+hogs_verify
+say "verified in $((SECONDS - t0)) s"
+expect_swapped 56
+
+# No cgroup: RAM and "VRAM" (lavapipe's, in guest RAM) are one pool here,
+# so the hog takes what is available plus half the swap area.
+tight=$(($(meminfo_mib MemAvailable) + 128))
+say "tight memory: a $tight MiB hog in the whole guest (MemAvailable + 128 MiB)"
+read -r out0 in0 < <(swapped_mib)
+t0=$SECONDS
+hogs_start "" "$tight" 5
+say "written in $((SECONDS - t0)) s; MemAvailable $(meminfo_mib MemAvailable) MiB, swap used $(awk -v d="$device" '$1 == d { print int($4 / 1024) }' /proc/swaps) MiB"
+alive "$pid" || fail "nbdkit died under memory pressure"
+t0=$SECONDS
+hogs_verify
+say "verified in $((SECONDS - t0)) s"
+expect_swapped 64
+alive "$pid" || fail "nbdkit died under memory pressure"
+vs status
+
+t0=$SECONDS
+vs stop
+say "stop took $((SECONDS - t0)) s"
+expect_clean default "$device" "$pid"
+expect_no_oom
