@@ -12,7 +12,7 @@
 use std::process::Command;
 
 /// In the order they run; each leaves no instance behind for the next.
-const SCENARIOS: &[&str] = &["swap", "two", "sleep", "kill"];
+const SCENARIOS: &[&str] = &["swap", "two", "sleep", "kill", "crypt"];
 
 #[test]
 fn kernel_swap_on_vramswap_in_a_guest() {

@@ -253,6 +253,11 @@ pub struct StartArgs {
     /// serve) and refuse to start on bad memory.
     #[arg(long)]
     pub memtest: bool,
+    /// Swap on dm-crypt (plain, aes-xts-plain64) over the NBD device, with a
+    /// fresh random key each start: VRAM only ever holds ciphertext, and
+    /// nothing is readable after stop or reboot.
+    #[arg(long)]
+    pub encrypt: bool,
     /// Seconds to wait for nbdkit to open the GPU and answer [default: 300].
     #[arg(long)]
     pub timeout: Option<u64>,

@@ -62,6 +62,8 @@ pub struct Settings {
     pub verify: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memtest: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypt: Option<bool>,
 }
 
 /// Where a setting came from, for error messages.
@@ -112,6 +114,7 @@ impl Settings {
             timeout: pick(&self.timeout, &over.timeout),
             verify: pick(&self.verify, &over.verify),
             memtest: pick(&self.memtest, &over.memtest),
+            encrypt: pick(&self.encrypt, &over.encrypt),
         }
     }
 
@@ -183,6 +186,7 @@ impl Settings {
             discard: self.discard.unwrap_or(true),
             timeout: Duration::from_secs(self.timeout.unwrap_or(300)),
             memtest: self.memtest.unwrap_or(false),
+            encrypt: self.encrypt.unwrap_or(false),
             settings: self.clone(),
             group: None,
         })

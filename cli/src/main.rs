@@ -51,6 +51,7 @@ impl StartArgs {
             timeout: self.timeout,
             verify: self.verify.then_some(true),
             memtest: self.memtest.then_some(true),
+            encrypt: self.encrypt.then_some(true),
         }
     }
 }

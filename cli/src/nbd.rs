@@ -87,6 +87,20 @@ pub fn swaps_at(root: &Path) -> Vec<SwapArea> {
         .collect()
 }
 
+/// The names of device-mapper mapping `mapping`: /dev/mapper/NAME, and
+/// /dev/dm-N, which /proc/swaps shows where /dev/mapper/NAME is a link.
+pub fn mapper_paths(system: &dyn System, mapping: &str) -> Vec<String> {
+    let mut paths = vec![format!("/dev/mapper/{mapping}")];
+    let blocks = system.list(Path::new("/sys/block")).unwrap_or_default();
+    for block in blocks.into_iter().filter(|b| b.starts_with("dm-")) {
+        let name = system.read(&Path::new("/sys/block").join(&block).join("dm/name"));
+        if name.is_ok_and(|n| n.trim() == mapping) {
+            paths.push(format!("/dev/{block}"));
+        }
+    }
+    paths
+}
+
 pub fn swap_area(system: &dyn System, device: &str) -> Option<SwapArea> {
     swap_area_at(system.root(), device)
 }

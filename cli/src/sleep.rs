@@ -125,6 +125,7 @@ mod tests {
             },
             started: 0,
             group: None,
+            crypt: None,
         };
         system.fixture(
             &format!("/run/vramswap/{name}/state.json"),

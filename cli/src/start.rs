@@ -37,6 +37,8 @@ pub struct StartOptions {
     pub timeout: Duration,
     /// Test the VRAM (one quick memtest pass over `size`) in preflight.
     pub memtest: bool,
+    /// Swap on a dm-crypt mapping over the NBD device (`--encrypt`).
+    pub encrypt: bool,
     /// The settings these options were made from, kept in `state.json` so
     /// `resume` can start the area again exactly.
     pub settings: crate::config::Settings,
@@ -67,17 +69,20 @@ pub enum Step {
     WaitForServer,
     Attach,
     NoThrottling,
+    Encrypt,
     Mkswap,
     Swapon,
     WriteState,
 }
 
-pub const STEPS: [Step; 8] = [
+/// Every step, in order; [`Plan::steps`] leaves out those a plan skips.
+pub const STEPS: [Step; 9] = [
     Step::CreateDir,
     Step::StartServer,
     Step::WaitForServer,
     Step::Attach,
     Step::NoThrottling,
+    Step::Encrypt,
     Step::Mkswap,
     Step::Swapon,
     Step::WriteState,
@@ -91,6 +96,7 @@ impl Step {
             Step::WaitForServer => "wait for nbdkit to serve",
             Step::Attach => "attach the NBD device",
             Step::NoThrottling => "turn off writeback throttling",
+            Step::Encrypt => "open the dm-crypt mapping",
             Step::Mkswap => "mkswap",
             Step::Swapon => "swapon",
             Step::WriteState => "record state",
@@ -162,7 +168,10 @@ pub fn preflight(
         return (checks, None);
     }
 
-    let tools = ["nbd-client", "mkswap", "swapon", "swapoff"];
+    let mut tools = vec!["nbd-client", "mkswap", "swapon", "swapoff"];
+    if options.encrypt {
+        tools.push("cryptsetup");
+    }
     let missing: Vec<&str> = tools
         .iter()
         .copied()
@@ -174,8 +183,13 @@ pub fn preflight(
             Ok(tools.join(", "))
         } else {
             Err(format!(
-                "{} not found (install nbd-client and util-linux)",
-                missing.join(", ")
+                "{} not found (install nbd-client, util-linux{})",
+                missing.join(", "),
+                if options.encrypt {
+                    ", cryptsetup-bin"
+                } else {
+                    ""
+                }
             ))
         },
     );
@@ -512,11 +526,46 @@ impl Plan {
             .join("queue/wbt_lat_usec")
     }
 
+    /// The steps this plan runs, in order.
+    pub fn steps(&self) -> Vec<Step> {
+        STEPS
+            .into_iter()
+            .filter(|s| *s != Step::Encrypt || self.options.encrypt)
+            .collect()
+    }
+
+    /// The dm-crypt mapping swap runs on, with `--encrypt`.
+    pub fn crypt_mapping(&self) -> Option<String> {
+        self.options
+            .encrypt
+            .then(|| format!("vramswap-{}", self.instance.name))
+    }
+
+    /// The device that becomes swap: the mapping, or the NBD device.
+    fn swap_device(&self) -> String {
+        match self.crypt_mapping() {
+            Some(mapping) => format!("/dev/mapper/{mapping}"),
+            None => self.nbd_device.clone(),
+        }
+    }
+
+    /// Plain dm-crypt, the way crypttab's `swap` option sets up disk swap:
+    /// a random key read from /dev/urandom, held only by the kernel, gone
+    /// when the mapping is closed. 4 KiB sectors match the pages swapped.
+    fn encrypt_command(&self, mapping: &str) -> Cmd {
+        Cmd::new("cryptsetup")
+            .args(["open", "--type", "plain", "--cipher", "aes-xts-plain64"])
+            .args(["--key-size", "512", "--key-file", "/dev/urandom"])
+            .args(["--sector-size", "4096"])
+            .arg(&self.nbd_device)
+            .arg(mapping)
+    }
+
     fn mkswap_command(&self) -> Cmd {
         Cmd::new("mkswap")
             .arg("-L")
             .arg(format!("vramswap-{}", self.instance.name))
-            .arg(&self.nbd_device)
+            .arg(self.swap_device())
     }
 
     fn swapon_command(&self) -> Cmd {
@@ -528,7 +577,7 @@ impl Plan {
         } else {
             cmd
         };
-        cmd.arg(&self.nbd_device)
+        cmd.arg(self.swap_device())
     }
 
     /// What a step does, as `--dry-run` prints it.
@@ -543,6 +592,10 @@ impl Plan {
             ),
             Step::Attach => self.attach_command().to_string(),
             Step::NoThrottling => format!("echo 0 > {}", self.wbt_attribute().display()),
+            Step::Encrypt => match self.crypt_mapping() {
+                Some(mapping) => self.encrypt_command(&mapping).to_string(),
+                None => "no encryption".into(),
+            },
             Step::Mkswap => self.mkswap_command().to_string(),
             Step::Swapon => self.swapon_command().to_string(),
             Step::WriteState => format!("write {}", self.instance.state().display()),
@@ -575,7 +628,7 @@ impl Plan {
                 ""
             }
         );
-        for (i, step) in STEPS.iter().enumerate() {
+        for (i, step) in self.steps().iter().enumerate() {
             println!("  {}. {}", i + 1, self.describe(*step));
         }
     }
@@ -598,6 +651,7 @@ impl Plan {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             group: self.options.group.clone(),
+            crypt: self.crypt_mapping(),
         }
     }
 
@@ -628,6 +682,10 @@ impl Plan {
                     .write_attribute(&attribute, "0")
                     .with_context(|| format!("echo 0 > {}", attribute.display()))
             }
+            Step::Encrypt => match self.crypt_mapping() {
+                Some(mapping) => run_ok(system, &self.encrypt_command(&mapping)),
+                None => Ok(()),
+            },
             Step::Mkswap => run_ok(system, &self.mkswap_command()),
             Step::Swapon => run_ok(system, &self.swapon_command()),
             Step::WriteState => {
@@ -653,7 +711,10 @@ impl Plan {
                 system,
                 &Cmd::new("nbd-client").arg("-d").arg(&self.nbd_device),
             )),
-            Step::Swapon => Some(run_ok(system, &Cmd::new("swapoff").arg(&self.nbd_device))),
+            Step::Encrypt => self
+                .crypt_mapping()
+                .map(|mapping| run_ok(system, &Cmd::new("cryptsetup").arg("close").arg(mapping))),
+            Step::Swapon => Some(run_ok(system, &Cmd::new("swapoff").arg(self.swap_device()))),
             // Left off: the device is only ever vramswap's swap, and the
             // hang it prevents outlives the instance (see wbt_attribute).
             Step::WaitForServer | Step::NoThrottling | Step::Mkswap | Step::WriteState => None,
@@ -709,12 +770,13 @@ impl Plan {
     /// failed one, where undoing is harmless) are undone in reverse order,
     /// and the error says which step failed, why, and what was undone.
     pub fn execute(&self, system: &mut dyn System) -> Result<()> {
-        for (i, step) in STEPS.iter().enumerate() {
+        let steps = self.steps();
+        for (i, step) in steps.iter().enumerate() {
             info!("{}: {}", step.name(), self.describe(*step));
             if let Err(err) = self.run_step(system, *step) {
                 let mut undone = Vec::new();
                 let mut not_undone = Vec::new();
-                for (j, done) in STEPS[..=i].iter().enumerate().rev() {
+                for (j, done) in steps[..=i].iter().enumerate().rev() {
                     match self.undo_step(system, *done) {
                         None => {}
                         // The failed step itself was not done; undoing it
@@ -848,6 +910,7 @@ mod tests {
             discard: true,
             timeout: Duration::from_secs(300),
             memtest: false,
+            encrypt: false,
             settings: Default::default(),
             group: None,
         }
@@ -880,6 +943,33 @@ mod tests {
             devices: vec![gpu("NVIDIA H100 80GB HBM3", 79 << 30)],
             bad_blocks: Vec::new(),
         }
+    }
+
+    #[test]
+    fn encrypt_puts_swap_on_a_plain_dm_crypt_mapping_with_a_random_key() {
+        let mut system = machine();
+        with_server(&mut system);
+        let mut opts = options();
+        opts.encrypt = true;
+        let (_, plan) = preflight(&mut system, &gpus(), &opts, false);
+        let plan = plan.unwrap();
+        let lines: Vec<String> = plan.steps().iter().map(|s| plan.describe(*s)).collect();
+        assert_eq!(
+            lines[5..8],
+            [
+                "cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512 \
+                 --key-file /dev/urandom --sector-size 4096 /dev/nbd0 vramswap-default",
+                "mkswap -L vramswap-default /dev/mapper/vramswap-default",
+                "swapon --priority 50 --discard /dev/mapper/vramswap-default",
+            ]
+        );
+        plan.execute(&mut system).unwrap();
+        let state = State::load(&system, &plan.instance).unwrap();
+        assert_eq!(state.crypt.as_deref(), Some("vramswap-default"));
+        assert_eq!(state.nbd_device, "/dev/nbd0");
+        // Without --encrypt there is no such step at all.
+        let (_, plain) = preflight(&mut machine(), &gpus(), &options(), false);
+        assert!(!plain.unwrap().steps().contains(&Step::Encrypt));
     }
 
     #[test]
@@ -916,7 +1006,7 @@ mod tests {
         let plan = plan.unwrap();
         assert_eq!(plan.nbd_device, "/dev/nbd0");
         assert_eq!(plan.size, 8 << 30);
-        let lines: Vec<String> = STEPS.iter().map(|s| plan.describe(*s)).collect();
+        let lines: Vec<String> = plan.steps().iter().map(|s| plan.describe(*s)).collect();
         assert_eq!(
             lines,
             [
@@ -993,14 +1083,20 @@ mod tests {
                 Step::NoThrottling,
                 "write /sys/block/nbd0/queue/wbt_lat_usec",
             ),
+            (Step::Encrypt, "cryptsetup open"),
             (Step::Mkswap, "mkswap"),
             (Step::Swapon, "swapon"),
             (Step::WriteState, "write /run/vramswap/default/state.json"),
         ];
-        for (step, prefix) in failing {
+        let runs = [false, true]
+            .into_iter()
+            .flat_map(|encrypt| failing.iter().map(move |f| (encrypt, *f)))
+            .filter(|(encrypt, (step, _))| *encrypt || *step != Step::Encrypt);
+        for (encrypt, (step, prefix)) in runs {
             let mut system = machine();
             with_server(&mut system);
             let mut opts = options();
+            opts.encrypt = encrypt;
             if step == Step::WaitForServer {
                 // Alive but never answering: the wait times out.
                 system.answers_nbd = false;
@@ -1014,8 +1110,9 @@ mod tests {
                 system.fail_on = Some(prefix.to_string());
             }
             let (_, plan) = preflight(&mut system, &gpus(), &opts, false);
-            let err = plan.unwrap().execute(&mut system).unwrap_err().to_string();
-            let index = STEPS.iter().position(|s| *s == step).unwrap();
+            let plan = plan.unwrap();
+            let err = plan.execute(&mut system).unwrap_err().to_string();
+            let index = plan.steps().iter().position(|s| *s == step).unwrap();
             assert!(
                 err.starts_with(&format!("step {} ({})", index + 1, step.name())),
                 "{err}"
@@ -1054,6 +1151,7 @@ mod tests {
                 .filter_map(|c| match c {
                     Call::Run(l) if l.starts_with("swapoff") => Some("swapoff".to_string()),
                     Call::Run(l) if l.starts_with("nbd-client -d") => Some("detach".to_string()),
+                    Call::Run(l) if l.starts_with("cryptsetup close") => Some("close".to_string()),
                     Call::Signal(_, sig) if *sig == libc::SIGTERM => {
                         Some("stop nbdkit".to_string())
                     }
@@ -1061,20 +1159,25 @@ mod tests {
                     _ => None,
                 })
                 .collect();
-            let expected: Vec<&str> = match step {
+            let mut expected: Vec<&str> = match step {
                 Step::CreateDir => vec!["remove dir"],
                 // nbdkit failed to run: it wrote no pidfile, nothing to stop.
                 Step::StartServer => vec!["remove dir"],
                 Step::WaitForServer => vec!["stop nbdkit", "remove dir"],
-                Step::Attach | Step::NoThrottling | Step::Mkswap => {
-                    vec!["detach", "stop nbdkit", "remove dir"]
+                Step::Attach | Step::NoThrottling => vec!["detach", "stop nbdkit", "remove dir"],
+                // A failed open is closed too, in case it half happened.
+                Step::Encrypt | Step::Mkswap => {
+                    vec!["close", "detach", "stop nbdkit", "remove dir"]
                 }
                 Step::Swapon | Step::WriteState => {
-                    vec!["swapoff", "detach", "stop nbdkit", "remove dir"]
+                    vec!["swapoff", "close", "detach", "stop nbdkit", "remove dir"]
                 }
             };
+            if !encrypt {
+                expected.retain(|s| *s != "close");
+            }
 
-            assert_eq!(after, expected, "{step:?}: {err}");
+            assert_eq!(after, expected, "{step:?}, encrypt {encrypt}: {err}");
             assert!(
                 !system.exists(Path::new("/run/vramswap/default")),
                 "{step:?}: left the directory"

@@ -97,6 +97,27 @@ pub struct State {
     /// of devices: one instance per GPU, all named after the group).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// The dm-crypt mapping swap runs on (`--encrypt`), over `nbd_device`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crypt: Option<String>,
+}
+
+impl State {
+    /// The block devices the kernel may list this instance's swap area
+    /// under in /proc/swaps: the NBD device, or the dm-crypt mapping on it.
+    pub fn swap_paths(&self, system: &dyn System) -> Vec<String> {
+        match &self.crypt {
+            Some(mapping) => crate::nbd::mapper_paths(system, mapping),
+            None => vec![self.nbd_device.clone()],
+        }
+    }
+
+    /// This instance's active swap area and the path it is listed under.
+    pub fn swap_area(&self, system: &dyn System) -> Option<(String, crate::nbd::SwapArea)> {
+        self.swap_paths(system)
+            .into_iter()
+            .find_map(|path| crate::nbd::swap_area(system, &path).map(|area| (path, area)))
+    }
 }
 
 pub const STATE_VERSION: u32 = 1;
@@ -203,6 +224,7 @@ mod tests {
             settings: Default::default(),
             started: 1_795_000_000,
             group: None,
+            crypt: None,
         }
     }
 

@@ -14,6 +14,8 @@ pub struct InstanceStatus {
     pub name: String,
     /// The group of GPUs this instance is one of (`start --device all`).
     pub group: Option<String>,
+    /// The dm-crypt mapping swap runs on (`start --encrypt`).
+    pub crypt: Option<String>,
     pub healthy: bool,
     /// What is wrong, one phrase each.
     pub problems: Vec<String>,
@@ -41,6 +43,7 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
     let mut status = InstanceStatus {
         name: name.to_string(),
         group: None,
+        crypt: None,
         healthy: false,
         problems: Vec::new(),
         nbd_device: None,
@@ -64,13 +67,14 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
         }
     };
     status.group = state.group.clone();
+    status.crypt = state.crypt.clone();
     status.server_alive = system.alive(state.pid);
     status.nbd_attached = nbd::kernel_name(&state.nbd_device)
         .map(|n| nbd::is_attached(system, n))
         .unwrap_or(false);
-    let area = nbd::swap_area(system, &state.nbd_device);
+    let area = state.swap_area(system);
     status.swap_active = area.is_some();
-    status.swap_used = area.map(|a| a.used_kib << 10);
+    status.swap_used = area.map(|(_, a)| a.used_kib << 10);
     if !status.server_alive {
         status
             .problems
@@ -82,9 +86,10 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
             .push(format!("{} is not attached", state.nbd_device));
     }
     if !status.swap_active {
-        status
-            .problems
-            .push(format!("{} is not an active swap area", state.nbd_device));
+        status.problems.push(format!(
+            "{} is not an active swap area",
+            state.swap_paths(system)[0]
+        ));
     }
     if let Some(report) = system
         .read(&instance.server_status())
@@ -207,6 +212,7 @@ mod tests {
             settings: Default::default(),
             started: 0,
             group: None,
+            crypt: None,
         };
         system.fixture(
             &format!("/run/vramswap/{name}/state.json"),

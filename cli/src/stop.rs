@@ -71,16 +71,30 @@ pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
     }
 
     let mut swap_left = None;
-    if let Some(area) = nbd::swap_area(system, &device) {
-        if let Err(err) = swapoff(system, &device, area.used_kib) {
+    if let Some((swap, area)) = state.swap_area(system) {
+        if let Err(err) = swapoff(system, &swap, area.used_kib) {
             if server_alive {
                 bail!(
                     "{err:#}: the pages stay in VRAM and nothing was stopped; free some RAM \
                      (the kernel needs room for {}) and try again",
-                    ByteSize(nbd::swap_area(system, &device).map_or(0, |a| a.used_kib) << 10)
+                    ByteSize(nbd::swap_area(system, &swap).map_or(0, |a| a.used_kib) << 10)
                 );
             }
-            swap_left = Some(err);
+            swap_left = Some((swap, err));
+        }
+    }
+    // The mapping goes (its key with it) before the device under it.
+    if let Some(mapping) = &state.crypt {
+        if swap_left.is_none()
+            && system.exists(std::path::Path::new(&format!("/dev/mapper/{mapping}")))
+        {
+            let out = system.run(&Cmd::new("cryptsetup").args(["close", mapping]))?;
+            if !out.success() {
+                bail!(
+                    "cryptsetup close {mapping} failed: {}; the server keeps running",
+                    out.reason()
+                );
+            }
         }
     }
     let kernel_name = nbd::kernel_name(&device)?;
@@ -97,10 +111,10 @@ pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
     system
         .remove_dir_all(&instance.dir)
         .with_context(|| format!("remove {}", instance.dir.display()))?;
-    if let Some(err) = swap_left {
+    if let Some((swap, err)) = swap_left {
         bail!(
-            "{err:#}; the server was dead, so '{name}' was removed anyway: {device} stays an \
-             active swap area holding only lost pages until 'swapoff {device}' succeeds"
+            "{err:#}; the server was dead, so '{name}' was removed anyway: {swap} stays an \
+             active swap area holding only lost pages until 'swapoff {swap}' succeeds"
         );
     }
     println!(
@@ -176,6 +190,7 @@ mod tests {
             settings: Default::default(),
             started: 0,
             group: None,
+            crypt: None,
         };
         system.fixture("/run/vramswap/default/state.json", &state.to_json());
         system.fixture("/run/vramswap/default/nbdkit.pid", "4321\n");
@@ -203,6 +218,33 @@ mod tests {
             ]
         );
         assert!(!system.exists(std::path::Path::new("/run/vramswap/default")));
+    }
+
+    #[test]
+    fn an_encrypted_area_is_swapped_off_and_its_mapping_closed_before_detach() {
+        let mut system = running();
+        let instance = InstanceDir::new("default").unwrap();
+        let mut state = State::load(&system, &instance).unwrap();
+        state.crypt = Some("vramswap-default".into());
+        system.fixture("/run/vramswap/default/state.json", &state.to_json());
+        // /dev/mapper/NAME is a link to dm-0, which /proc/swaps names.
+        system.fixture("/dev/mapper/vramswap-default", "");
+        system.fixture("/sys/block/dm-0/dm/name", "vramswap-default\n");
+        system.fixture(
+            "/proc/swaps",
+            "Filename Type Size Used Priority\n/dev/dm-0 partition 262140 2048 50\n",
+        );
+        stop_one(&mut system, "default").unwrap();
+        assert_eq!(
+            actions(&system),
+            [
+                "swapoff /dev/dm-0".to_string(),
+                "cryptsetup close vramswap-default".to_string(),
+                "nbd-client -d /dev/nbd0".to_string(),
+                format!("signal 4321 {}", libc::SIGTERM),
+                "rm /run/vramswap/default".to_string(),
+            ]
+        );
     }
 
     #[test]
