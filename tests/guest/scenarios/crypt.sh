@@ -1,5 +1,6 @@
 #!/bin/bash
-# Issue 8: start --encrypt puts swap on a plain dm-crypt mapping with a
+# Issue 8: the instance directory and socket are root-only and nbdkit has no
+# network listener; start --encrypt puts swap on a plain dm-crypt mapping with a
 # random key over the NBD device. Pages swap out and back intact, the
 # export (read over a second NBD connection, as anyone who could reach the
 # socket or the VRAM would see it) holds none of the hog's plaintext, stop
@@ -36,6 +37,11 @@ grep -q '"crypt": "vramswap-crypt"' /run/vramswap/crypt/state.json || fail "stat
 [ -e /dev/mapper/vramswap-crypt ] || fail "no /dev/mapper/vramswap-crypt"
 ! grep -q "^$device " /proc/swaps || fail "swap is on $device itself, not the mapping"
 vs status crypt
+# Isolation: root's 0700 directory, a 0600 socket, no network listener.
+[ "$(stat -c '%a %U' /run/vramswap/crypt)" = "700 root" ] || fail "instance directory: $(stat -c '%a %U' /run/vramswap/crypt)"
+[ "$(stat -c '%a %U' /run/vramswap/crypt/nbd.sock)" = "600 root" ] || fail "socket: $(stat -c '%a %U' /run/vramswap/crypt/nbd.sock)"
+if ss -Hltunp | grep "pid=$pid,"; then fail "nbdkit listens on a network port"; fi
+say "socket 0600 in a 0700 directory, no TCP/UDP listener"
 swap_a_hog crypt
 tagged=$(tagged_words crypt 41)
 say "encrypted export: $tagged words carry the hog's tag"
