@@ -97,6 +97,13 @@ pub enum Command {
     Suspend,
     /// Start again the instances `suspend` stopped.
     Resume,
+    /// Apply the power policy: stop areas set to `on-battery = "stop"` while
+    /// on battery, start them again on AC.
+    ///
+    /// Run by vramswap-power.service, which a udev rule starts whenever a
+    /// power supply changes. Only areas this command stopped are started
+    /// again: an area stopped by hand stays stopped.
+    Power,
     /// Test GPU memory: write patterns into VRAM and check them on the GPU.
     ///
     /// Consumer GPUs have no ECC: a bad cell under swap silently corrupts a

@@ -64,6 +64,13 @@ pub struct Settings {
     pub memtest: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypt: Option<bool>,
+    /// The power policy (`vramswap power`): "stop" the area on battery, or
+    /// "keep" it (the default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_battery: Option<String>,
+    /// With `on-battery = "stop"`: only once the charge is under this %.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub battery_below: Option<u8>,
 }
 
 /// Where a setting came from, for error messages.
@@ -115,6 +122,8 @@ impl Settings {
             verify: pick(&self.verify, &over.verify),
             memtest: pick(&self.memtest, &over.memtest),
             encrypt: pick(&self.encrypt, &over.encrypt),
+            on_battery: pick(&self.on_battery, &over.on_battery),
+            battery_below: pick(&self.battery_below, &over.battery_below),
         }
     }
 
@@ -166,6 +175,22 @@ impl Settings {
                     ),
                 }
             };
+        if let Some(policy) = self.on_battery.as_deref() {
+            if policy != "keep" && policy != "stop" {
+                bail!(
+                    "{}: expected \"keep\" or \"stop\"",
+                    origin.names("on-battery", policy)
+                );
+            }
+        }
+        if let Some(percent) = self.battery_below {
+            if !(1..=100).contains(&percent) {
+                bail!(
+                    "{}: expected a charge of 1 to 100 %",
+                    origin.names("battery-below", &percent.to_string())
+                );
+            }
+        }
         // swapon(8) takes -1 to 32767.
         let priority = match self.priority {
             None => 50,
@@ -444,6 +469,14 @@ memtest = true
             (
                 "[\"bad name\"]\nsize = \"8G\"\n",
                 "/etc/vramswap.toml:1: invalid name 'bad name'",
+            ),
+            (
+                "[a]\non-battery = \"sometimes\"\n",
+                "/etc/vramswap.toml:2: on-battery = \"sometimes\": expected \"keep\" or \"stop\"",
+            ),
+            (
+                "[a]\nbattery-below = 0\n",
+                "/etc/vramswap.toml:2: battery-below = \"0\": expected a charge of 1 to 100 %",
             ),
         ] {
             let system = FakeSystem::new();

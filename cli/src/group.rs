@@ -62,6 +62,24 @@ pub fn devices(
     Ok(Some(indexes))
 }
 
+/// Starts area `name`: one instance, or a group when `settings` name
+/// several GPUs.
+pub fn start_area(
+    system: &mut dyn System,
+    gpus: &dyn Gpus,
+    name: &str,
+    settings: &Settings,
+    origin: &Origin,
+    dry_run: bool,
+) -> Result<()> {
+    match devices(gpus, settings, origin)? {
+        Some(indexes) => start(system, gpus, name, settings, origin, &indexes, dry_run),
+        None => settings
+            .to_options(name, origin)
+            .and_then(|o| crate::start::run(system, gpus, &o, dry_run)),
+    }
+}
+
 /// Starts one member per GPU, in order. If one fails, the members already
 /// started are stopped again (newest first), so a group is all or nothing.
 pub fn start(

@@ -9,6 +9,7 @@ mod devices;
 mod group;
 mod memtest;
 mod nbd;
+mod power;
 mod sleep;
 mod start;
 mod state;
@@ -52,6 +53,9 @@ impl StartArgs {
             verify: self.verify.then_some(true),
             memtest: self.memtest.then_some(true),
             encrypt: self.encrypt.then_some(true),
+            // The power policy is set in the config file only.
+            on_battery: None,
+            battery_below: None,
         }
     }
 }
@@ -79,21 +83,7 @@ fn start(system: &mut dyn System, gpus: &dyn Gpus, args: &StartArgs) -> Result<(
     for name in &names {
         let (file, origin) = config.areas.get(name).cloned().unwrap_or_default();
         let settings = file.overlay(&flags);
-        let result = match group::devices(gpus, &settings, &origin) {
-            Ok(Some(indexes)) => group::start(
-                system,
-                gpus,
-                name,
-                &settings,
-                &origin,
-                &indexes,
-                args.dry_run,
-            ),
-            Ok(None) => settings
-                .to_options(name, &origin)
-                .and_then(|o| start::run(system, gpus, &o, args.dry_run)),
-            Err(err) => Err(err),
-        };
+        let result = group::start_area(system, gpus, name, &settings, &origin, args.dry_run);
         if let Err(err) = result {
             if names.len() == 1 {
                 return Err(err);
@@ -158,6 +148,7 @@ fn main() -> ExitCode {
         Command::Status { names, json } => status::run(&system, names, *json),
         Command::Suspend => sleep::suspend(&mut system, &RealGpus),
         Command::Resume => sleep::resume(&mut system, &RealGpus),
+        Command::Power => power::run(&mut system, &RealGpus),
         Command::Memtest(args) => memtest::run(args, cli.quiet),
     };
     match result {
