@@ -31,7 +31,36 @@ verify=on|off            checksum (CRC32C) every 64K block on write and check
                          it on read: a block whose VRAM changed fails its
                          read with EIO instead of returning bad data
                          (default off)
+scrub=DURATION           with verify=on: re-read and check every written
+                         block once per DURATION (e.g. 24h, 30m, 90s) in
+                         the background, so a block that went bad is found
+                         and counted before a process reads it (default:
+                         no scrub)
 The preferred I/O size is 64K (one block); any offset and length work.";
+
+/// A period: a whole number with an optional unit, `s` (default), `m`,
+/// `h` or `d`; at least one second.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let seconds_per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err("expected a duration such as 90s, 30m, 24h or 7d".into()),
+    };
+    let seconds = number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(seconds_per))
+        .filter(|&s| s > 0)
+        .ok_or("expected a duration of at least 1s, such as 90s, 30m, 24h or 7d")?;
+    Ok(std::time::Duration::from_secs(seconds))
+}
 
 /// A refused parameter: names the key and the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +86,8 @@ pub struct ExportConfig {
     pub lanes: usize,
     pub staging: usize,
     pub verify: bool,
+    /// `scrub=`: one background pass over the written blocks per period.
+    pub scrub: Option<std::time::Duration>,
     /// Each `key=value` as given, for messages that quote the user.
     given: Vec<(String, String)>,
 }
@@ -72,6 +103,7 @@ impl Default for ExportConfig {
             lanes: DEFAULT_LANES,
             staging: DEFAULT_STAGING,
             verify: false,
+            scrub: None,
             given: Vec::new(),
         }
     }
@@ -132,6 +164,7 @@ impl ExportConfig {
                 }
                 self.staging = bytes as usize;
             }
+            "scrub" => self.scrub = Some(parse_duration(value).map_err(bad)?),
             "verify" => {
                 self.verify = match value.to_ascii_lowercase().as_str() {
                     "on" | "true" | "yes" | "1" => true,
@@ -164,6 +197,12 @@ impl ExportConfig {
                 "size={} and reserve={} exclude each other: reserve only applies when the size is automatic",
                 ByteSize(size),
                 ByteSize(reserve)
+            )));
+        }
+        if self.scrub.is_some() && !self.verify {
+            return Err(ConfigError(format!(
+                "scrub={}: needs verify=on (the scrub checks blocks against their checksums)",
+                self.given("scrub").unwrap_or_default()
             )));
         }
         if self.verify && (self.staging as u64) < 3 * BLOCK_SIZE {
@@ -209,6 +248,9 @@ impl ExportConfig {
         }
         if self.verify {
             args.push("verify=on".into());
+        }
+        if let Some(period) = self.scrub {
+            args.push(format!("scrub={}s", period.as_secs()));
         }
         args
     }
@@ -275,6 +317,20 @@ mod tests {
     }
 
     #[test]
+    fn scrub_needs_verify_and_reaches_nbdkit_in_seconds() {
+        let mut config = ExportConfig::default();
+        config.set("scrub", "24h").unwrap();
+        assert_eq!(config.scrub, Some(std::time::Duration::from_secs(86400)));
+        let err = config.complete().unwrap_err().to_string();
+        assert!(err.starts_with("scrub=24h: needs verify=on"), "{err}");
+        config.set("verify", "on").unwrap();
+        config.complete().unwrap();
+        assert!(config.to_args().contains(&"scrub=86400s".to_string()));
+        assert_eq!(parse_duration("90").unwrap().as_secs(), 90);
+        assert_eq!(parse_duration("30m").unwrap().as_secs(), 1800);
+    }
+
+    #[test]
     fn errors_name_the_key_and_value_on_one_line() {
         for (key, value, needle) in [
             ("size", "lots", "size=lots: 'lots' is not a size"),
@@ -296,6 +352,17 @@ mod tests {
             ),
             ("device", " ", "device= : empty value"),
             ("verify", "maybe", "verify=maybe: expected on or off"),
+            ("scrub", "soon", "scrub=soon: expected a duration"),
+            (
+                "scrub",
+                "0h",
+                "scrub=0h: expected a duration of at least 1s",
+            ),
+            (
+                "scrub",
+                "99999999999999999999d",
+                "scrub=99999999999999999999d: expected a duration",
+            ),
             ("colour", "blue", "unknown parameter 'colour'"),
         ] {
             let err = parse(&[(key, value)]).unwrap_err().to_string();

@@ -471,3 +471,40 @@ attempt('trim', lambda: h.trim(65536, 0))"
         "{status}"
     );
 }
+
+#[test]
+fn scrub_finds_a_bad_block_that_no_client_reads() {
+    // Upload 2 (the second write) lands with a bit flipped in VRAM. Nobody
+    // reads it back: the scrub, one pass over 128 blocks per 2 s, must find
+    // it, and count it, without a single request failing.
+    let mut server = serve(&[
+        "size=8M",
+        "verify=on",
+        "scrub=2s",
+        "inject-corrupt-upload-at=2",
+    ]);
+    let out = nbdsh(
+        &server.uri(),
+        &format!(
+            "{TRY}
+attempt('first', lambda: h.pwrite(b'1' * 65536, 0))
+attempt('second', lambda: h.pwrite(b'2' * 65536, 65536))"
+        ),
+    );
+    assert!(
+        out.contains("first ok") && out.contains("second ok"),
+        "{out}"
+    );
+    let status = server.status_when(|s| s["checksum_errors"].as_u64().unwrap_or(0) >= 1);
+    assert_eq!(status["failed_requests"], 0, "{status}");
+    assert!(server.is_running());
+    // And a scrub is refused without the checksums it checks.
+    let mut args = base_args();
+    args.extend(["size=8M".to_string(), "scrub=1h".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let refused = Server::try_start(&args)
+        .err()
+        .expect("scrub without verify started");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("scrub=1h: needs verify=on"), "{stderr}");
+}

@@ -256,6 +256,11 @@ pub struct StartArgs {
     /// process corrupt memory (the plugin's verify=on).
     #[arg(long)]
     pub verify: bool,
+    /// With --verify: re-check every written block once per PERIOD (e.g.
+    /// 24h) in the background, so VRAM that went bad is found before a
+    /// process reads it (the plugin's scrub=).
+    #[arg(long, value_name = "PERIOD")]
+    pub scrub: Option<String>,
     /// Test the VRAM first (one quick pass of memtest over the size to
     /// serve) and refuse to start on bad memory.
     #[arg(long)]

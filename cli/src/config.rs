@@ -64,6 +64,9 @@ pub struct Settings {
     pub memtest: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encrypt: Option<bool>,
+    /// The plugin's scrub= (with verify): a period such as "24h".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scrub: Option<String>,
     /// The power policy (`vramswap power`): "stop" the area on battery, or
     /// "keep" it (the default).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -122,6 +125,7 @@ impl Settings {
             verify: pick(&self.verify, &over.verify),
             memtest: pick(&self.memtest, &over.memtest),
             encrypt: pick(&self.encrypt, &over.encrypt),
+            scrub: pick(&self.scrub, &over.scrub),
             on_battery: pick(&self.on_battery, &over.on_battery),
             battery_below: pick(&self.battery_below, &over.battery_below),
         }
@@ -143,6 +147,7 @@ impl Settings {
             ("reserve", &self.reserve),
             ("allocation", &self.allocation),
             ("verify", &verify),
+            ("scrub", &self.scrub),
         ] {
             if let Some(value) = value {
                 export.set(key, value).map_err(|e| {
@@ -158,6 +163,12 @@ impl Settings {
             bail!(
                 "{}size {size} and reserve {reserve} exclude each other: reserve only applies when the size is automatic",
                 origin.prefix("reserve")
+            );
+        }
+        if let (Some(scrub), false) = (&self.scrub, export.verify) {
+            bail!(
+                "{}: needs verify (the scrub checks blocks against their checksums)",
+                origin.names("scrub", scrub)
             );
         }
         if let Some(nbd) = &self.nbd {
@@ -469,6 +480,14 @@ memtest = true
             (
                 "[\"bad name\"]\nsize = \"8G\"\n",
                 "/etc/vramswap.toml:1: invalid name 'bad name'",
+            ),
+            (
+                "[a]\nscrub = \"24h\"\n",
+                "/etc/vramswap.toml:2: scrub = \"24h\": needs verify",
+            ),
+            (
+                "[a]\nverify = true\nscrub = \"often\"\n",
+                "/etc/vramswap.toml:3: scrub = \"often\": expected a duration",
             ),
             (
                 "[a]\non-battery = \"sometimes\"\n",

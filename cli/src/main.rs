@@ -53,6 +53,7 @@ impl StartArgs {
             verify: self.verify.then_some(true),
             memtest: self.memtest.then_some(true),
             encrypt: self.encrypt.then_some(true),
+            scrub: self.scrub.clone(),
             // The power policy is set in the config file only.
             on_battery: None,
             battery_below: None,

@@ -43,6 +43,12 @@ pub fn record(event: Event, store: &RwLock<Option<Arc<BlockStore>>>) {
     }
 }
 
+/// Something the report shows changed (a block the scrub found bad): the
+/// flusher rewrites it within half a second.
+pub fn changed() {
+    DIRTY.store(true, Ordering::Release);
+}
+
 /// Starts the thread that writes changes the first write did not cover.
 pub fn start_flusher(store: &'static RwLock<Option<Arc<BlockStore>>>) {
     if std::env::var_os("VRAMSWAP_STATUS_FILE").is_none() {

@@ -12,6 +12,7 @@
 mod health;
 mod log;
 mod safety;
+mod scrub;
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -271,6 +272,11 @@ impl Server for VramSwap {
             *STORE.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(store));
             health::write(&STORE);
             health::start_flusher(&STORE);
+            let scrub = settings().as_ref().and_then(|s| s.export.scrub);
+            if let Some(period) = scrub {
+                info!("scrub: every written block is checked once per {period:?}");
+                scrub::start(&STORE, period);
+            }
             Ok(())
         })
     }
