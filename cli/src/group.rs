@@ -158,26 +158,9 @@ mod tests {
         }
     }
 
-    /// A machine with three free NBD devices where nbdkit "starts" for
-    /// each member (writes its pidfile).
+    /// Three free NBD devices; nbdkit "starts" for each of `members`.
     fn machine(members: &[&str]) -> FakeSystem {
-        let mut system = FakeSystem::new();
-        system.fixture("/usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so", "");
-        for n in 0..3 {
-            system.fixture(&format!("/sys/block/nbd{n}/size"), "0\n");
-        }
-        system.fixture("/run/vramswap/.keep", "");
-        system.answer("nbdkit --version", 0, "nbdkit 1.32.5\n", "");
-        for (i, member) in members.iter().enumerate() {
-            let pid = 4000 + i as u32;
-            system.on_run.push((
-                format!("nbdkit --unix /run/vramswap/{member}/"),
-                format!("/run/vramswap/{member}/nbdkit.pid"),
-                format!("{pid}\n"),
-            ));
-            system.alive.insert(pid, true);
-        }
-        system
+        FakeSystem::ready_to_start(3, members)
     }
 
     #[test]

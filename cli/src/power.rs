@@ -213,26 +213,13 @@ mod tests {
     }
 
     fn machine() -> FakeSystem {
-        let mut system = FakeSystem::new();
-        system.fixture("/usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so", "");
-        system.fixture("/sys/block/nbd0/size", "0\n");
-        system.fixture("/run/vramswap/.keep", "");
-        system.answer("nbdkit --version", 0, "nbdkit 1.32.5\n", "");
+        let system = FakeSystem::ready_to_start(1, &["laptop", "always"]);
         system.fixture(
             "/etc/vramswap.toml",
             "[laptop]\nsize = \"1G\"\non-battery = \"stop\"\nbattery-below = 50\n\
              plugin = \"/usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so\"\n\n\
              [always]\nsize = \"1G\"\n",
         );
-        for (i, name) in ["laptop", "always"].iter().enumerate() {
-            let pid = 5000 + i as u32;
-            system.on_run.push((
-                format!("nbdkit --unix /run/vramswap/{name}/"),
-                format!("/run/vramswap/{name}/nbdkit.pid"),
-                format!("{pid}\n"),
-            ));
-            system.alive.insert(pid, true);
-        }
         system
     }
 

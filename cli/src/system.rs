@@ -407,6 +407,30 @@ pub mod fake {
             }
         }
 
+        /// A machine where `start` can succeed: the plugin installed,
+        /// nbdkit 1.32, `nbd_devices` free NBD devices, and an nbdkit that
+        /// "starts" (writes its pidfile, pid 4000 + i, alive) for each of
+        /// `instances`.
+        pub fn ready_to_start(nbd_devices: usize, instances: &[&str]) -> Self {
+            let mut system = FakeSystem::new();
+            system.fixture("/usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so", "");
+            for n in 0..nbd_devices {
+                system.fixture(&format!("/sys/block/nbd{n}/size"), "0\n");
+            }
+            system.fixture("/run/vramswap/.keep", "");
+            system.answer("nbdkit --version", 0, "nbdkit 1.32.5\n", "");
+            for (i, name) in instances.iter().enumerate() {
+                let pid = 4000 + i as u32;
+                system.on_run.push((
+                    format!("nbdkit --unix /run/vramswap/{name}/"),
+                    format!("/run/vramswap/{name}/nbdkit.pid"),
+                    format!("{pid}\n"),
+                ));
+                system.alive.insert(pid, true);
+            }
+            system
+        }
+
         /// Writes a fixture file (absolute path inside the fake root).
         pub fn fixture(&self, path: &str, contents: &str) {
             let real = under(self.root.path(), Path::new(path));
