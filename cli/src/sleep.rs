@@ -23,7 +23,17 @@ use crate::{start, stop};
 /// What `resume` must start again.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Stopped {
-    areas: Vec<(String, Settings)>,
+    areas: Vec<Area>,
+}
+
+/// One instance as `start` made it: its settings, and the group it was a
+/// member of (`start --device all`), which it joins again.
+#[derive(Debug, Serialize, Deserialize)]
+struct Area {
+    name: String,
+    settings: Settings,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
 }
 
 fn resume_file() -> PathBuf {
@@ -45,8 +55,7 @@ pub fn suspend(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
     let mut stopped = Stopped::default();
     for name in state::instances(system)? {
         let instance = InstanceDir::new(&name)?;
-        let settings = State::load(system, &instance)
-            .map(|s| s.settings)
+        let state = State::load(system, &instance)
             .with_context(|| format!("{name}: cannot tell how to restart it after resume"))?;
         info!("suspend: stopping '{name}'");
         if let Err(err) = stop::stop_one(system, &name) {
@@ -55,7 +64,11 @@ pub fn suspend(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
             restart(system, gpus, &stopped.areas);
             bail!("'{name}' could not be stopped: {err:#}; not suspending");
         }
-        stopped.areas.push((name, settings));
+        stopped.areas.push(Area {
+            name,
+            settings: state.settings,
+            group: state.group,
+        });
         save(system, &stopped)?;
     }
     Ok(())
@@ -78,12 +91,20 @@ pub fn resume(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
 }
 
 /// Starts each area; returns the names that failed.
-fn restart(system: &mut dyn System, gpus: &dyn Gpus, areas: &[(String, Settings)]) -> Vec<String> {
+fn restart(system: &mut dyn System, gpus: &dyn Gpus, areas: &[Area]) -> Vec<String> {
     let mut failed = Vec::new();
-    for (name, settings) in areas {
+    for Area {
+        name,
+        settings,
+        group,
+    } in areas
+    {
         let started = settings
             .to_options(name, &Origin::default())
-            .and_then(|options| start::run(system, gpus, &options, false));
+            .and_then(|mut options| {
+                options.group = group.clone();
+                start::run(system, gpus, &options, false)
+            });
         if let Err(err) = started {
             error!("cannot start '{name}' again: {err:#}");
             failed.push(name.clone());
@@ -124,7 +145,8 @@ mod tests {
                 ..Default::default()
             },
             started: 0,
-            group: None,
+            // 'b' is one GPU of group 'g' (start g --device all).
+            group: (name == "b").then(|| "g".to_string()),
             crypt: None,
         };
         system.fixture(
@@ -181,6 +203,8 @@ mod tests {
             let state = State::load(&system, &InstanceDir::new(name).unwrap()).unwrap();
             assert_eq!(state.settings.size.as_deref(), Some("64M"));
         }
+        // Back in its group: `stop g` still means it.
+        assert_eq!(state::resolve(&system, "g").unwrap(), ["b"]);
         assert!(!pending(&system));
     }
 
