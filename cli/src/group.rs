@@ -195,16 +195,18 @@ mod tests {
         let mut system = machine(&["swap-gpu0", "swap-gpu2"]);
         let gpus = three_gpus();
         let origin = Origin::default();
-        start(
-            &mut system,
-            &gpus,
-            "swap",
-            &settings("0,2"),
-            &origin,
-            &[0, 2],
-            false,
-        )
-        .unwrap();
+        let start_swap = |system: &mut FakeSystem| {
+            start(
+                system,
+                &gpus,
+                "swap",
+                &settings("0,2"),
+                &origin,
+                &[0, 2],
+                false,
+            )
+        };
+        start_swap(&mut system).unwrap();
         assert_eq!(
             state::group_members(&system, "swap").unwrap(),
             ["swap-gpu0", "swap-gpu2"]
@@ -220,15 +222,7 @@ mod tests {
             .any(|c| c.contains("nbdkit") && c.contains("device=2")));
         // A second start of the same group is refused before anything runs.
         let before = system.ran().len();
-        let again = start(
-            &mut system,
-            &gpus,
-            "swap",
-            &settings("0,2"),
-            &origin,
-            &[0, 2],
-            false,
-        );
+        let again = start_swap(&mut system);
         assert!(again.unwrap_err().to_string().contains("already running"));
         assert_eq!(system.ran().len(), before);
         // `stop swap` means both members.

@@ -73,8 +73,10 @@ struct Stopped {
     areas: Vec<String>,
 }
 
+const RECORD_FILE: &str = "power.json";
+
 fn record_file() -> PathBuf {
-    run_dir().join("power.json")
+    run_dir().join(RECORD_FILE)
 }
 
 fn load(system: &dyn System) -> Result<Stopped> {
@@ -92,13 +94,7 @@ fn save(system: &mut dyn System, stopped: &Stopped) -> Result<()> {
         }
         return Ok(());
     }
-    if !system.exists(&run_dir()) {
-        system.create_dir(&run_dir(), 0o700)?;
-    }
-    let text = serde_json::to_string_pretty(stopped)?;
-    system
-        .write(&record_file(), &text, 0o600)
-        .with_context(|| format!("write {}", record_file().display()))
+    state::write_record(system, RECORD_FILE, stopped)
 }
 
 /// Applies the policy to every configured area.

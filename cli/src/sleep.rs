@@ -36,19 +36,10 @@ struct Area {
     group: Option<String>,
 }
 
-fn resume_file() -> PathBuf {
-    run_dir().join("resume.json")
-}
+const RESUME_FILE: &str = "resume.json";
 
-fn save(system: &mut dyn System, stopped: &Stopped) -> Result<()> {
-    let text = serde_json::to_string_pretty(stopped)?;
-    let dir = run_dir();
-    if !system.exists(&dir) {
-        system.create_dir(&dir, 0o700)?;
-    }
-    system
-        .write(&resume_file(), &text, 0o600)
-        .with_context(|| format!("write {}", resume_file().display()))
+fn resume_file() -> PathBuf {
+    run_dir().join(RESUME_FILE)
 }
 
 pub fn suspend(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
@@ -69,7 +60,7 @@ pub fn suspend(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
             settings: state.settings,
             group: state.group,
         });
-        save(system, &stopped)?;
+        state::write_record(system, RESUME_FILE, &stopped)?;
     }
     Ok(())
 }

@@ -198,6 +198,21 @@ pub fn resolve(system: &dyn System, name: &str) -> Result<Vec<String>> {
     Ok(members)
 }
 
+/// Writes `record` as JSON to `name` in the run directory (0600), making
+/// the directory (0700) first where need be: what suspend and the power
+/// policy keep for their next run.
+pub fn write_record(system: &mut dyn System, name: &str, record: &impl Serialize) -> Result<()> {
+    let dir = run_dir();
+    if !system.exists(&dir) {
+        system.create_dir(&dir, 0o700)?;
+    }
+    let path = dir.join(name);
+    let text = serde_json::to_string_pretty(record)?;
+    system
+        .write(&path, &text, 0o600)
+        .with_context(|| format!("write {}", path.display()))
+}
+
 /// The pid in nbdkit's pidfile, if it wrote one.
 pub fn read_pid(system: &dyn System, pidfile: &Path) -> Option<u32> {
     system.read(pidfile).ok()?.trim().parse().ok()
