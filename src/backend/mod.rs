@@ -56,6 +56,8 @@ impl LostFlag {
 pub mod cuda;
 #[cfg(feature = "vulkan")]
 pub mod vulkan;
+#[cfg(any(feature = "vulkan", feature = "cuda"))]
+mod wait;
 
 /// Size of one device allocation. VRAM is taken and given back in these.
 pub const CHUNK_SIZE: u64 = 4 << 20;

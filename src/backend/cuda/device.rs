@@ -1,7 +1,7 @@
 //! An open CUDA device: its primary context, and the table of chunk
 //! allocations the lanes copy to and from.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use cudarc::driver::sys;
@@ -9,6 +9,7 @@ use tracing::{debug, warn};
 
 use super::conv;
 use super::driver::Adapter;
+use crate::backend::wait::{WaitPolicy, SPIN};
 use crate::backend::{BackendError, ChunkId, DeviceInfo, LostFlag, MemoryReport, CHUNK_SIZE};
 
 /// State every lane and chunk of one device shares. Dropped when the last
@@ -22,11 +23,8 @@ pub(super) struct DeviceShared {
     /// uses CUDA elsewhere does not pay for (and switch between) two.
     ctx: sys::CUcontext,
     lost: LostFlag,
-    /// Lanes polling their event right now, and how many may: a few
-    /// spinners cut small-request latency, but nbdkit's worker threads
-    /// spinning at once take the cores the socket and the client need.
-    pub(super) spinners: AtomicUsize,
-    pub(super) max_spinners: usize,
+    /// Whether waiters poll their event or sleep.
+    pub(super) waits: WaitPolicy,
     memory_limit: Option<u64>,
     /// Chunk id → `CUdeviceptr` (0: none). Lanes read it without a lock;
     /// only allocation and free write it, under `memory`.
@@ -63,8 +61,7 @@ impl DeviceShared {
             device,
             ctx,
             lost: LostFlag::default(),
-            spinners: AtomicUsize::new(0),
-            max_spinners: std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1)),
+            waits: WaitPolicy::new(SPIN),
             memory_limit,
             chunks: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
             memory: Mutex::new(Memory {

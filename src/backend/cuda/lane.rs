@@ -3,9 +3,7 @@
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::{self, CUevent_flags, CUresult, CUstream_flags};
 use tracing::{debug, warn};
@@ -15,10 +13,6 @@ use super::device::DeviceShared;
 use crate::backend::hostmem::LockedRegion;
 use crate::backend::{BackendError, ChunkId, Lane, TransferOp, CHUNK_SIZE};
 
-/// How long `wait` polls the event before sleeping in the driver (if few
-/// other lanes are polling). A small copy over PCIe is done in a few
-/// microseconds; sleeping and being woken costs more than that.
-const SPIN: Duration = Duration::from_micros(100);
 /// `cuMemHostRegister` takes any range, but whole pages are what the
 /// driver pins, and what `LockedRegion` hands out at the least.
 const STAGING_ALIGN: usize = 4096;
@@ -276,42 +270,30 @@ impl CudaLane {
         }
     }
 
-    /// Polls the event until `SPIN` has passed since `start`: whether the
-    /// batch is done.
-    fn poll_event(&self, start: Instant) -> Result<bool, BackendError> {
-        loop {
-            // SAFETY: the event is the lane's and was recorded by `submit`.
-            match unsafe { sys::cuEventQuery(self.event) } {
-                CUresult::CUDA_SUCCESS => return Ok(true),
-                CUresult::CUDA_ERROR_NOT_READY => {}
-                other => return Err(self.shared.note(conv::error("cuEventQuery", other))),
-            }
-            if start.elapsed() >= SPIN {
-                return Ok(false);
-            }
-            std::hint::spin_loop();
+    /// Whether the batch is done.
+    fn query_event(&self) -> Result<bool, BackendError> {
+        // SAFETY: the event is the lane's and was recorded by `submit`.
+        match unsafe { sys::cuEventQuery(self.event) } {
+            CUresult::CUDA_SUCCESS => Ok(true),
+            CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            other => Err(self.shared.note(conv::error("cuEventQuery", other))),
         }
     }
 
     fn wait_event(&self) -> Result<(), BackendError> {
         self.shared.bind()?;
-        let start = Instant::now();
-        let shared = &self.shared;
-        if shared.spinners.fetch_add(1, Ordering::AcqRel) < shared.max_spinners {
-            let done = self.poll_event(start);
-            shared.spinners.fetch_sub(1, Ordering::AcqRel);
-            if done? {
-                return Ok(());
-            }
-        } else {
-            shared.spinners.fetch_sub(1, Ordering::AcqRel);
-        }
-        // SAFETY: the event is the lane's and was recorded by `submit`. It
-        // was made with blocking sync, so this sleeps until the batch is done.
-        conv::check("cuEventSynchronize", unsafe {
-            sys::cuEventSynchronize(self.event)
-        })
-        .map_err(|e| self.shared.note(e))
+        self.shared.waits.wait(
+            || self.query_event(),
+            || {
+                // SAFETY: the event is the lane's and was recorded by
+                // `submit`. It was made with blocking sync, so this sleeps
+                // until the batch is done.
+                conv::check("cuEventSynchronize", unsafe {
+                    sys::cuEventSynchronize(self.event)
+                })
+                .map_err(|e| self.shared.note(e))
+            },
+        )
     }
 }
 

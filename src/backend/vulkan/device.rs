@@ -1,7 +1,7 @@
 //! An open Vulkan device: its transfer queues, its allocator, and the table
 //! of chunk buffers the lanes copy to and from.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 use super::conv;
 use super::instance::{Adapter, Instance};
 use crate::backend::hostmem::LockedRegion;
+use crate::backend::wait::{self, WaitPolicy};
 use crate::backend::{BackendError, ChunkId, DeviceKind, LostFlag, MemoryReport, CHUNK_SIZE};
 
 /// Queues of the transfer family used at once. NVIDIA exposes 2 transfer
@@ -25,10 +26,6 @@ const MAX_QUEUES: u32 = 4;
 /// few enough `vkAllocateMemory` calls for an 80 GiB card (the driver
 /// limit is often 4096), small enough that lazy trims give memory back.
 const MEMBLOCK: u64 = 64 << 20;
-/// How long a lane polls its fence before sleeping in the driver. A 4 KiB
-/// copy over PCIe is done in a few microseconds; sleeping and waking costs
-/// more than that. Not on CPU "devices", where the copy needs the core.
-const SPIN_GPU: Duration = Duration::from_micros(100);
 
 /// Host memory a lane stages through.
 pub(super) enum Staging {
@@ -64,12 +61,8 @@ pub(super) struct DeviceShared {
     families: Vec<u32>,
     pub(super) adapter: Adapter,
     lost: LostFlag,
-    pub(super) spin: Duration,
-    /// Lanes polling their fence right now, and how many may: a few
-    /// spinners cut small-request latency, but 16 nbdkit threads spinning
-    /// at once take the cores the socket and the client need.
-    pub(super) spinners: AtomicUsize,
-    pub(super) max_spinners: usize,
+    /// Whether waiters poll their fence or sleep.
+    pub(super) waits: WaitPolicy,
     memory_limit: Option<u64>,
     /// Present when staging can be our own locked memory.
     host_import: Option<ash::ext::external_memory_host::Device>,
@@ -167,7 +160,7 @@ impl DeviceShared {
         let capacity = (heap_size / CHUNK_SIZE) as usize + 1;
         let spin = match adapter.info.kind {
             DeviceKind::Cpu => Duration::ZERO,
-            _ => SPIN_GPU,
+            _ => wait::SPIN,
         };
         debug!(
             device = %adapter.info.name,
@@ -184,9 +177,7 @@ impl DeviceShared {
             families,
             adapter,
             lost: LostFlag::default(),
-            spin,
-            spinners: AtomicUsize::new(0),
-            max_spinners: std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1)),
+            waits: WaitPolicy::new(spin),
             memory_limit,
             host_import,
             buffers: (0..capacity).map(|_| AtomicU64::new(0)).collect(),

@@ -1,7 +1,6 @@
 //! A Vulkan lane: a host-visible staging buffer, a command pool with one
 //! command buffer, and a fence, all made once.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -212,23 +211,12 @@ impl VulkanLane {
 
     fn wait_fence(&self) -> Result<(), BackendError> {
         let start = Instant::now();
-        let shared = &self.shared;
-        if shared.spinners.fetch_add(1, Ordering::AcqRel) < shared.max_spinners {
-            let mut done = Ok(false);
-            while start.elapsed() < shared.spin {
-                done = self.fence_status();
-                if !matches!(done, Ok(false)) {
-                    break;
-                }
-                std::hint::spin_loop();
-            }
-            shared.spinners.fetch_sub(1, Ordering::AcqRel);
-            if done? {
-                return Ok(());
-            }
-        } else {
-            shared.spinners.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.shared
+            .waits
+            .wait(|| self.fence_status(), || self.sleep_on_fence(start))
+    }
+
+    fn sleep_on_fence(&self, start: Instant) -> Result<(), BackendError> {
         let mut warned = false;
         loop {
             // SAFETY: the fence belongs to this device and was submitted.
