@@ -21,13 +21,17 @@
  * rest plain pattern: lz4 squeezes such pages about 3:1, like typical
  * program memory; 100 makes them incompressible (zram's worst case).
  *
- *   swaphog [--hold FILE] MIB THREADS PASSES TOUCHES [RANDOM_PCT]
+ *   swaphog [--flip] MIB THREADS PASSES TOUCHES [RANDOM_PCT]
  *   swaphog --swapon DEVICE PRIORITY
  *
  * The second form is swapon(8) with a priority, which the static busybox
  * lacks: swap areas of equal priority are used round-robin (striped).
- * With --hold, after the fill it prints "swaphog: written" and waits for
- * FILE (the guest corrupts swap meanwhile, to prove detection works).
+ * With --flip, after the fill it flips one bit of one page (the middle
+ * one), as a bad swap-in would return it: the self-test of detection, from
+ * the check to the exit status and the run's verdict. (Overwriting the
+ * swap disk itself is no test: it also corrupts whatever else the guest
+ * swapped out, its init included, and Linux refuses writes to an active
+ * swap device from inside.)
  * Prints "key=value" lines (times in seconds, latencies in microseconds)
  * and exits 0 only when no page was corrupt; 1 if one was.
  */
@@ -135,7 +139,7 @@ static void *run(void *arg)
     for (size_t p = w->first; p < end; p++)
         for (size_t i = 0; i < WORDS; i++)
             mem[p * WORDS + i] = word(p, i);
-    pthread_barrier_wait(&barrier); /* main: --hold */
+    pthread_barrier_wait(&barrier); /* main: --flip */
     pthread_barrier_wait(&barrier);
 
     for (size_t pass = 0; pass < passes; pass++)
@@ -172,7 +176,7 @@ static double pct(double *v, size_t n, double q)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: swaphog [--hold FILE] MIB THREADS PASSES TOUCHES [RANDOM_PCT]\n");
+    fprintf(stderr, "usage: swaphog [--flip] MIB THREADS PASSES TOUCHES [RANDOM_PCT]\n");
     return 2;
 }
 
@@ -186,11 +190,11 @@ int main(int argc, char **argv)
         }
         return 0;
     }
-    const char *hold = NULL;
-    if (argc > 2 && strcmp(argv[1], "--hold") == 0) {
-        hold = argv[2];
-        argc -= 2;
-        argv += 2;
+    int flip = 0;
+    if (argc > 1 && strcmp(argv[1], "--flip") == 0) {
+        flip = 1;
+        argc--;
+        argv++;
     }
     if (argc != 5 && argc != 6)
         return usage();
@@ -234,11 +238,9 @@ int main(int argc, char **argv)
     pthread_barrier_wait(&barrier); /* filled */
     t[1] = now();
     vmstat(v[1]);
-    if (hold) {
-        printf("swaphog: written\n");
-        fflush(stdout);
-        while (access(hold, F_OK) != 0)
-            usleep(100000);
+    if (flip) {
+        mem[pages / 2 * WORDS + WORDS / 2] ^= 1ull << 17;
+        printf("flipped=page-%zu\n", pages / 2);
     }
     double held = now() - t[1];
     vmstat(v[1]);
