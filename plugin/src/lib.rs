@@ -192,8 +192,10 @@ impl Server for VramSwap {
     }
 
     fn unload() {
-        // Gives the VRAM back before nbdkit exits.
+        // Gives the VRAM back before nbdkit exits, once every thread of ours
+        // that used the GPU has exited (nbdkit has joined its own by now).
         let store = STORE.write().unwrap_or_else(PoisonError::into_inner).take();
+        scrub::stop();
         drop(store);
     }
 

@@ -9,7 +9,9 @@
 //! about 1 MB/s), so it never competes with swap for more than a lane now
 //! and then. Blocks that hold no data are skipped without touching the GPU.
 
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::{error, warn};
@@ -19,6 +21,11 @@ use vramswap::{BlockStore, StoreError};
 use crate::health;
 
 type Slot = RwLock<Option<Arc<BlockStore>>>;
+
+/// The running scrub thread, if any.
+static THREAD: Mutex<Option<JoinHandle<()>>> = Mutex::new(None);
+/// Set by `stop`: the thread leaves at its next wake-up.
+static STOPPING: AtomicBool = AtomicBool::new(false);
 
 /// Starts the scrub thread for the store in `store` (opened by then).
 pub fn start(store: &'static Slot, period: Duration) {
@@ -30,8 +37,25 @@ pub fn start(store: &'static Slot, period: Duration) {
             let mut block = vec![0u8; BLOCK_SIZE as usize];
             while pass(store, period, &mut block) {}
         });
-    if let Err(err) = spawned {
-        warn!("scrub: no scrub thread ({err}); blocks are checked only when read");
+    match spawned {
+        Ok(handle) => *THREAD.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle),
+        Err(err) => warn!("scrub: no scrub thread ({err}); blocks are checked only when read"),
+    }
+}
+
+/// Wakes the scrub thread and waits until it has exited. `unload` calls it
+/// before the last reference to the store goes: on NVIDIA's Vulkan driver a
+/// thread that used the driver and exits while another destroys the device
+/// can deadlock the two (docs/RELIABILITY.md), so the device must outlive
+/// every thread that used it.
+pub fn stop() {
+    STOPPING.store(true, Ordering::Release);
+    let handle = THREAD.lock().unwrap_or_else(PoisonError::into_inner).take();
+    if let Some(handle) = handle {
+        handle.thread().unpark();
+        if handle.join().is_err() {
+            warn!("scrub: the scrub thread panicked");
+        }
     }
 }
 
@@ -40,7 +64,12 @@ pub fn start(store: &'static Slot, period: Duration) {
 /// The store is taken afresh for each block, never held between them, so
 /// closing it (which scrubs and frees the VRAM) never waits on a pass.
 fn pass(slot: &Slot, period: Duration, block: &mut [u8]) -> bool {
-    let current = || slot.read().unwrap_or_else(PoisonError::into_inner).clone();
+    let current = || {
+        if STOPPING.load(Ordering::Acquire) {
+            return None;
+        }
+        slot.read().unwrap_or_else(PoisonError::into_inner).clone()
+    };
     let Some(blocks) = current().map(|s| s.size() / BLOCK_SIZE) else {
         return false;
     };
@@ -48,8 +77,13 @@ fn pass(slot: &Slot, period: Duration, block: &mut [u8]) -> bool {
     let mut next = Instant::now();
     for index in 0..blocks {
         next += step;
-        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
+        // Parked rather than asleep, so `stop` need not wait out a step
+        // (an hour's period over a small export is seconds per block).
+        while let Some(wait) = next.checked_duration_since(Instant::now()) {
+            if STOPPING.load(Ordering::Acquire) {
+                return false;
+            }
+            std::thread::park_timeout(wait);
         }
         let Some(store) = current() else {
             return false;
