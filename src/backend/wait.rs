@@ -73,3 +73,85 @@ impl Drop for Leave<'_> {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn a_cpu_device_never_polls() {
+        let policy = WaitPolicy::new(Duration::ZERO);
+        let polls = Cell::new(0);
+        let slept = Cell::new(false);
+        let result = policy.wait(
+            || {
+                polls.set(polls.get() + 1);
+                Ok(true)
+            },
+            || {
+                slept.set(true);
+                Ok(())
+            },
+        );
+        assert_eq!(result, Ok(()));
+        assert_eq!(polls.get(), 0);
+        assert!(slept.get());
+    }
+
+    #[test]
+    fn a_batch_done_while_polling_needs_no_sleep() {
+        let policy = WaitPolicy::new(SPIN);
+        let polls = Cell::new(0);
+        let result = policy.wait(
+            || {
+                polls.set(polls.get() + 1);
+                Ok(polls.get() == 3)
+            },
+            || panic!("slept although the batch finished while polling"),
+        );
+        assert_eq!(result, Ok(()));
+        assert_eq!(polls.get(), 3);
+        assert_eq!(policy.polling.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_slow_batch_polls_for_the_spin_then_sleeps() {
+        let spin = Duration::from_millis(5);
+        let policy = WaitPolicy::new(spin);
+        let start = Instant::now();
+        let slept = Cell::new(false);
+        let result = policy.wait(
+            || Ok(false),
+            || {
+                slept.set(true);
+                Ok(())
+            },
+        );
+        assert_eq!(result, Ok(()));
+        assert!(slept.get());
+        assert!(start.elapsed() >= spin);
+        assert_eq!(policy.polling.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn past_the_pollers_allowed_a_waiter_sleeps_at_once() {
+        let policy = WaitPolicy::new(SPIN);
+        // Every polling place taken, as by other threads.
+        policy.polling.store(policy.max_pollers, Ordering::Release);
+        let result = policy.wait(|| panic!("polled past the limit"), || Ok(()));
+        assert_eq!(result, Ok(()));
+        assert_eq!(policy.polling.load(Ordering::Acquire), policy.max_pollers);
+    }
+
+    #[test]
+    fn an_error_while_polling_is_returned_and_frees_the_place() {
+        let policy = WaitPolicy::new(SPIN);
+        let result = policy.wait(
+            || Err(BackendError::DeviceLost),
+            || panic!("slept after the device was lost"),
+        );
+        assert_eq!(result, Err(BackendError::DeviceLost));
+        assert_eq!(policy.polling.load(Ordering::Acquire), 0);
+    }
+}
