@@ -5,14 +5,26 @@
  * every page back and counts the bad ones.
  *
  *   hog [--hold FILE] MIB SEED
+ *   hog --watchdog PID SECONDS FILE
  *
  * With --hold, after writing it prints "hog SEED: written" and waits until
  * FILE exists before verifying (the scenario swaps, stops, kills... in
  * between). Prints "hog SEED: MIB MiB, N pages, M corrupt" and exits 0 only
  * when M is 0; 2 for bad arguments. A page lost with its swap device kills
  * the hog with SIGBUS, which the caller sees as its exit status.
+ *
+ * --watchdog, with all its memory locked, waits up to SECONDS for FILE to
+ * appear (exit 0). If it does not, it prints where every thread of PID
+ * waits (state, wchan, kernel stack), the memory figures, and asks the
+ * kernel for its blocked tasks and every CPU's backtrace (sysrq w and l),
+ * then exits 1. A swap deadlock stops every process with a page out on
+ * the stuck device, the scenario's shell and timeout(1) included, and the
+ * kernel's hung-task report names only tasks in D state: this is what
+ * says where the server is.
  */
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,12 +42,80 @@ static uint64_t word(uint64_t seed, uint64_t page, uint64_t i)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: hog [--hold FILE] MIB SEED\n");
+    fprintf(stderr, "usage: hog [--hold FILE] MIB SEED | hog --watchdog PID SECONDS FILE\n");
     return 2;
+}
+
+/* Prints PREFIX and the file PATH, up to 8 KiB of it. */
+static void show(const char *prefix, const char *path)
+{
+    static char buf[8192];
+    int fd = open(path, O_RDONLY);
+    ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof buf - 1);
+    if (fd >= 0)
+        close(fd);
+    buf[n > 0 ? n : 0] = 0;
+    printf("%s%s%s", prefix, buf, n > 0 && buf[n - 1] == '\n' ? "" : "\n");
+}
+
+static void sysrq(char key)
+{
+    int fd = open("/proc/sysrq-trigger", O_WRONLY);
+    if (fd >= 0) {
+        if (write(fd, &key, 1) != 1)
+            perror("watchdog: sysrq");
+        close(fd);
+    }
+}
+
+static int watchdog(const char *pid, unsigned long seconds, const char *file)
+{
+    char path[256];
+    if (mlockall(MCL_CURRENT | MCL_FUTURE) != 0)
+        perror("watchdog: mlockall");
+    /* Whatever opendir allocates, allocated now, while memory is free. */
+    snprintf(path, sizeof path, "/proc/%s/task", pid);
+    DIR *dir = opendir(path);
+    if (dir)
+        closedir(dir);
+    for (unsigned long s = 0; s < seconds; s++) {
+        if (access(file, F_OK) == 0)
+            return 0;
+        sleep(1);
+    }
+    printf("watchdog: no progress after %lu s; where process %s's threads wait:\n", seconds, pid);
+    dir = opendir(path);
+    for (struct dirent *e; dir && (e = readdir(dir));) {
+        if (e->d_name[0] == '.')
+            continue;
+        char item[600];
+        snprintf(item, sizeof item, "%s/%s/comm", path, e->d_name);
+        show("== thread ", item);
+        snprintf(item, sizeof item, "%s/%s/stat", path, e->d_name);
+        show("   stat: ", item);
+        snprintf(item, sizeof item, "%s/%s/wchan", path, e->d_name);
+        show("   wchan: ", item);
+        snprintf(item, sizeof item, "%s/%s/stack", path, e->d_name);
+        show("", item);
+    }
+    if (dir)
+        closedir(dir);
+    show("", "/proc/meminfo");
+    fflush(stdout);
+    sysrq('w');
+    sysrq('l');
+    return 1;
 }
 
 int main(int argc, char **argv)
 {
+    if (argc == 5 && strcmp(argv[1], "--watchdog") == 0) {
+        char *end;
+        unsigned long seconds = strtoul(argv[3], &end, 10);
+        if (*end || seconds == 0)
+            return usage();
+        return watchdog(argv[2], seconds, argv[4]);
+    }
     const char *hold = NULL;
     if (argc > 2 && strcmp(argv[1], "--hold") == 0) {
         hold = argv[2];
