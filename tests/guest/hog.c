@@ -5,7 +5,7 @@
  * every page back and counts the bad ones.
  *
  *   hog [--hold FILE] MIB SEED
- *   hog --watchdog PID SECONDS FILE
+ *   hog --watchdog PID SECONDS HEARTBEAT
  *
  * With --hold, after writing it prints "hog SEED: written" and waits until
  * FILE exists before verifying (the scenario swaps, stops, kills... in
@@ -13,11 +13,12 @@
  * when M is 0; 2 for bad arguments. A page lost with its swap device kills
  * the hog with SIGBUS, which the caller sees as its exit status.
  *
- * --watchdog, with all its memory locked, waits up to SECONDS for FILE to
- * appear (exit 0). If it does not, it prints where every thread of PID
- * waits (state, wchan, kernel stack), the memory figures, and asks the
- * kernel for its blocked tasks and every CPU's backtrace (sysrq w and l),
- * then exits 1. A swap deadlock stops every process with a page out on
+ * --watchdog, with all its memory locked, watches the file HEARTBEAT: it
+ * exits 0 once the file is gone, and if the file's time has not moved for
+ * SECONDS it writes to the kernel log where every thread of PID waits
+ * (state, wchan, kernel stack) and the memory figures, and asks the kernel
+ * for its blocked tasks and every CPU's backtrace (sysrq w and l), then
+ * exits 1. A swap deadlock stops every process with a page out on
  * the stuck device, the scenario's shell and timeout(1) included, and the
  * kernel's hung-task report names only tasks in D state: this is what
  * says where the server is.
@@ -30,6 +31,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096u
@@ -46,16 +49,37 @@ static int usage(void)
     return 2;
 }
 
-/* Prints PREFIX and the file PATH, up to 8 KiB of it. */
+/* Where the watchdog writes: the kernel log. A process stuck in a page
+ * fault while writing to the console holds the tty's write lock, and every
+ * later write to the console would wait behind it; printk does not. */
+static int kmsg = -1;
+
+static void say_line(const char *line, size_t len)
+{
+    char rec[1024];
+    int n = snprintf(rec, sizeof rec, "watchdog: %.*s\n", (int)(len > 1000 ? 1000 : len), line);
+    if (kmsg < 0 || write(kmsg, rec, (size_t)n) != n)
+        fputs(rec, stdout);
+}
+
+/* Says PREFIX and the file PATH, up to 8 KiB of it, a line at a time. */
 static void show(const char *prefix, const char *path)
 {
     static char buf[8192];
+    char line[1024];
     int fd = open(path, O_RDONLY);
     ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof buf - 1);
     if (fd >= 0)
         close(fd);
     buf[n > 0 ? n : 0] = 0;
-    printf("%s%s%s", prefix, buf, n > 0 && buf[n - 1] == '\n' ? "" : "\n");
+    for (char *at = buf, *nl; *at || at == buf; at = nl + 1) {
+        nl = strchr(at, '\n');
+        size_t len = nl ? (size_t)(nl - at) : strlen(at);
+        snprintf(line, sizeof line, "%s%.*s", prefix, (int)len, at);
+        say_line(line, strlen(line));
+        if (!nl || !nl[1])
+            break;
+    }
 }
 
 static void sysrq(char key)
@@ -68,22 +92,28 @@ static void sysrq(char key)
     }
 }
 
-static int watchdog(const char *pid, unsigned long seconds, const char *file)
+static int watchdog(const char *pid, unsigned long seconds, const char *heartbeat)
 {
     char path[256];
     if (mlockall(MCL_CURRENT | MCL_FUTURE) != 0)
         perror("watchdog: mlockall");
+    kmsg = open("/dev/kmsg", O_WRONLY);
     /* Whatever opendir allocates, allocated now, while memory is free. */
     snprintf(path, sizeof path, "/proc/%s/task", pid);
     DIR *dir = opendir(path);
     if (dir)
         closedir(dir);
-    for (unsigned long s = 0; s < seconds; s++) {
-        if (access(file, F_OK) == 0)
+    for (;;) {
+        struct stat st;
+        if (stat(heartbeat, &st) != 0)
             return 0;
+        if ((unsigned long)(time(NULL) - st.st_mtime) >= seconds)
+            break;
         sleep(1);
     }
-    printf("watchdog: no progress after %lu s; where process %s's threads wait:\n", seconds, pid);
+    char head[128];
+    snprintf(head, sizeof head, "no progress for %lu s; where process %s's threads wait:", seconds, pid);
+    say_line(head, strlen(head));
     dir = opendir(path);
     for (struct dirent *e; dir && (e = readdir(dir));) {
         if (e->d_name[0] == '.')
@@ -101,7 +131,6 @@ static int watchdog(const char *pid, unsigned long seconds, const char *file)
     if (dir)
         closedir(dir);
     show("", "/proc/meminfo");
-    fflush(stdout);
     sysrq('w');
     sysrq('l');
     return 1;

@@ -5,8 +5,26 @@
 
 set -euo pipefail
 
-# One line of the scenario's log.
-say() { echo "[$(basename "$0" .sh)] $*"; }
+# One line of the scenario's log; also the watchdog's heartbeat.
+say() {
+    echo "[$(basename "$0" .sh)] $*"
+    [ ! -e /tmp/heartbeat ] || touch /tmp/heartbeat
+}
+
+# watch_server PID SECONDS: if no line is said for SECONDS, `hog
+# --watchdog` (its memory locked) prints where PID's threads wait and the
+# kernel's blocked tasks. unwatch ends it.
+watchdog_pid=
+watch_server() {
+    touch /tmp/heartbeat
+    hog --watchdog "$1" "$2" /tmp/heartbeat &
+    watchdog_pid=$!
+}
+unwatch() {
+    rm -f /tmp/heartbeat
+    [ -z "$watchdog_pid" ] || wait "$watchdog_pid" || fail "the watchdog fired"
+    watchdog_pid=
+}
 
 fail() {
     echo "[$(basename "$0" .sh)] FAIL: $*" >&2
