@@ -25,7 +25,7 @@ device=$(nbd_device default)
 alive "$pid" || fail "nbdkit died with the process group that started it"
 grep "^$device " /proc/swaps || fail "$device is not a swap area"
 say "MemAvailable after start: $(meminfo_mib MemAvailable) MiB"
-# A hang (seen twice in ~20 runs, 2026-11-28, in different steps) stops
+# A hang (about one run in ten, 2026-11-28: docs/RELIABILITY.md) stops
 # every process with a page on the device, this script included: a
 # watchdog with its memory locked then says where nbdkit's threads wait,
 # if no line is said for 60 s (no step takes 20 s when all is well).
