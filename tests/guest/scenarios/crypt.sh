@@ -24,11 +24,19 @@ while chunk := sys.stdin.buffer.read(1 << 20):
 print(n)' "$2"
 }
 
-# hog 41 in a 48 MiB cgroup, 96 MiB: about half of it goes to swap.
-swap_a_hog() { # instance
+# Swaps hog 41 out through INSTANCE (96 MiB in a 48 MiB cgroup: about half
+# of it goes to swap), sets $tagged to how many words of the export carry
+# its tag, checks the hog's pages back and stops INSTANCE ($pid, $device).
+swap_count_stop() { # instance label
     cgroup crypt 48
     hogs_start crypt 96 41
     say "$1: hog written, swap used $(awk 'NR > 1 { s += $4 } END { print int(s / 1024) }' /proc/swaps) MiB"
+    tagged=$(tagged_words "$1" 41)
+    say "$2 export: $tagged words carry the hog's tag"
+    hogs_verify
+    echo max >/sys/fs/cgroup/crypt/memory.max
+    vs stop "$1"
+    expect_clean "$1" "$device" "$pid"
 }
 
 vs start crypt --backend vulkan --size 96M --encrypt
@@ -42,25 +50,13 @@ vs status crypt
 [ "$(stat -c '%a %U' /run/vramswap/crypt/nbd.sock)" = "600 root" ] || fail "socket: $(stat -c '%a %U' /run/vramswap/crypt/nbd.sock)"
 if ss -Hltunp | grep "pid=$pid,"; then fail "nbdkit listens on a network port"; fi
 say "socket 0600 in a 0700 directory, no TCP/UDP listener"
-swap_a_hog crypt
-tagged=$(tagged_words crypt 41)
-say "encrypted export: $tagged words carry the hog's tag"
+swap_count_stop crypt encrypted
 [ "$tagged" -lt 10000 ] || fail "the export holds plaintext ($tagged tagged words)"
-hogs_verify
-echo max >/sys/fs/cgroup/crypt/memory.max
-vs stop crypt
-expect_clean crypt "$device" "$pid"
 [ ! -e /dev/mapper/vramswap-crypt ] || fail "the mapping is still open"
 
 # Control: no --encrypt, the same hog; its pattern must show in the export.
 vs start plain --backend vulkan --size 96M
 pid=$(server_pid plain) device=$(nbd_device plain)
-swap_a_hog plain
-tagged=$(tagged_words plain 41)
-say "plain export: $tagged words carry the hog's tag"
+swap_count_stop plain plain
 [ "$tagged" -gt 100000 ] || fail "the control found no plaintext ($tagged): the check is blind"
-hogs_verify
-echo max >/sys/fs/cgroup/crypt/memory.max
-vs stop plain
-expect_clean plain "$device" "$pid"
 expect_no_oom
