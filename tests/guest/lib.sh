@@ -13,7 +13,9 @@ say() {
 
 # watch_server PID SECONDS: if no line is said for SECONDS, `hog
 # --watchdog` (its memory locked) prints where PID's threads wait and the
-# kernel's blocked tasks. unwatch ends it.
+# kernel's blocked tasks. unwatch ends it. A report is evidence, not a
+# verdict: a slow step under TCG trips it too; a real hang fails the
+# scenario by its time limit.
 watchdog_pid=
 watch_server() {
     touch /tmp/heartbeat
@@ -22,7 +24,8 @@ watch_server() {
 }
 unwatch() {
     rm -f /tmp/heartbeat
-    [ -z "$watchdog_pid" ] || wait "$watchdog_pid" || fail "the watchdog fired"
+    [ -z "$watchdog_pid" ] || wait "$watchdog_pid" ||
+        say "the watchdog reported a step slower than its limit (above)"
     watchdog_pid=
 }
 
