@@ -12,7 +12,7 @@
 use std::process::Command;
 
 /// In the order they run; each leaves no instance behind for the next.
-const SCENARIOS: &[&str] = &["swap", "two", "sleep", "kill", "crypt"];
+const SCENARIOS: &[&str] = &["swap", "stall", "two", "sleep", "kill", "crypt"];
 
 #[test]
 fn kernel_swap_on_vramswap_in_a_guest() {
@@ -20,7 +20,7 @@ fn kernel_swap_on_vramswap_in_a_guest() {
     // The harness builds the release binaries it boots with, unless these
     // name them.
     let out = Command::new(harness)
-        .args(["--timeout", "540", "--scenario-timeout", "300"])
+        .args(["--timeout", "1200", "--scenario-timeout", "480"])
         .args(SCENARIOS)
         .output()
         .expect("run tests/guest/run-guest");
