@@ -1,5 +1,6 @@
 # What the bench scripts share: starting and stopping NBD servers on Unix
-# sockets. Sourced by bench/nbd-compare and bench/swap.
+# sockets. Sourced by bench/nbd-compare and bench/swap, which keep their
+# servers' sockets and pidfiles in $work and every server's pid in pids.
 # shellcheck shell=bash
 
 # await_export SOCKET PIDFILE: waits up to 120 s until PIDFILE names the
@@ -21,4 +22,46 @@ stop_pidfile() {
     pid=$(cat "$1")
     kill "$pid"
     while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+}
+
+# start_peer NAME COMMAND SIZE THREADS LOGFILE: runs the bash COMMAND, which
+# starts another project's server in the background (bench/peers start
+# does), with SOCK=$work/NAME.sock, PIDFILE=$work/NAME.pid, SIZE, THREADS
+# and LOGFILE in its environment; waits for the export. Fails, saying why,
+# rather than exits, so a run goes on without a peer that will not start.
+# shellcheck disable=SC2154 # $work is the sourcing script's
+start_peer() {
+    local name=$1 command=$2 sock=$work/$1.sock pidfile=$work/$1.pid
+    local me up=1
+    me=$(basename "$0")
+    rm -f "$sock" "$pidfile"
+    if ! SOCK=$sock PIDFILE=$pidfile SIZE=$3 THREADS=$4 LOGFILE=$5 \
+        bash -c "$command" </dev/null >&2; then
+        echo "$me: peer $name: its command failed; skipped" >&2
+        return 1
+    fi
+    await_export "$sock" "$pidfile" || up=
+    [ -s "$pidfile" ] && pids+=("$(cat "$pidfile")")
+    if [ -z "$up" ]; then
+        echo "$me: peer $name did not start; skipped" >&2
+        [ ! -s "$pidfile" ] || stop_peer "$name"
+        return 1
+    fi
+}
+
+# stop_peer NAME: SIGTERM to the peer started as NAME, and a wait until it
+# is gone (SIGKILL after 30 s).
+# shellcheck disable=SC2154 # $work is the sourcing script's
+stop_peer() {
+    local pid
+    pid=$(cat "$work/$1.pid")
+    kill "$pid" 2>/dev/null || return 0
+    # A peer is not necessarily our child; a zombie left for another
+    # reaper counts as gone. nbd-vram defers exit while a client is attached.
+    for _ in $(seq 300); do
+        [ "$(awk '{print $3}' /proc/"$pid"/stat 2>/dev/null || echo Z)" = Z ] && return 0
+        sleep 0.1
+    done
+    echo "$(basename "$0"): peer $1 ignored SIGTERM for 30 s; killing it" >&2
+    kill -9 "$pid" 2>/dev/null || true
 }
