@@ -29,7 +29,8 @@ say "MemAvailable after start: $(meminfo_mib MemAvailable) MiB"
 # every process with a page on the device, this script included: a
 # watchdog with its memory locked then says where nbdkit's threads wait,
 # if no line is said for 150 s (the slowest step, the tight-memory
-# verify, took up to 118 s under TCG), well before the scenario's limit.
+# verify, took up to 118 s under TCG when it squeezed harder), well
+# before the scenario's limit.
 watch_server "$pid" 150
 
 # Returns after checking pswpout and pswpin grew by at least MIB each.
@@ -65,9 +66,11 @@ say "verified in $((SECONDS - t0)) s"
 expect_swapped 56
 
 # No cgroup: RAM and "VRAM" (lavapipe's, in guest RAM) are one pool here,
-# so the hog takes what is available plus half the swap area.
-tight=$(($(meminfo_mib MemAvailable) + 128))
-say "tight memory: a $tight MiB hog in the whole guest (MemAvailable + 128 MiB)"
+# so the hog takes what is available plus a quarter of the swap area. (Half
+# made the guest thrash under TCG: its verify took 118 s in one run and
+# did not end within the scenario's limit in the next, 2026-12-01.)
+tight=$(($(meminfo_mib MemAvailable) + 64))
+say "tight memory: a $tight MiB hog in the whole guest (MemAvailable + 64 MiB)"
 read -r out0 in0 < <(swapped_mib)
 t0=$SECONDS
 hogs_start "" "$tight" 5
@@ -76,7 +79,7 @@ alive "$pid" || fail "nbdkit died under memory pressure"
 t0=$SECONDS
 hogs_verify
 say "verified in $((SECONDS - t0)) s"
-expect_swapped 64
+expect_swapped 32
 alive "$pid" || fail "nbdkit died under memory pressure"
 vs status
 
