@@ -126,7 +126,7 @@ fn dry_run_prints_the_plan_and_the_checks() {
         format!("mkdir -m 0700 {}", run_dir.display()),
         format!("setsid nbdkit --unix {}/nbd.sock", run_dir.display()),
         format!("{plugin} backend=vulkan size=67108864"),
-        "-b 4096 -swap -timeout 86400 -C 4".to_string(),
+        "-b 4096 -swap -timeout 300 -C 4".to_string(),
         "mkswap -L vramswap-test".to_string(),
         "swapon --priority 7 --discard".to_string(),
         "ok    gpu".to_string(),

@@ -20,7 +20,7 @@ fn kernel_swap_on_vramswap_in_a_guest() {
     // The harness builds the release binaries it boots with, unless these
     // name them.
     let out = Command::new(harness)
-        .args(["--timeout", "1200", "--scenario-timeout", "480"])
+        .args(["--timeout", "1800", "--scenario-timeout", "600"])
         .args(SCENARIOS)
         .output()
         .expect("run tests/guest/run-guest");

@@ -22,14 +22,16 @@ const INSTALLED_PLUGIN: &str = "nbdkit-vramswap-plugin.so";
 /// File name cargo gives the plugin (found next to the CLI in a build tree).
 const BUILT_PLUGIN: &str = "libnbdkit_vramswap_plugin.so";
 /// How long the kernel waits for one NBD request before it gives up on
-/// the connection (`nbd-client -timeout`): a day. Its default, 30 s, is
-/// wrong for swap: with several connections a request that takes 30 s
+/// the connection (`nbd-client -timeout`): five minutes. Its default, 30 s,
+/// is wrong for swap: with several connections a request that takes 30 s
 /// (a GPU driver stall, a starved CPU, a server paused in a debugger) gets
 /// its connection shut down for good, nbd-client does not reconnect, and
 /// once the last one is gone every request fails and the pages in VRAM are
-/// lost. A server that dies closes its sockets, which the kernel sees at
-/// once whatever this is; waiting only costs time.
-const NBD_TIMEOUT_SECS: u32 = 86_400;
+/// lost. Not longer: when the server dies, the requests it had in flight
+/// fail only at this timeout (later ones fail at once), and until then
+/// the processes waiting on them cannot even be killed; `stop` detaches a
+/// dead server's device first, which fails them at once.
+const NBD_TIMEOUT_SECS: u32 = 300;
 
 /// Everything `start` was asked for.
 #[derive(Debug, Clone)]
@@ -1027,7 +1029,7 @@ mod tests {
                  --pidfile /run/vramswap/default/nbdkit.pid --threads 16 \
                  /usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so backend=vulkan size=8589934592",
                 "wait until nbdkit answers on /run/vramswap/default/nbd.sock (up to 300 s), then chmod 0600 it",
-                "nbd-client -unix /run/vramswap/default/nbd.sock /dev/nbd0 -b 4096 -swap -timeout 86400 -C 4",
+                "nbd-client -unix /run/vramswap/default/nbd.sock /dev/nbd0 -b 4096 -swap -timeout 300 -C 4",
                 "echo 0 > /sys/block/nbd0/queue/wbt_lat_usec",
                 "mkswap -L vramswap-default /dev/nbd0",
                 "swapon --priority 50 --discard /dev/nbd0",

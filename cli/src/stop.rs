@@ -7,7 +7,9 @@
 //! (since Linux 6.0 swapoff succeeds and leaves an error entry for each
 //! lost page, so the process that touches one gets SIGBUS), and keeping
 //! the instance would only hold on to a useless NBD device. So stop says
-//! so, runs swapoff, and detaches and removes the instance even when
+//! so, detaches the device first (the requests the server had in flight
+//! would otherwise wait out the kernel's NBD timeout before they fail, and
+//! swapoff with them), runs swapoff, and removes the instance even when
 //! swapoff fails, naming what is left.
 
 use std::io::IsTerminal;
@@ -70,6 +72,10 @@ pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
         );
     }
 
+    let kernel_name = nbd::kernel_name(&device)?;
+    if !server_alive && nbd::is_attached(system, kernel_name) {
+        detach(system, &device, "nothing was removed")?;
+    }
     let mut swap_left = None;
     if let Some((swap, area)) = state.swap_area(system) {
         if let Err(err) = swapoff(system, &swap, area.used_kib) {
@@ -97,15 +103,8 @@ pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
             }
         }
     }
-    let kernel_name = nbd::kernel_name(&device)?;
-    if nbd::is_attached(system, kernel_name) {
-        let out = system.run(&Cmd::new("nbd-client").args(["-d", &device]))?;
-        if !out.success() {
-            bail!(
-                "nbd-client -d {device} failed: {}; the server keeps running",
-                out.reason()
-            );
-        }
+    if server_alive && nbd::is_attached(system, kernel_name) {
+        detach(system, &device, "the server keeps running")?;
     }
     stop_server(system, &instance)?;
     system
@@ -121,6 +120,16 @@ pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
         "vramswap: stopped '{name}' ({device}, {})",
         ByteSize(state.size)
     );
+    Ok(())
+}
+
+/// Disconnects the NBD device: the kernel fails whatever is still in
+/// flight on it. `left` says what a failure leaves as it was.
+fn detach(system: &mut dyn System, device: &str, left: &str) -> Result<()> {
+    let out = system.run(&Cmd::new("nbd-client").args(["-d", device]))?;
+    if !out.success() {
+        bail!("nbd-client -d {device} failed: {}; {left}", out.reason());
+    }
     Ok(())
 }
 
@@ -283,11 +292,13 @@ mod tests {
         let mut system = running();
         system.alive.insert(4321, false);
         stop_one(&mut system, "default").unwrap();
+        // Detached first: what the dead server had in flight fails at once
+        // instead of holding swapoff until the kernel's NBD timeout.
         assert_eq!(
             actions(&system),
             [
-                "swapoff /dev/nbd0",
                 "nbd-client -d /dev/nbd0",
+                "swapoff /dev/nbd0",
                 "rm /run/vramswap/default"
             ]
         );
@@ -313,8 +324,8 @@ mod tests {
         assert_eq!(
             actions(&system),
             [
-                "swapoff /dev/nbd0",
                 "nbd-client -d /dev/nbd0",
+                "swapoff /dev/nbd0",
                 "rm /run/vramswap/default"
             ]
         );
