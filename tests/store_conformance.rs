@@ -392,6 +392,43 @@ fn run_threads(kind: BackendKind, allocation: AllocationPolicy, verify: bool) {
     assert_eq!(store.stats().checksum_errors, 0, "{kind}: false alarms");
 }
 
+/// Many threads, each moving small pieces of its own: more threads than
+/// lanes, and far more than queues, so threads wait for lanes and their
+/// batches wait behind each other's on a queue. Every thread must be woken
+/// for its own batch (a lost wake-up hangs here) and find its own bytes.
+#[test]
+fn many_threads_of_small_requests_each_get_their_own_bytes() {
+    const THREADS: usize = 24;
+    const PIECE: usize = 4096;
+    const SLOTS: u64 = 16;
+    for_each_backend(|kind| {
+        let size = CHUNK_SIZE * 2;
+        let store = StoreConfig {
+            lanes: 16,
+            ..config(size, AllocationPolicy::Eager)
+        };
+        let store = BlockStore::open(open_backend(kind, None), &store).expect("open store");
+        std::thread::scope(|scope| {
+            for t in 0..THREADS as u64 {
+                let store = &store;
+                scope.spawn(move || {
+                    let mut read = vec![0u8; PIECE];
+                    for round in 0..100u64 {
+                        let offset = (t * SLOTS + round % SLOTS) * PIECE as u64;
+                        let data = pattern(t << 32 | round, PIECE);
+                        store.write(&data, offset).unwrap();
+                        store.read(&mut read, offset).unwrap();
+                        assert!(
+                            read == data,
+                            "{kind}: thread {t} round {round} read other bytes"
+                        );
+                    }
+                });
+            }
+        });
+    });
+}
+
 #[test]
 fn concurrent_partial_writes_into_one_fresh_block_all_land() {
     // Every thread writes its own 4 KiB into the same never-written block at
