@@ -15,13 +15,17 @@
  *
  * --watchdog, with all its memory locked, watches the file HEARTBEAT: it
  * exits 0 once the file is gone, and if the file's time has not moved for
- * SECONDS it writes to the kernel log where every thread of PID waits
- * (state, wchan, kernel stack) and the memory figures, and asks the kernel
- * for its blocked tasks and every CPU's backtrace (sysrq w and l), then
- * exits 1. A swap deadlock stops every process with a page out on
- * the stuck device, the scenario's shell and timeout(1) included, and the
- * kernel's hung-task report names only tasks in D state: this is what
- * says where the server is.
+ * SECONDS it asks the kernel to log every task's state and kernel stack,
+ * the blocked tasks and every CPU's backtrace (sysrq t, w and l), then
+ * writes to the kernel log where every thread of PID waits (state, wchan,
+ * kernel stack; PID 0: none) and the memory figures, and exits 1. A swap
+ * deadlock stops every process with a page out on the stuck device, the
+ * scenario's shell and timeout(1) included, and the kernel's hung-task
+ * report names only tasks in D state: this is what says where the server
+ * is. Everything the sysrq part needs is opened at the start, while
+ * memory is free: in a guest stuck in reclaim an open() or a read of
+ * /proc may itself wait for memory (2026-12-02: a watchdog that opened
+ * files only when it fired said nothing at all).
  */
 #include <dirent.h>
 #include <errno.h>
@@ -82,14 +86,13 @@ static void show(const char *prefix, const char *path)
     }
 }
 
+/* /proc/sysrq-trigger, opened while memory is free. */
+static int sysrq_fd = -1;
+
 static void sysrq(char key)
 {
-    int fd = open("/proc/sysrq-trigger", O_WRONLY);
-    if (fd >= 0) {
-        if (write(fd, &key, 1) != 1)
-            perror("watchdog: sysrq");
-        close(fd);
-    }
+    if (sysrq_fd >= 0 && write(sysrq_fd, &key, 1) != 1)
+        perror("watchdog: sysrq");
 }
 
 static int watchdog(const char *pid, unsigned long seconds, const char *heartbeat)
@@ -98,6 +101,12 @@ static int watchdog(const char *pid, unsigned long seconds, const char *heartbea
     if (mlockall(MCL_CURRENT | MCL_FUTURE) != 0)
         perror("watchdog: mlockall");
     kmsg = open("/dev/kmsg", O_WRONLY);
+    sysrq_fd = open("/proc/sysrq-trigger", O_WRONLY);
+    /* The heartbeat by descriptor: fstat needs no path walk, and a link
+     * count of 0 says the file is gone. */
+    int beat = open(heartbeat, O_RDONLY);
+    if (beat < 0)
+        return 0;
     /* Whatever opendir allocates, allocated now, while memory is free. */
     snprintf(path, sizeof path, "/proc/%s/task", pid);
     DIR *dir = opendir(path);
@@ -105,14 +114,21 @@ static int watchdog(const char *pid, unsigned long seconds, const char *heartbea
         closedir(dir);
     for (;;) {
         struct stat st;
-        if (stat(heartbeat, &st) != 0)
+        if (fstat(beat, &st) != 0 || st.st_nlink == 0)
             return 0;
         if ((unsigned long)(time(NULL) - st.st_mtime) >= seconds)
             break;
         sleep(1);
     }
     char head[128];
-    snprintf(head, sizeof head, "no progress for %lu s; where process %s's threads wait:", seconds, pid);
+    snprintf(head, sizeof head, "no progress for %lu s; every task's state follows (sysrq t, w, l)", seconds);
+    say_line(head, strlen(head));
+    sysrq('t');
+    sysrq('w');
+    sysrq('l');
+    if (strcmp(pid, "0") == 0)
+        return 1;
+    snprintf(head, sizeof head, "where process %s's threads wait:", pid);
     say_line(head, strlen(head));
     dir = opendir(path);
     for (struct dirent *e; dir && (e = readdir(dir));) {
@@ -131,8 +147,6 @@ static int watchdog(const char *pid, unsigned long seconds, const char *heartbea
     if (dir)
         closedir(dir);
     show("", "/proc/meminfo");
-    sysrq('w');
-    sysrq('l');
     return 1;
 }
 

@@ -12,8 +12,9 @@ say() {
 }
 
 # watch_server PID SECONDS: if no line is said for SECONDS, `hog
-# --watchdog` (its memory locked) prints where PID's threads wait and the
-# kernel's blocked tasks. unwatch ends it. A report is evidence, not a
+# --watchdog` (its memory locked) logs every task's state and kernel stack
+# (sysrq t), the blocked tasks, and where PID's threads wait (PID 0: no
+# process of its own). unwatch ends it. A report is evidence, not a
 # verdict: a slow step under TCG trips it too; a real hang fails the
 # scenario by its time limit.
 watchdog_pid=

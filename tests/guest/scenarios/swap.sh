@@ -8,6 +8,10 @@
 
 # Started from a shell whose process group is then killed, as timeout(1)
 # or ^C would: nbdkit runs in a session of its own and must survive it.
+# A start that stalls (2026-12-02: a request went unanswered for the
+# kernel's whole 300 s NBD timeout) gets every task's state logged at
+# 150 s, while it still stalls.
+watch_server 0 150
 t0=$SECONDS
 rm -f /tmp/started
 setsid bash -c "$(declare -f say vs)
@@ -19,7 +23,11 @@ until [ -e /tmp/started ]; do
 done
 kill -TERM -- -"$(ps -o pgid= -p "$starter" | tr -d ' ')"
 wait "$starter" || true
+unwatch
 say "start took $((SECONDS - t0)) s"
+if dmesg | grep -q "nbd.*Connection timed out"; then
+    say "NOTE: a request waited the kernel's whole NBD timeout during start (above)"
+fi
 pid=$(server_pid default)
 device=$(nbd_device default)
 alive "$pid" || fail "nbdkit died with the process group that started it"
