@@ -23,9 +23,11 @@
  * scenario's shell and timeout(1) included, and the kernel's hung-task
  * report names only tasks in D state: this is what says where the server
  * is. Everything the sysrq part needs is opened at the start, while
- * memory is free: in a guest stuck in reclaim an open() or a read of
- * /proc may itself wait for memory (2026-12-02: a watchdog that opened
- * files only when it fired said nothing at all).
+ * memory is free, and the heartbeat is watched through its descriptor: in
+ * a guest stuck in reclaim a path walk, an open() or a read of /proc may
+ * itself wait (2026-12-02: in a hang the first line of a watchdog that
+ * stat()ed the heartbeat's path came 1,100 s late; what held it is not
+ * known).
  */
 #include <dirent.h>
 #include <errno.h>
