@@ -403,11 +403,11 @@ fn many_threads_of_small_requests_each_get_their_own_bytes() {
     const SLOTS: u64 = 16;
     for_each_backend(|kind| {
         let size = CHUNK_SIZE * 2;
-        let store = StoreConfig {
+        let few_lanes = StoreConfig {
             lanes: 16,
             ..config(size, AllocationPolicy::Eager)
         };
-        let store = BlockStore::open(open_backend(kind, None), &store).expect("open store");
+        let store = BlockStore::open(open_backend(kind, None), &few_lanes).expect("open store");
         std::thread::scope(|scope| {
             for t in 0..THREADS as u64 {
                 let store = &store;
