@@ -36,6 +36,13 @@ scrub=DURATION           with verify=on: re-read and check every written
                          the background, so a block that went bad is found
                          and counted before a process reads it (default:
                          no scrub)
+warm-up=THREADS:SIZE     on each connection, make THREADS different nbdkit
+                         threads each take a read of exactly SIZE bytes
+                         before they serve on (such a read waits, up to 2 s,
+                         until THREADS of them are in at once); nbdkit grows
+                         a thread's request buffer at its first larger
+                         request, which must not happen once the device is
+                         swap. `vramswap start` sets it (default: off)
 The preferred I/O size is 64K (one block); any offset and length work.";
 
 /// A period: a whole number with an optional unit, `s` (default), `m`,
@@ -60,6 +67,51 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         .filter(|&s| s > 0)
         .ok_or("expected a duration of at least 1s, such as 90s, 30m, 24h or 7d")?;
     Ok(std::time::Duration::from_secs(seconds))
+}
+
+/// `warm-up=THREADS:SIZE`. nbdkit (1.32 and later) reads each request into
+/// a buffer of the worker thread that took it and grows that buffer, with
+/// `realloc`, the first time the thread takes a larger request, while it
+/// holds the connection's read lock. Once the device is swap, that
+/// allocation can wait for reclaim, and reclaim for swap-out through this
+/// very connection. So before swap is on, every worker thread takes one
+/// request of the largest size the kernel will send (`vramswap start` caps
+/// it at SIZE with the queue's `max_sectors_kb`); the plugin holds such a
+/// read until THREADS different threads of the connection have one, which
+/// makes a client's THREADS concurrent reads reach every thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarmUp {
+    /// nbdkit's threads per connection (`--threads`).
+    pub threads: usize,
+    /// Bytes per warm-up read: the largest request the client sends.
+    pub size: usize,
+}
+
+impl std::str::FromStr for WarmUp {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        const USAGE: &str = "expected THREADS:SIZE, e.g. 16:128K";
+        let (threads, size) = text.split_once(':').ok_or(USAGE)?;
+        let threads = match threads.trim().parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => n,
+            _ => return Err(format!("{USAGE}; THREADS from 1 to 1024")),
+        };
+        let size = parse_size(size).map_err(|e| format!("{USAGE}: {e}"))?;
+        if size == 0 || size % 4096 != 0 || size > 32 << 20 {
+            return Err(format!("{USAGE}; SIZE a multiple of 4K up to 32M"));
+        }
+        Ok(WarmUp {
+            threads,
+            size: size as usize,
+        })
+    }
+}
+
+impl fmt::Display for WarmUp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.threads, self.size)
+    }
 }
 
 /// A refused parameter: names the key and the value.
@@ -88,6 +140,8 @@ pub struct ExportConfig {
     pub verify: bool,
     /// `scrub=`: one background pass over the written blocks per period.
     pub scrub: Option<std::time::Duration>,
+    /// `warm-up=THREADS:SIZE`: see [`WarmUp`].
+    pub warm_up: Option<WarmUp>,
     /// Each `key=value` as given, for messages that quote the user.
     given: Vec<(String, String)>,
 }
@@ -104,6 +158,7 @@ impl Default for ExportConfig {
             staging: DEFAULT_STAGING,
             verify: false,
             scrub: None,
+            warm_up: None,
             given: Vec::new(),
         }
     }
@@ -165,6 +220,7 @@ impl ExportConfig {
                 self.staging = bytes as usize;
             }
             "scrub" => self.scrub = Some(parse_duration(value).map_err(bad)?),
+            "warm-up" => self.warm_up = Some(value.parse().map_err(bad)?),
             "verify" => {
                 self.verify = match value.to_ascii_lowercase().as_str() {
                     "on" | "true" | "yes" | "1" => true,
@@ -252,6 +308,9 @@ impl ExportConfig {
         if let Some(period) = self.scrub {
             args.push(format!("scrub={}s", period.as_secs()));
         }
+        if let Some(warm_up) = self.warm_up {
+            args.push(format!("warm-up={warm_up}"));
+        }
         args
     }
 
@@ -312,6 +371,14 @@ mod tests {
         assert_eq!(store.allocation, AllocationPolicy::Lazy);
         assert_eq!((store.lanes, store.staging_bytes), (16, 256 << 10));
         assert!(store.verify);
+        let warm = parse(&[("warm-up", "8:128K")]).unwrap().warm_up;
+        assert_eq!(
+            warm,
+            Some(WarmUp {
+                threads: 8,
+                size: 128 << 10
+            })
+        );
         let auto = parse(&[("reserve", "1G")]).unwrap().store_config();
         assert_eq!(auto.size, SizeSpec::Auto { reserve: 1 << 30 });
     }
@@ -363,6 +430,10 @@ mod tests {
                 "99999999999999999999d",
                 "scrub=99999999999999999999d: expected a duration",
             ),
+            ("warm-up", "16", "warm-up=16: expected THREADS:SIZE"),
+            ("warm-up", "0:128K", "warm-up=0:128K: expected THREADS:SIZE"),
+            ("warm-up", "16:1000", "SIZE a multiple of 4K up to 32M"),
+            ("warm-up", "16:64M", "SIZE a multiple of 4K up to 32M"),
             ("colour", "blue", "unknown parameter 'colour'"),
         ] {
             let err = parse(&[(key, value)]).unwrap_err().to_string();
@@ -387,6 +458,7 @@ mod tests {
                 ("lanes", "8"),
                 ("staging", "256K"),
                 ("verify", "on"),
+                ("warm-up", "16:128K"),
             ],
         ] {
             let config = parse(&pairs).unwrap();

@@ -508,3 +508,51 @@ attempt('second', lambda: h.pwrite(b'2' * 65536, 65536))"
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("scrub=1h: needs verify=on"), "{stderr}");
 }
+
+#[test]
+fn warm_up_reads_wait_until_every_thread_of_a_connection_has_one() {
+    // nbdkit's default: 16 threads per connection.
+    let server = serve(&["size=16M", "warm-up=16:64K"]);
+    let uri = server.uri();
+    // One read at a time: the warm-up read waits for threads that never
+    // come, gives up after 2 s, and is served with the right bytes.
+    let out = nbdsh(
+        &uri,
+        "import time
+h.pwrite(b'w' * 65536, 0)
+start = time.monotonic()
+ok = h.pread(65536, 0) == b'w' * 65536
+print('lone read', ok, round(time.monotonic() - start, 1))
+start = time.monotonic()
+h.pread(4096, 0)
+print('small read', round(time.monotonic() - start, 1))",
+    );
+    let field = |name: &str| -> f64 {
+        let line = out.lines().find(|l| l.starts_with(name)).expect(name);
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(out.contains("lone read True"), "{out}");
+    assert!(
+        field("lone read") >= 1.9,
+        "the lone read did not wait:\n{out}"
+    );
+    assert!(field("small read") < 1.0, "a small read waited:\n{out}");
+    assert_eq!(server.status_when(|_| true)["warm_connections"], 0);
+    // Two connections with 32 reads of 64 KiB in flight each: every thread
+    // of both takes one.
+    run(
+        "fio",
+        &[
+            "--name=warm",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randread",
+            "--bs=64k",
+            "--size=16M",
+            "--numjobs=2",
+            "--iodepth=32",
+            "--io_size=8M",
+        ],
+    );
+    server.status_when(|s| s["warm_connections"] == 2);
+}

@@ -8,7 +8,7 @@
 //! never more than half a second behind.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use vramswap::BlockStore;
@@ -20,6 +20,7 @@ static PANICS: AtomicU64 = AtomicU64::new(0);
 /// blocks).
 static CHECKSUM: AtomicU64 = AtomicU64::new(0);
 static DIRTY: AtomicBool = AtomicBool::new(false);
+static WRITING: Mutex<()> = Mutex::new(());
 
 /// A request that failed with `errno`, or panicked; a read that found
 /// a block whose checksum failed (also a failure with EIO).
@@ -74,6 +75,10 @@ pub fn write(store: &RwLock<Option<Arc<BlockStore>>>) {
     let Some(path) = std::env::var_os("VRAMSWAP_STATUS_FILE") else {
         return;
     };
+    // One writer at a time, each reading the counts under the lock: the
+    // file last renamed holds the latest counts, and two writers never
+    // share the temporary file.
+    let _one = WRITING.lock().unwrap_or_else(PoisonError::into_inner);
     let (failure, checksum_errors) = store
         .read()
         .unwrap_or_else(PoisonError::into_inner)
@@ -85,6 +90,7 @@ pub fn write(store: &RwLock<Option<Arc<BlockStore>>>) {
         "nospace_requests": NOSPACE.load(Ordering::Relaxed),
         "panics": PANICS.load(Ordering::Relaxed),
         "checksum_errors": checksum_errors,
+        "warm_connections": crate::warmup::warm_connections(),
         "updated": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
     });
     let path = std::path::PathBuf::from(path);

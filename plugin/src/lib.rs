@@ -13,6 +13,7 @@ mod health;
 mod log;
 mod safety;
 mod scrub;
+mod warmup;
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -54,6 +55,8 @@ fn settings() -> MutexGuard<'static, Option<Settings>> {
 /// one is read on every other (multi-conn).
 struct VramSwap {
     store: Arc<BlockStore>,
+    /// `warm-up=`: this connection's barrier.
+    warm_up: Option<warmup::Barrier>,
     #[cfg(feature = "fault-injection")]
     inject_panic_at: Option<u64>,
 }
@@ -290,8 +293,13 @@ impl Server for VramSwap {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone()
                 .ok_or_else(|| Error::new(libc::EIO, "the VRAM store is not open"))?;
+            let warm_up = settings()
+                .as_ref()
+                .and_then(|s| s.export.warm_up)
+                .map(warmup::Barrier::new);
             Ok(Box::new(VramSwap {
                 store,
+                warm_up,
                 #[cfg(feature = "fault-injection")]
                 inject_panic_at: settings().as_ref().and_then(|s| s.inject_panic_at),
             }) as Box<dyn Server>)
@@ -304,6 +312,11 @@ impl Server for VramSwap {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         guarded("pread", || {
+            if let Some(barrier) = &self.warm_up {
+                if barrier.read(buf.len()) {
+                    health::write(&STORE);
+                }
+            }
             self.inject(offset, buf.len() as u64);
             self.store.read(buf, offset).map_err(|e| self.error(e))
         })
