@@ -42,6 +42,35 @@ pub fn is_attached(system: &dyn System, name: &str) -> bool {
     system.exists(&sys_block(name).join("pid"))
 }
 
+/// For each hardware queue of the device that CPUs submit to (each is one
+/// NBD connection), the first of those CPUs. Queues no CPU maps to (more
+/// connections than CPUs) are not listed: they never carry a request.
+pub fn queue_cpus(system: &dyn System, name: &str) -> Result<Vec<u32>> {
+    let dir = sys_block(name).join("mq");
+    let mut queues: Vec<(u32, u32)> = Vec::new();
+    for queue in system.list(&dir).unwrap_or_default() {
+        let Ok(index) = queue.parse::<u32>() else {
+            continue;
+        };
+        let list = system
+            .read(&dir.join(&queue).join("cpu_list"))
+            .unwrap_or_default();
+        let first = list
+            .trim()
+            .split([',', '-'])
+            .next()
+            .and_then(|cpu| cpu.trim().parse::<u32>().ok());
+        if let Some(cpu) = first {
+            queues.push((index, cpu));
+        }
+    }
+    if queues.is_empty() {
+        bail!("{}: no hardware queue has a CPU", dir.display());
+    }
+    queues.sort_unstable();
+    Ok(queues.into_iter().map(|(_, cpu)| cpu).collect())
+}
+
 /// The first free `/dev/nbdN` that is not in `taken`.
 pub fn first_free(system: &dyn System, taken: &[String]) -> Option<String> {
     let mut names: Vec<String> = system
@@ -119,6 +148,18 @@ mod tests {
         if attached {
             system.fixture(&format!("/sys/block/{name}/pid"), "77\n");
         }
+    }
+
+    #[test]
+    fn each_mapped_hardware_queue_gives_its_first_cpu() {
+        let system = FakeSystem::new();
+        assert!(queue_cpus(&system, "nbd0").is_err());
+        system.fixture("/sys/block/nbd0/mq/10/cpu_list", "12, 13\n");
+        system.fixture("/sys/block/nbd0/mq/2/cpu_list", "4-7\n");
+        system.fixture("/sys/block/nbd0/mq/0/cpu_list", "0\n");
+        // A queue without CPUs (more connections than CPUs) is left out.
+        system.fixture("/sys/block/nbd0/mq/3/cpu_list", "\n");
+        assert_eq!(queue_cpus(&system, "nbd0").unwrap(), [0, 4, 12]);
     }
 
     #[test]

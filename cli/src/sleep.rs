@@ -154,8 +154,8 @@ mod tests {
     fn machine() -> FakeSystem {
         let mut system = FakeSystem::new();
         system.fixture("/plugin.so", "");
-        system.fixture("/sys/block/nbd0/size", "0\n");
-        system.fixture("/sys/block/nbd1/size", "0\n");
+        system.free_nbd(0);
+        system.free_nbd(1);
         system.answer("nbdkit --version", 0, "nbdkit 1.32.5\n", "");
         running(&mut system, "a", "/dev/nbd0", 10);
         running(&mut system, "b", "/dev/nbd1", 11);

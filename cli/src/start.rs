@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use tracing::{debug, info, warn};
 use vramswap::backend::{select_device, BackendKind, DeviceInfo};
+use vramswap::export::WarmUp;
 use vramswap::store::resolve_size;
 use vramswap::{ByteSize, ExportConfig};
 
@@ -32,6 +33,14 @@ const BUILT_PLUGIN: &str = "libnbdkit_vramswap_plugin.so";
 /// the processes waiting on them cannot even be killed; `stop` detaches a
 /// dead server's device first, which fails them at once.
 const NBD_TIMEOUT_SECS: u32 = 300;
+/// The largest request the kernel sends to the server: `start` sets the
+/// queue's `max_sectors_kb` to it (Linux's own default for NBD devices)
+/// and has every nbdkit thread take one request of this size before swap
+/// is on (see [`WarmUp`]).
+const MAX_REQUEST: usize = 128 << 10;
+/// Rounds of warm-up reads before `start` gives up: one is enough unless
+/// a thread that already took one also takes others' reads.
+const WARM_UP_ROUNDS: u32 = 10;
 
 /// Everything `start` was asked for.
 #[derive(Debug, Clone)]
@@ -80,6 +89,7 @@ pub enum Step {
     WaitForServer,
     Attach,
     NoThrottling,
+    WarmUp,
     Encrypt,
     Mkswap,
     Swapon,
@@ -87,12 +97,13 @@ pub enum Step {
 }
 
 /// Every step, in order; [`Plan::steps`] leaves out those a plan skips.
-pub const STEPS: [Step; 9] = [
+pub const STEPS: [Step; 10] = [
     Step::CreateDir,
     Step::StartServer,
     Step::WaitForServer,
     Step::Attach,
     Step::NoThrottling,
+    Step::WarmUp,
     Step::Encrypt,
     Step::Mkswap,
     Step::Swapon,
@@ -107,6 +118,7 @@ impl Step {
             Step::WaitForServer => "wait for nbdkit to serve",
             Step::Attach => "attach the NBD device",
             Step::NoThrottling => "turn off writeback throttling",
+            Step::WarmUp => "warm up nbdkit's threads",
             Step::Encrypt => "open the dm-crypt mapping",
             Step::Mkswap => "mkswap",
             Step::Swapon => "swapon",
@@ -492,6 +504,7 @@ impl Plan {
     fn nbdkit_command(&self) -> Cmd {
         let mut export = self.options.export.clone();
         export.backend = Some(self.backend);
+        export.warm_up = Some(self.warm_up_plan());
         let cmd = match &self.numa {
             Some((_, cpus)) => Cmd::new("taskset")
                 .arg("--cpu-list")
@@ -537,6 +550,68 @@ impl Plan {
         Path::new("/sys/block")
             .join(nbd::kernel_name(&self.nbd_device).unwrap_or("nbd0"))
             .join("queue/wbt_lat_usec")
+    }
+
+    fn queue_attribute(&self, name: &str) -> PathBuf {
+        self.wbt_attribute().with_file_name(name)
+    }
+
+    fn warm_up_plan(&self) -> WarmUp {
+        WarmUp {
+            threads: self.options.threads as usize,
+            size: MAX_REQUEST,
+        }
+    }
+
+    /// Caps the kernel's requests at [`MAX_REQUEST`], then reads that much
+    /// through the device, twice as many reads at once on each hardware
+    /// queue (each queue is one connection) as nbdkit has threads per
+    /// connection, until the plugin reports every connection in use warm.
+    fn warm_up(&self, system: &mut dyn System) -> Result<()> {
+        let limit = self.queue_attribute("max_sectors_kb");
+        let kib = (MAX_REQUEST >> 10).to_string();
+        system
+            .write_attribute(&limit, &kib)
+            .with_context(|| format!("echo {kib} > {}", limit.display()))?;
+        let name = nbd::kernel_name(&self.nbd_device)?;
+        let cpus = nbd::queue_cpus(system, name)?;
+        let plan = self.warm_up_plan();
+        let blocks = (self.size / MAX_REQUEST as u64).max(1);
+        let readers: Vec<(u32, u64)> = cpus
+            .iter()
+            .flat_map(|&cpu| std::iter::repeat_n(cpu, 2 * plan.threads))
+            .enumerate()
+            .map(|(i, cpu)| (cpu, (i as u64 % blocks) * MAX_REQUEST as u64))
+            .collect();
+        let mut warm = 0;
+        for _ in 0..WARM_UP_ROUNDS {
+            system
+                .read_direct(Path::new(&self.nbd_device), &readers, MAX_REQUEST)
+                .with_context(|| format!("read {}", self.nbd_device))?;
+            warm = self.warm_connections(system);
+            if warm >= cpus.len() as u64 {
+                debug!("warm-up: {warm} connections warm");
+                return Ok(());
+            }
+        }
+        bail!(
+            "after {WARM_UP_ROUNDS} rounds of reads, {warm} of the {} connections in use had \
+             every one of their {} nbdkit threads take a {} request (see {})",
+            cpus.len(),
+            plan.threads,
+            ByteSize(MAX_REQUEST as u64),
+            self.instance.server_status().display()
+        )
+    }
+
+    /// `warm_connections` from the plugin's status file; 0 if unreadable.
+    fn warm_connections(&self, system: &dyn System) -> u64 {
+        system
+            .read(&self.instance.server_status())
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|status| status["warm_connections"].as_u64())
+            .unwrap_or(0)
     }
 
     /// The steps this plan runs, in order.
@@ -605,6 +680,16 @@ impl Plan {
             ),
             Step::Attach => self.attach_command().to_string(),
             Step::NoThrottling => format!("echo 0 > {}", self.wbt_attribute().display()),
+            Step::WarmUp => format!(
+                "echo {} > {}; read {} through {}, {} at a time per hardware queue, \
+                 until each connection's {} nbdkit threads have taken one",
+                MAX_REQUEST >> 10,
+                self.queue_attribute("max_sectors_kb").display(),
+                ByteSize(MAX_REQUEST as u64),
+                self.nbd_device,
+                2 * self.options.threads,
+                self.options.threads
+            ),
             Step::Encrypt => match self.crypt_mapping() {
                 Some(mapping) => self.encrypt_command(&mapping).to_string(),
                 None => "no encryption".into(),
@@ -695,6 +780,7 @@ impl Plan {
                     .write_attribute(&attribute, "0")
                     .with_context(|| format!("echo 0 > {}", attribute.display()))
             }
+            Step::WarmUp => self.warm_up(system),
             Step::Encrypt => match self.crypt_mapping() {
                 Some(mapping) => run_ok(system, &self.encrypt_command(&mapping)),
                 None => Ok(()),
@@ -730,7 +816,11 @@ impl Plan {
             Step::Swapon => Some(run_ok(system, &Cmd::new("swapoff").arg(self.swap_device()))),
             // Left off: the device is only ever vramswap's swap, and the
             // hang it prevents outlives the instance (see wbt_attribute).
-            Step::WaitForServer | Step::NoThrottling | Step::Mkswap | Step::WriteState => None,
+            Step::WaitForServer
+            | Step::NoThrottling
+            | Step::WarmUp
+            | Step::Mkswap
+            | Step::WriteState => None,
         }
     }
 
@@ -935,6 +1025,9 @@ mod tests {
         system.fixture("/usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so", "");
         system.fixture("/sys/block/nbd0/size", "0\n");
         system.fixture("/sys/block/nbd0/queue/wbt_lat_usec", "2000\n");
+        system.fixture("/sys/block/nbd0/queue/max_sectors_kb", "1280\n");
+        system.fixture("/sys/block/nbd0/mq/0/cpu_list", "0\n");
+        system.fixture("/sys/block/nbd0/mq/1/cpu_list", "1\n");
         system.fixture("/sys/block/nbd1/size", "0\n");
         system.fixture("/run/vramswap/.keep", "");
         system.answer("nbdkit --version", 0, "nbdkit 1.32.5\n", "");
@@ -968,7 +1061,7 @@ mod tests {
         let plan = plan.unwrap();
         let lines: Vec<String> = plan.steps().iter().map(|s| plan.describe(*s)).collect();
         assert_eq!(
-            lines[5..8],
+            lines[6..9],
             [
                 "cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512 \
                  --key-file /dev/urandom --sector-size 4096 /dev/nbd0 vramswap-default",
@@ -1027,10 +1120,13 @@ mod tests {
                                 "VRAMSWAP_LOG_FILE=/run/vramswap/default/nbdkit.log \
                  VRAMSWAP_STATUS_FILE=/run/vramswap/default/server.json setsid nbdkit --unix /run/vramswap/default/nbd.sock \
                  --pidfile /run/vramswap/default/nbdkit.pid --threads 16 \
-                 /usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so backend=vulkan size=8589934592",
+                 /usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so backend=vulkan size=8589934592 \
+                 warm-up=16:131072",
                 "wait until nbdkit answers on /run/vramswap/default/nbd.sock (up to 300 s), then chmod 0600 it",
                 "nbd-client -unix /run/vramswap/default/nbd.sock /dev/nbd0 -b 4096 -swap -timeout 300 -C 4",
                 "echo 0 > /sys/block/nbd0/queue/wbt_lat_usec",
+                "echo 128 > /sys/block/nbd0/queue/max_sectors_kb; read 128 KiB through /dev/nbd0, \
+                 32 at a time per hardware queue, until each connection's 16 nbdkit threads have taken one",
                 "mkswap -L vramswap-default /dev/nbd0",
                 "swapon --priority 50 --discard /dev/nbd0",
                 "write /run/vramswap/default/state.json",
@@ -1045,7 +1141,10 @@ mod tests {
         opts.export.set("verify", "on").unwrap();
         let (_, plan) = preflight(&mut system, &gpus(), &opts, false);
         let server = plan.unwrap().describe(Step::StartServer);
-        assert!(server.ends_with("size=8589934592 verify=on"), "{server}");
+        assert!(
+            server.ends_with("size=8589934592 verify=on warm-up=16:131072"),
+            "{server}"
+        );
     }
 
     #[test]
@@ -1074,10 +1173,79 @@ mod tests {
     }
 
     #[test]
+    fn warm_up_caps_requests_and_reads_on_every_queue_until_the_plugin_says_warm() {
+        let mut system = machine();
+        with_server(&mut system);
+        let (_, plan) = preflight(&mut system, &gpus(), &options(), false);
+        plan.unwrap().execute(&mut system).unwrap();
+        assert_eq!(
+            system
+                .read(Path::new("/sys/block/nbd0/queue/max_sectors_kb"))
+                .unwrap(),
+            "128"
+        );
+        let reads: Vec<&Call> = system
+            .calls
+            .iter()
+            .filter(|c| matches!(c, Call::ReadDirect(..)))
+            .collect();
+        // Warm after one round: 32 readers on each of the two queues' CPUs.
+        assert_eq!(
+            reads,
+            [&Call::ReadDirect(
+                "/dev/nbd0".into(),
+                64,
+                128 << 10,
+                vec![0, 1]
+            )]
+        );
+        // The warm-up comes before anything is written to the device.
+        let order: Vec<usize> = [
+            |c: &Call| matches!(c, Call::ReadDirect(..)),
+            |c: &Call| matches!(c, Call::Run(l) if l.starts_with("mkswap")),
+        ]
+        .iter()
+        .map(|f| system.calls.iter().position(f).unwrap())
+        .collect();
+        assert!(order[0] < order[1], "{order:?}");
+    }
+
+    #[test]
+    fn a_server_whose_threads_never_all_take_a_read_fails_start() {
+        let mut system = machine();
+        with_server(&mut system);
+        // One of the two connections never gets warm.
+        system.warm_status = Some(r#"{"failure":null,"warm_connections":1}"#.into());
+        let err = run(&mut system, &gpus(), &options(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "step 6 (warm up nbdkit's threads) failed: after 10 rounds of reads, 1 of the 2 \
+                 connections in use had every one of their 16 nbdkit threads take a 128 KiB request"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.ends_with(
+                "undone: attach the NBD device, start nbdkit, create the instance directory"
+            ),
+            "{err}"
+        );
+        let rounds = system
+            .calls
+            .iter()
+            .filter(|c| matches!(c, Call::ReadDirect(..)))
+            .count();
+        assert_eq!(rounds, 10);
+        assert!(!system.ran().iter().any(|l| l.starts_with("mkswap")));
+    }
+
+    #[test]
     fn a_kernel_without_writeback_throttling_is_fine() {
         let mut system = machine();
         with_server(&mut system);
-        std::fs::remove_dir_all(system.root.path().join("sys/block/nbd0/queue")).unwrap();
+        std::fs::remove_file(system.root.path().join("sys/block/nbd0/queue/wbt_lat_usec")).unwrap();
         let (_, plan) = preflight(&mut system, &gpus(), &options(), false);
         plan.unwrap().execute(&mut system).unwrap();
         assert!(system.ran().iter().any(|l| l.starts_with("swapon")));
@@ -1096,6 +1264,7 @@ mod tests {
                 Step::NoThrottling,
                 "write /sys/block/nbd0/queue/wbt_lat_usec",
             ),
+            (Step::WarmUp, "read /dev/nbd0"),
             (Step::Encrypt, "cryptsetup open"),
             (Step::Mkswap, "mkswap"),
             (Step::Swapon, "swapon"),
@@ -1144,6 +1313,7 @@ mod tests {
                 .position(|c| match c {
                     Call::Run(l) => !prefix.is_empty() && l.contains(prefix),
                     Call::CreateDir(_) => step == Step::CreateDir,
+                    Call::ReadDirect(..) => step == Step::WarmUp,
                     Call::Write(p) => {
                         (step == Step::WriteState && p.ends_with("state.json"))
                             || (step == Step::NoThrottling && p.ends_with("wbt_lat_usec"))
@@ -1177,7 +1347,9 @@ mod tests {
                 // nbdkit failed to run: it wrote no pidfile, nothing to stop.
                 Step::StartServer => vec!["remove dir"],
                 Step::WaitForServer => vec!["stop nbdkit", "remove dir"],
-                Step::Attach | Step::NoThrottling => vec!["detach", "stop nbdkit", "remove dir"],
+                Step::Attach | Step::NoThrottling | Step::WarmUp => {
+                    vec!["detach", "stop nbdkit", "remove dir"]
+                }
                 // A failed open is closed too, in case it half happened.
                 Step::Encrypt | Step::Mkswap => {
                     vec!["close", "detach", "stop nbdkit", "remove dir"]

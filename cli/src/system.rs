@@ -154,6 +154,13 @@ pub trait System {
     fn sleep(&mut self, duration: Duration);
     fn is_root(&self) -> bool;
 
+    /// Reads `len` bytes at each `(cpu, offset)` of `readers` from a block
+    /// device, bypassing the page cache (`O_DIRECT`), all at once: one
+    /// thread per reader, pinned to its CPU (which picks the device's
+    /// hardware queue, and so the NBD connection, the read goes out on).
+    /// Returns when every read has; fails if any did.
+    fn read_direct(&mut self, device: &Path, readers: &[(u32, u64)], len: usize) -> io::Result<()>;
+
     /// The root that absolute paths of the file methods are under.
     fn root(&self) -> &Path;
 
@@ -350,6 +357,54 @@ impl System for RealSystem {
     fn root(&self) -> &Path {
         &self.root
     }
+
+    fn read_direct(&mut self, device: &Path, readers: &[(u32, u64)], len: usize) -> io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(under(&self.root, device))?;
+        std::thread::scope(|scope| {
+            let mut threads = Vec::with_capacity(readers.len());
+            for &(cpu, offset) in readers {
+                let file = &file;
+                threads.push(
+                    std::thread::Builder::new()
+                        .stack_size(256 << 10)
+                        .spawn_scoped(scope, move || read_on_cpu(file, cpu, offset, len))?,
+                );
+            }
+            threads.into_iter().try_for_each(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a reader thread panicked")))
+            })
+        })
+    }
+}
+
+/// One `O_DIRECT` read on `cpu`, into a 4 KiB-aligned buffer.
+fn read_on_cpu(file: &std::fs::File, cpu: u32, offset: u64, len: usize) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes one
+    // bit inside it (checked below against its size).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu as usize >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+        return Err(io::Error::other(format!("CPU {cpu} is out of range")));
+    }
+    // SAFETY: `cpu` is inside the set (checked above).
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    // SAFETY: pid 0 is this thread; the set is valid for its size.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        let err = io::Error::last_os_error();
+        return Err(io::Error::new(
+            err.kind(),
+            format!("cannot run a reader on CPU {cpu}: {err}"),
+        ));
+    }
+    const ALIGN: usize = 4096;
+    let mut memory = vec![0u8; len + ALIGN];
+    let skip = memory.as_ptr().align_offset(ALIGN);
+    file.read_exact_at(&mut memory[skip..skip + len], offset)
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -374,6 +429,9 @@ pub mod fake {
         Write(PathBuf),
         RemoveDir(PathBuf),
         SetMode(PathBuf, u32),
+        /// `read_direct`: the device, the number of readers, the read size
+        /// and the CPUs used.
+        ReadDirect(PathBuf, usize, usize, Vec<u32>),
     }
 
     pub struct FakeSystem {
@@ -390,6 +448,9 @@ pub mod fake {
         /// Running a program that starts with the prefix writes a file:
         /// (prefix, path, contents), e.g. nbdkit writing its pidfile.
         pub on_run: Vec<(String, String, String)>,
+        /// `read_direct` writes this as the `server.json` of every
+        /// instance directory: the plugin reporting its warm connections.
+        pub warm_status: Option<String>,
     }
 
     impl FakeSystem {
@@ -404,6 +465,7 @@ pub mod fake {
                 root_user: true,
                 fail_on: None,
                 on_run: Vec::new(),
+                warm_status: Some(r#"{"failure":null,"warm_connections":64}"#.into()),
             }
         }
 
@@ -411,11 +473,11 @@ pub mod fake {
         /// nbdkit 1.32, `nbd_devices` free NBD devices, and an nbdkit that
         /// "starts" (writes its pidfile, pid 4000 + i, alive) for each of
         /// `instances`.
-        pub fn ready_to_start(nbd_devices: usize, instances: &[&str]) -> Self {
+        pub fn ready_to_start(nbd_devices: u32, instances: &[&str]) -> Self {
             let mut system = FakeSystem::new();
             system.fixture("/usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so", "");
             for n in 0..nbd_devices {
-                system.fixture(&format!("/sys/block/nbd{n}/size"), "0\n");
+                system.free_nbd(n);
             }
             system.fixture("/run/vramswap/.keep", "");
             system.answer("nbdkit --version", 0, "nbdkit 1.32.5\n", "");
@@ -429,6 +491,13 @@ pub mod fake {
                 system.alive.insert(pid, true);
             }
             system
+        }
+
+        /// A free `/dev/nbdN` with one hardware queue.
+        pub fn free_nbd(&self, n: u32) {
+            self.fixture(&format!("/sys/block/nbd{n}/size"), "0\n");
+            self.fixture(&format!("/sys/block/nbd{n}/queue/max_sectors_kb"), "1280\n");
+            self.fixture(&format!("/sys/block/nbd{n}/mq/0/cpu_list"), "0-3\n");
         }
 
         /// Writes a fixture file (absolute path inside the fake root).
@@ -524,6 +593,32 @@ pub mod fake {
         }
 
         fn sleep(&mut self, _duration: Duration) {}
+
+        fn read_direct(
+            &mut self,
+            device: &Path,
+            readers: &[(u32, u64)],
+            len: usize,
+        ) -> io::Result<()> {
+            let mut cpus: Vec<u32> = readers.iter().map(|r| r.0).collect();
+            cpus.dedup();
+            self.calls.push(Call::ReadDirect(
+                device.to_path_buf(),
+                readers.len(),
+                len,
+                cpus,
+            ));
+            self.check(&format!("read {}", device.display()))?;
+            if let Some(status) = &self.warm_status {
+                for name in self.list(Path::new("/run/vramswap")).unwrap_or_default() {
+                    let dir = format!("/run/vramswap/{name}");
+                    if under(self.root.path(), Path::new(&dir)).is_dir() {
+                        self.fixture(&format!("{dir}/server.json"), status);
+                    }
+                }
+            }
+            Ok(())
+        }
 
         fn is_root(&self) -> bool {
             self.root_user

@@ -32,6 +32,20 @@ pid=$(server_pid default)
 device=$(nbd_device default)
 alive "$pid" || fail "nbdkit died with the process group that started it"
 grep "^$device " /proc/swaps || fail "$device is not a swap area"
+# start's warm-up (docs/RELIABILITY.md): the kernel's requests capped at
+# 128 KiB, and every nbdkit thread of each connection in use (one per
+# hardware queue with CPUs) has taken one.
+queue_dir=/sys/block/${device#/dev/}
+[ "$(cat "$queue_dir/queue/max_sectors_kb")" = 128 ] || fail "max_sectors_kb is not 128"
+queues=0
+for list in "$queue_dir"/mq/*/cpu_list; do
+    [ -n "$(tr -d ' \n' < "$list")" ] && queues=$((queues + 1))
+done
+warm=$(sed -n 's/.*"warm_connections":\([0-9]*\).*/\1/p' /run/vramswap/default/server.json)
+say "warm-up: ${warm:-no} of $queues connections in use warm"
+if [ "$queues" -eq 0 ] || [ "${warm:-0}" -lt "$queues" ]; then
+    fail "start's warm-up did not reach every connection"
+fi
 say "MemAvailable after start: $(meminfo_mib MemAvailable) MiB"
 # A hang (about one run in ten, 2026-11-28: docs/RELIABILITY.md) stops
 # every process with a page on the device, this script included: a
