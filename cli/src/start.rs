@@ -547,13 +547,15 @@ impl Plan {
     /// instance gets the same /dev/nbdN) waits in wbt_wait forever. The
     /// guest test `kill` hung that way until this step.
     fn wbt_attribute(&self) -> PathBuf {
-        Path::new("/sys/block")
-            .join(nbd::kernel_name(&self.nbd_device).unwrap_or("nbd0"))
-            .join("queue/wbt_lat_usec")
+        self.queue_attribute("wbt_lat_usec")
     }
 
+    /// `/sys/block/nbdN/queue/NAME` of the plan's device.
     fn queue_attribute(&self, name: &str) -> PathBuf {
-        self.wbt_attribute().with_file_name(name)
+        Path::new("/sys/block")
+            .join(nbd::kernel_name(&self.nbd_device).unwrap_or("nbd0"))
+            .join("queue")
+            .join(name)
     }
 
     fn warm_up_plan(&self) -> WarmUp {
@@ -606,10 +608,7 @@ impl Plan {
 
     /// `warm_connections` from the plugin's status file; 0 if unreadable.
     fn warm_connections(&self, system: &dyn System) -> u64 {
-        system
-            .read(&self.instance.server_status())
-            .ok()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        state::server_report(system, &self.instance)
             .and_then(|status| status["warm_connections"].as_u64())
             .unwrap_or(0)
     }

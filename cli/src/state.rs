@@ -213,6 +213,13 @@ pub fn write_record(system: &mut dyn System, name: &str, record: &impl Serialize
         .with_context(|| format!("write {}", path.display()))
 }
 
+/// What the plugin last wrote to the instance's status file
+/// (`VRAMSWAP_STATUS_FILE`), if it wrote one that parses.
+pub fn server_report(system: &dyn System, instance: &InstanceDir) -> Option<serde_json::Value> {
+    let text = system.read(&instance.server_status()).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
 /// The pid in nbdkit's pidfile, if it wrote one.
 pub fn read_pid(system: &dyn System, pidfile: &Path) -> Option<u32> {
     system.read(pidfile).ok()?.trim().parse().ok()

@@ -91,11 +91,7 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
             state.swap_paths(system)[0]
         ));
     }
-    if let Some(report) = system
-        .read(&instance.server_status())
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-    {
+    if let Some(report) = state::server_report(system, &instance) {
         if let Some(failure) = report["failure"].as_str() {
             status
                 .problems

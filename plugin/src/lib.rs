@@ -293,15 +293,15 @@ impl Server for VramSwap {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone()
                 .ok_or_else(|| Error::new(libc::EIO, "the VRAM store is not open"))?;
-            let warm_up = settings()
-                .as_ref()
-                .and_then(|s| s.export.warm_up)
-                .map(warmup::Barrier::new);
+            let settings = settings();
+            let settings = settings.as_ref();
             Ok(Box::new(VramSwap {
                 store,
-                warm_up,
+                warm_up: settings
+                    .and_then(|s| s.export.warm_up)
+                    .map(warmup::Barrier::new),
                 #[cfg(feature = "fault-injection")]
-                inject_panic_at: settings().as_ref().and_then(|s| s.inject_panic_at),
+                inject_panic_at: settings.and_then(|s| s.inject_panic_at),
             }) as Box<dyn Server>)
         })
     }
