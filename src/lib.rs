@@ -19,6 +19,7 @@
 pub mod backend;
 mod checksum;
 pub mod export;
+pub mod maps;
 pub mod memtest;
 pub mod size;
 pub mod store;

@@ -556,3 +556,44 @@ print('small read', round(time.monotonic() - start, 1))",
     );
     server.status_when(|s| s["warm_connections"] == 2);
 }
+
+#[test]
+fn every_page_of_the_servers_code_is_in_memory_and_locked_before_it_serves() {
+    let server = serve(&["size=16M"]);
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", server.pid())).unwrap();
+    let plugin = std::fs::canonicalize(common::nbd::plugin_path()).unwrap();
+    let plugin = plugin.to_str().unwrap();
+    // Mappings: a header line (`START-END PERMS … PATH`), then `Key: value`
+    // lines, `VmFlags:` last.
+    let mut mappings: Vec<Vec<&str>> = Vec::new();
+    for line in smaps.lines() {
+        let first = line.split(' ').next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            mappings.push(Vec::new());
+        }
+        if let Some(mapping) = mappings.last_mut() {
+            mapping.push(line);
+        }
+    }
+    let mut checked = 0;
+    for mapping in mappings.iter().filter(|m| m[0].ends_with(plugin)) {
+        if mapping[0].split(' ').nth(1).unwrap().starts_with('-') {
+            continue; // an unreadable gap: nothing to read in
+        }
+        let field = |key: &str| -> &str {
+            let line = mapping.iter().find(|l| l.starts_with(key)).unwrap();
+            line[key.len()..].trim()
+        };
+        let text = mapping.join("\n");
+        assert_eq!(field("Rss:"), field("Size:"), "not all read in:\n{text}");
+        assert!(
+            field("VmFlags:").split(' ').any(|f| f == "lo"),
+            "not locked:\n{text}"
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 2,
+        "{plugin}: {checked} readable mappings in\n{smaps}"
+    );
+}

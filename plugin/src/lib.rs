@@ -282,6 +282,8 @@ impl Server for VramSwap {
                 info!("scrub: every written block is checked once per {period:?}");
                 scrub::start(&STORE, period);
             }
+            // Last: every library the GPU driver loads is in by now.
+            safety::lock_mapped_files();
             Ok(())
         })
     }

@@ -10,6 +10,7 @@
 use std::io;
 
 use tracing::{info, warn};
+use vramswap::ByteSize;
 
 /// `prctl` option (Linux 5.6+): this process writes out memory for others,
 /// so its own allocations never recurse into filesystem or block I/O.
@@ -49,6 +50,47 @@ pub fn harden_process() {
     };
     report("PR_SET_IO_FLUSHER", flusher, consequence);
 }
+
+/// Reads in and locks every page of every file this process maps: its
+/// code, nbdkit's, the C library's and the GPU driver's libraries (see
+/// [`vramswap::maps`]). Run once the GPU is open, so the driver's libraries
+/// are loaded. `mlockall(MCL_ONFAULT)` alone leaves untouched pages out, and
+/// the first call of a rarely used function while the machine swaps (an
+/// error path, a driver's slow path) would then read them in under reclaim.
+/// Costs the size of the mapped files in RAM (shared with every other user
+/// of those files): about 230 MiB with lavapipe, most of it LLVM.
+pub fn lock_mapped_files() {
+    let maps = match std::fs::read_to_string("/proc/self/maps") {
+        Ok(maps) => maps,
+        Err(err) => {
+            warn!("mapped files not locked (/proc/self/maps: {err}): {UNLOCKED_FILES}");
+            return;
+        }
+    };
+    let mut locked = 0u64;
+    let mut failed: Option<(&str, io::Error)> = None;
+    for mapping in vramswap::maps::file_mappings(&maps) {
+        // SAFETY: mlock changes only how the kernel keeps the pages of the
+        // range, never their contents; a range unmapped since the read
+        // fails with ENOMEM and is reported below.
+        let rc = unsafe { libc::mlock(mapping.start as *const libc::c_void, mapping.len()) };
+        match errno_result(rc) {
+            Ok(()) => locked += mapping.len() as u64,
+            Err(err) => {
+                failed.get_or_insert((mapping.path, err));
+            }
+        }
+    }
+    match failed {
+        None => info!("mapped files: {} read in and locked", ByteSize(locked)),
+        Some((path, err)) => warn!(
+            "mapped files: {} locked, but not all of {path} ({err}): {UNLOCKED_FILES}",
+            ByteSize(locked)
+        ),
+    }
+}
+
+const UNLOCKED_FILES: &str = "code run for the first time under memory pressure is read in then, which can deadlock swap on this device (needs CAP_IPC_LOCK or a large RLIMIT_MEMLOCK)";
 
 fn errno_result(rc: libc::c_int) -> io::Result<()> {
     if rc == 0 {
