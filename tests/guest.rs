@@ -29,16 +29,23 @@ fn kernel_swap_on_vramswap_in_a_guest() {
     // The console log, for whoever reads a failure (cargo shows it then).
     println!("{console}");
     eprintln!("{harness_said}");
+    // Said last, so that a report that keeps only the end of the output
+    // (CI's) still tells which scenario failed and how.
+    let verdicts: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("SCENARIO ") || l.contains(": timed out after "))
+        .collect();
     for scenario in SCENARIOS {
         assert!(
             console
                 .lines()
                 .any(|l| l.starts_with(&format!("SCENARIO {scenario}: PASS"))),
-            "scenario {scenario} did not pass: {}",
+            "scenario {scenario} did not pass: {}\nthe guest said:\n{}",
             harness_said
                 .lines()
                 .last()
-                .unwrap_or("no word from run-guest")
+                .unwrap_or("no word from run-guest"),
+            verdicts.join("\n")
         );
     }
     assert!(
