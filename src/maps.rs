@@ -48,11 +48,9 @@ fn parse(line: &str) -> Option<FileMapping<'_>> {
     if !readable || !path.starts_with('/') || special {
         return None;
     }
-    Some(FileMapping {
-        start: usize::from_str_radix(start, 16).ok()?,
-        end: usize::from_str_radix(end, 16).ok()?,
-        path,
-    })
+    let start = usize::from_str_radix(start, 16).ok()?;
+    let end = usize::from_str_radix(end, 16).ok()?;
+    (start < end).then_some(FileMapping { start, end, path })
 }
 
 #[cfg(test)]
@@ -109,6 +107,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0     [vsyscall]
             "zz-10 r--p 0 0 0 /a",
             "10-20 r--p",
             "10 r--p 0 0:0 1 /a",
+            "20-10 r--p 0 0:0 1 /a",
         ] {
             assert_eq!(file_mappings(line).count(), 0, "{line:?}");
         }

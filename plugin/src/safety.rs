@@ -58,7 +58,8 @@ pub fn harden_process() {
 /// the first call of a rarely used function while the machine swaps (an
 /// error path, a driver's slow path) would then read them in under reclaim.
 /// Costs the size of the mapped files in RAM (shared with every other user
-/// of those files): about 230 MiB with lavapipe, most of it LLVM.
+/// of those files): 220 MiB with lavapipe (most of it LLVM), 105 MiB with
+/// the NVIDIA driver's CUDA and 166 MiB with its Vulkan (H200, 580.159.04).
 pub fn lock_mapped_files() {
     let maps = match std::fs::read_to_string("/proc/self/maps") {
         Ok(maps) => maps,
