@@ -33,7 +33,9 @@ fn kernel_swap_on_vramswap_in_a_guest() {
     // (CI's) still tells which scenario failed and how.
     let verdicts: Vec<&str> = console
         .lines()
-        .filter(|l| l.starts_with("SCENARIO ") || l.contains(": timed out after "))
+        .filter(|l| {
+            l.starts_with("SCENARIO ") || l.contains("] FAIL: ") || l.contains(": timed out after ")
+        })
         .collect();
     for scenario in SCENARIOS {
         assert!(
