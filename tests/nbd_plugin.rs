@@ -563,34 +563,30 @@ fn every_page_of_the_servers_code_is_in_memory_and_locked_before_it_serves() {
     let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", server.pid())).unwrap();
     let plugin = std::fs::canonicalize(common::nbd::plugin_path()).unwrap();
     let plugin = plugin.to_str().unwrap();
-    // Mappings: a header line (`START-END PERMS … PATH`), then `Key: value`
-    // lines, `VmFlags:` last.
-    let mut mappings: Vec<Vec<&str>> = Vec::new();
-    for line in smaps.lines() {
-        let first = line.split(' ').next().unwrap_or("");
-        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            mappings.push(Vec::new());
-        }
-        if let Some(mapping) = mappings.last_mut() {
-            mapping.push(line);
-        }
-    }
+    // Each mapping: a header line as in /proc/PID/maps, `Key: value` lines,
+    // `VmFlags:` last. The plugin's readable ones must be all in and locked.
     let mut checked = 0;
-    for mapping in mappings.iter().filter(|m| m[0].ends_with(plugin)) {
-        if mapping[0].split(' ').nth(1).unwrap().starts_with('-') {
-            continue; // an unreadable gap: nothing to read in
+    let mut mapping: Vec<&str> = Vec::new();
+    for line in smaps.lines() {
+        mapping.push(line);
+        if !line.starts_with("VmFlags:") {
+            continue;
         }
-        let field = |key: &str| -> &str {
-            let line = mapping.iter().find(|l| l.starts_with(key)).unwrap();
-            line[key.len()..].trim()
-        };
-        let text = mapping.join("\n");
-        assert_eq!(field("Rss:"), field("Size:"), "not all read in:\n{text}");
-        assert!(
-            field("VmFlags:").split(' ').any(|f| f == "lo"),
-            "not locked:\n{text}"
-        );
-        checked += 1;
+        let ours = vramswap::maps::file_mappings(mapping[0]).any(|m| m.path == plugin);
+        if ours {
+            let field = |key: &str| -> &str {
+                let line = mapping.iter().find(|l| l.starts_with(key)).unwrap();
+                line[key.len()..].trim()
+            };
+            let text = mapping.join("\n");
+            assert_eq!(field("Rss:"), field("Size:"), "not all read in:\n{text}");
+            assert!(
+                field("VmFlags:").split(' ').any(|f| f == "lo"),
+                "not locked:\n{text}"
+            );
+            checked += 1;
+        }
+        mapping.clear();
     }
     assert!(
         checked >= 2,

@@ -47,8 +47,12 @@ vmstat() { awk -v k="$1" '$1 == k { print $2 }' /proc/vmstat; }
 # Used MiB and priority of swap area DEVICE: "USED PRIORITY".
 swap_used_prio() { awk -v d="$1" '$1 == d { print int($4 / 1024), $5 }' /proc/swaps; }
 
+# FILE KEY: a "KEY: N kB" field of FILE (/proc/meminfo, /proc/PID/status),
+# in MiB.
+field_mib() { awk -v k="$2:" '$1 == k { print int($2 / 1024) }' "$1"; }
+
 # A field of /proc/meminfo, in MiB.
-meminfo_mib() { awk -v k="$1:" '$1 == k { print int($2 / 1024) }' /proc/meminfo; }
+meminfo_mib() { field_mib /proc/meminfo "$1"; }
 
 # "OUT IN": MiB swapped out and in so far (pswpout, pswpin: 4 KiB pages).
 swapped_mib() { echo $(($(vmstat pswpout) / 256)) $(($(vmstat pswpin) / 256)); }

@@ -41,7 +41,7 @@ vs status b
 # The hog's pages still out are in b, the one swap area left; its verify
 # reads every page back. (Whether b is empty afterwards says nothing: the
 # squeeze of swapoff can have put other processes' pages there.)
-hog_swap=$(awk '$1 == "VmSwap:" { print int($2 / 1024) }' "/proc/${hog_pids[0]}/status")
+hog_swap=$(field_mib "/proc/${hog_pids[0]}/status" VmSwap)
 read -r _ in0 < <(swapped_mib)
 hogs_verify
 read -r _ in1 < <(swapped_mib)
