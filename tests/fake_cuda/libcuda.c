@@ -732,17 +732,6 @@ EXPORT CUresult cuEventQuery(CUevent e)
     return done ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
 }
 
-EXPORT CUresult cuEventSynchronize(CUevent e)
-{
-    struct stream *s;
-    unsigned long long mark;
-    CUresult r = event_target(e, &s, &mark);
-    if (r || !s)
-        return r;
-    wait_for(s, mark);
-    return CUDA_SUCCESS;
-}
-
 EXPORT CUresult cuEventDestroy_v2(CUevent e)
 {
     CUresult r = need_ctx();

@@ -9,7 +9,7 @@ use tracing::{debug, warn};
 
 use super::conv;
 use super::driver::Adapter;
-use crate::backend::wait::{WaitPolicy, SPIN};
+use crate::backend::wait::{Naps, WaitPolicy, SPIN};
 use crate::backend::{BackendError, ChunkId, DeviceInfo, LostFlag, MemoryReport, CHUNK_SIZE};
 
 /// State every lane and chunk of one device shares. Dropped when the last
@@ -61,7 +61,7 @@ impl DeviceShared {
             device,
             ctx,
             lost: LostFlag::default(),
-            waits: WaitPolicy::new(SPIN),
+            waits: WaitPolicy::new(SPIN, Naps::POLLED),
             memory_limit,
             chunks: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
             memory: Mutex::new(Memory {

@@ -57,7 +57,6 @@ const ENTRY_POINTS: &[&CStr] = &[
     c"cuEventCreate",
     c"cuEventRecord",
     c"cuEventQuery",
-    c"cuEventSynchronize",
     c"cuEventDestroy_v2",
 ];
 

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use super::conv;
 use super::instance::{Adapter, Instance};
 use crate::backend::hostmem::LockedRegion;
-use crate::backend::wait::{self, WaitPolicy};
+use crate::backend::wait::{self, Naps, WaitPolicy};
 use crate::backend::{BackendError, ChunkId, DeviceKind, LostFlag, MemoryReport, CHUNK_SIZE};
 
 /// Queues of the transfer family used at once. NVIDIA exposes 2 transfer
@@ -158,9 +158,9 @@ impl DeviceShared {
             .then(|| ash::ext::external_memory_host::Device::new(&instance.raw, &raw));
         let heap_size = instance.memory(&adapter, 0, None).total;
         let capacity = (heap_size / CHUNK_SIZE) as usize + 1;
-        let spin = match adapter.info.kind {
-            DeviceKind::Cpu => Duration::ZERO,
-            _ => wait::SPIN,
+        let (spin, naps) = match adapter.info.kind {
+            DeviceKind::Cpu => (Duration::ZERO, Naps::CPU),
+            _ => (wait::SPIN, Naps::DRIVER),
         };
         debug!(
             device = %adapter.info.name,
@@ -177,7 +177,7 @@ impl DeviceShared {
             families,
             adapter,
             lost: LostFlag::default(),
-            waits: WaitPolicy::new(spin),
+            waits: WaitPolicy::new(spin, naps),
             memory_limit,
             host_import,
             buffers: (0..capacity).map(|_| AtomicU64::new(0)).collect(),

@@ -2,7 +2,7 @@
 //! command buffer, and a fence, all made once.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ash::vk;
 use tracing::warn;
@@ -10,10 +10,6 @@ use tracing::warn;
 use super::conv;
 use super::device::{DeviceShared, Staging};
 use crate::backend::{BackendError, Lane, TransferOp, CHUNK_SIZE};
-
-/// A wait this long means something is wrong; say so, and keep waiting:
-/// giving up would leave the copy running into memory we hand back.
-const SLOW_WAIT: Duration = Duration::from_secs(10);
 
 pub(super) struct VulkanLane {
     shared: Arc<DeviceShared>,
@@ -210,37 +206,26 @@ impl VulkanLane {
     }
 
     fn wait_fence(&self) -> Result<(), BackendError> {
-        let start = Instant::now();
-        self.shared
-            .waits
-            .wait(|| self.fence_status(), || self.sleep_on_fence(start))
+        self.shared.waits.wait(
+            || self.fence_status(),
+            |length| self.sleep_on_fence(length),
+            &self.shared.adapter.info.name,
+        )
     }
 
-    fn sleep_on_fence(&self, start: Instant) -> Result<(), BackendError> {
-        let mut warned = false;
-        loop {
-            // SAFETY: the fence belongs to this device and was submitted.
-            let result = unsafe {
-                self.shared.raw.wait_for_fences(
-                    &[self.fence],
-                    true,
-                    Duration::from_secs(1).as_nanos() as u64,
-                )
-            };
-            match result {
-                Ok(()) => return Ok(()),
-                Err(vk::Result::TIMEOUT) => {
-                    if !warned && start.elapsed() > SLOW_WAIT {
-                        warn!(
-                            "{}: a transfer has not finished after {:?}; still waiting",
-                            self.shared.adapter.info.name,
-                            start.elapsed()
-                        );
-                        warned = true;
-                    }
-                }
-                Err(e) => return Err(self.shared.note(conv::error("vkWaitForFences", e))),
-            }
+    /// Sleeps in the driver until the batch is done, for at most `length`;
+    /// says whether it is.
+    fn sleep_on_fence(&self, length: Duration) -> Result<bool, BackendError> {
+        // SAFETY: the fence belongs to this device and was submitted.
+        let result = unsafe {
+            self.shared
+                .raw
+                .wait_for_fences(&[self.fence], true, length.as_nanos() as u64)
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(vk::Result::TIMEOUT) => Ok(false),
+            Err(e) => Err(self.shared.note(conv::error("vkWaitForFences", e))),
         }
     }
 }
