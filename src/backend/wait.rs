@@ -24,7 +24,7 @@ pub(crate) const SPIN: Duration = Duration::from_micros(100);
 
 /// How long a sleeping waiter naps: `first`, then each nap twice the
 /// last, up to `max`.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Naps {
     first: Duration,
     max: Duration,
