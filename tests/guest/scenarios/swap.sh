@@ -96,7 +96,7 @@ say "tight memory: a $tight MiB hog in the whole guest (MemAvailable + 64 MiB)"
 read -r out0 in0 < <(swapped_mib)
 t0=$SECONDS
 hogs_start "" "$tight" 5
-say "written in $((SECONDS - t0)) s; MemAvailable $(meminfo_mib MemAvailable) MiB, swap used $(awk -v d="$device" '$1 == d { print int($4 / 1024) }' /proc/swaps) MiB"
+say "written in $((SECONDS - t0)) s; MemAvailable $(meminfo_mib MemAvailable) MiB, swap used $(swap_used_prio "$device" | cut -d' ' -f1) MiB"
 alive "$pid" || fail "nbdkit died under memory pressure"
 t0=$SECONDS
 hogs_verify
