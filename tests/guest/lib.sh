@@ -63,12 +63,24 @@ server_pid() {
     [ -f "$state" ] && sed -n 's/^ *"pid": \([0-9]*\),$/\1/p' "$state"
 }
 
-# Creates memory cgroup NAME limited to MIB of RAM (swap unlimited): what
-# its processes use beyond that must go to swap, while the guest as a
-# whole is not short of memory.
+# Creates memory cgroup NAME, or sets an existing one's limit, to MIB of
+# RAM (swap unlimited): what its processes use beyond that must go to
+# swap, while the guest as a whole is not short of memory. Returns once
+# the cgroup is within the limit: a signal reaching this shell while it
+# writes memory.max (SIGCHLD from a process substitution just read) ends
+# the kernel's reclaim early, and the write still succeeds with the
+# cgroup above its new limit and nothing left to push it down (CI,
+# 2026-12-02: nothing swapped; shown in a guest: 168 MiB left under a
+# 64 MiB limit after a SIGCHLD 0.3 s into the write). So it writes again.
 cgroup() {
-    mkdir -p "/sys/fs/cgroup/$1"
-    echo "$(($2 << 20))" >"/sys/fs/cgroup/$1/memory.max"
+    local dir=/sys/fs/cgroup/$1 max=$(($2 << 20)) current
+    mkdir -p "$dir"
+    for _ in 1 2 3 4 5; do
+        echo "$max" >"$dir/memory.max"
+        current=$(cat "$dir/memory.current")
+        [ "$current" -le "$max" ] && return 0
+    done
+    fail "cgroup $1 stayed at $((current >> 20)) MiB over its $2 MiB limit"
 }
 
 # The nbd device of instance NAME.
