@@ -184,6 +184,10 @@ impl Lane for FaultyLane {
         self.inner.staging()
     }
 
+    fn staged(&self) -> &[u8] {
+        self.inner.staged()
+    }
+
     fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
         if self.counters.lost.load(Ordering::Acquire) {
             return Err(BackendError::DeviceLost);

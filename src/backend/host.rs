@@ -248,6 +248,10 @@ impl Lane for HostLane {
         &mut self.staging
     }
 
+    fn staged(&self) -> &[u8] {
+        &self.staging
+    }
+
     fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
         if self.result.is_some() {
             return Err(BackendError::Busy);

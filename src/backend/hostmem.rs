@@ -86,6 +86,12 @@ impl LockedRegion {
         self.ptr.as_ptr()
     }
 
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr..ptr+len` is mapped and owned by `self`; a shared
+        // borrow of `self` rules out a live `as_mut_slice` borrow.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: `ptr..ptr+len` is mapped and owned by `self`; `&mut self`
         // makes this the only live reference.

@@ -345,10 +345,16 @@ pub enum TransferOp {
 ///
 /// A lane is used by one thread at a time (`&mut self`); several lanes run
 /// at once. The staging buffer is allocated once, when the lane is made,
-/// and never on the I/O path.
-pub trait Lane: Send {
+/// and never on the I/O path. Between batches several threads may read
+/// its staging at once ([`Lane::staged`]): the store's read-ahead windows
+/// are read by every request they serve.
+pub trait Lane: Send + Sync {
     /// The staging buffer: host memory the device can reach by DMA.
     fn staging(&mut self) -> &mut [u8];
+
+    /// The staging buffer, to read: what the last finished download left
+    /// there. Only meaningful while no batch is pending.
+    fn staged(&self) -> &[u8];
 
     /// Starts a batch and returns without waiting for it. The staging bytes
     /// an upload reads must be written before this call; the bytes a

@@ -128,6 +128,9 @@ impl Lane for CountingLane {
     fn staging(&mut self) -> &mut [u8] {
         self.inner.staging()
     }
+    fn staged(&self) -> &[u8] {
+        self.inner.staged()
+    }
     fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
         for op in ops {
             let counter = match op {

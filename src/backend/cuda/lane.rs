@@ -44,6 +44,17 @@ impl Staging {
             },
         }
     }
+
+    fn bytes_ref(&self) -> &[u8] {
+        match self {
+            Staging::Registered(region) => region.as_slice(),
+            // SAFETY: as in `bytes`; a shared borrow of `self` rules out a
+            // live mutable one.
+            Staging::Allocated { ptr, len } => unsafe {
+                std::slice::from_raw_parts(ptr.as_ptr(), *len)
+            },
+        }
+    }
 }
 
 /// One step of a batch, checked and resolved to addresses.
@@ -81,6 +92,10 @@ pub(super) struct CudaLane {
 // accepts them from any thread once the context is current (`bind`); the
 // staging memory is owned by the lane and reached through `&mut self`.
 unsafe impl Send for CudaLane {}
+// SAFETY: the only `&self` method reachable outside this module is
+// `Lane::staged`, which reads the staging memory; the driver is called from
+// `&mut self` methods (and `Drop`) alone.
+unsafe impl Sync for CudaLane {}
 
 impl CudaLane {
     pub(super) fn new(shared: Arc<DeviceShared>, staging_len: usize) -> Result<Self, BackendError> {
@@ -302,6 +317,13 @@ impl Lane for CudaLane {
         match self.staging.as_mut() {
             Some(staging) => &mut staging.bytes()[..len],
             None => &mut [],
+        }
+    }
+
+    fn staged(&self) -> &[u8] {
+        match self.staging.as_ref() {
+            Some(staging) => &staging.bytes_ref()[..self.staging_len],
+            None => &[],
         }
     }
 

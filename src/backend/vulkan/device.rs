@@ -45,6 +45,13 @@ impl Staging {
             Staging::Allocated(allocation) => allocation.mapped_slice_mut().unwrap_or_default(),
         }
     }
+
+    pub(super) fn bytes_ref(&self) -> &[u8] {
+        match self {
+            Staging::Imported { region, .. } => region.as_slice(),
+            Staging::Allocated(allocation) => allocation.mapped_slice().unwrap_or_default(),
+        }
+    }
 }
 
 /// State every lane and chunk of one device shares. Destroyed when the last

@@ -239,6 +239,13 @@ impl Lane for VulkanLane {
         }
     }
 
+    fn staged(&self) -> &[u8] {
+        match self.staging.as_ref() {
+            Some(staging) => &staging.bytes_ref()[..self.staging_len],
+            None => &[],
+        }
+    }
+
     fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
         self.shared.check_alive()?;
         if self.pending {
