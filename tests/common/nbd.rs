@@ -95,18 +95,38 @@ impl Server {
     /// Like [`Server::start`], but returns nbdkit's output when it exits
     /// instead of serving.
     pub fn try_start(args: &[&str]) -> Result<Server, Output> {
+        Self::try_start_with(&[], args)
+    }
+
+    /// Like [`Server::start`], with nbdkit's own `flags` (e.g. `-v`, which
+    /// shows the plugin's info lines on stderr).
+    pub fn start_with(flags: &[&str], args: &[&str]) -> Server {
+        Self::try_start_with(flags, args).unwrap_or_else(|output| {
+            panic!(
+                "nbdkit {flags:?} {args:?} did not start: {}\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    }
+
+    fn try_start_with(flags: &[&str], args: &[&str]) -> Result<Server, Output> {
         super::init_logging();
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("nbd.sock");
         let mut command = Command::new("nbdkit");
         command
-            .args(["-f", "--exit-with-parent", "-U"])
+            .args(["-f", "--exit-with-parent"])
+            .args(flags)
+            .arg("-U")
             .arg(&socket)
             .arg(plugin_path())
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            // A file, not a pipe: nothing reads it while the server runs,
+            // and a full pipe would stop a chatty (`-v`) nbdkit.
+            .stderr(std::fs::File::create(dir.path().join("nbdkit.log")).expect("log file"))
             // Mesa's loader warns without it.
             .env("XDG_RUNTIME_DIR", dir.path())
             .env("VRAMSWAP_STATUS_FILE", dir.path().join("server.json"));
@@ -119,7 +139,9 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(_status) = child.try_wait().expect("wait for nbdkit") {
-                return Err(child.wait_with_output().expect("nbdkit output"));
+                let mut output = child.wait_with_output().expect("nbdkit output");
+                output.stderr = std::fs::read(dir.path().join("nbdkit.log")).expect("nbdkit log");
+                return Err(output);
             }
             if handshake(&socket) {
                 return Ok(Server { child, dir });
@@ -168,11 +190,7 @@ impl Server {
     /// Stops the server and returns what it printed on stderr.
     pub fn stop(mut self) -> String {
         self.kill();
-        let mut err = String::new();
-        if let Some(mut stderr) = self.child.stderr.take() {
-            let _ = stderr.read_to_string(&mut err);
-        }
-        err
+        std::fs::read_to_string(self.dir.path().join("nbdkit.log")).unwrap_or_default()
     }
 
     fn kill(&mut self) {
