@@ -9,7 +9,8 @@ use std::fmt;
 use crate::backend::{BackendKind, DeviceSelector, BLOCK_SIZE, CHUNK_SIZE};
 use crate::size::{parse_size, ByteSize};
 use crate::store::{
-    AllocationPolicy, SizeSpec, StoreConfig, DEFAULT_LANES, DEFAULT_RESERVE, DEFAULT_STAGING,
+    AllocationPolicy, SizeSpec, StoreConfig, DEFAULT_LANES, DEFAULT_READAHEAD, DEFAULT_RESERVE,
+    DEFAULT_STAGING, MAX_WINDOWS,
 };
 
 /// What `nbdkit vramswap --help` prints after nbdkit's own text.
@@ -27,6 +28,10 @@ allocation=eager|lazy    take all VRAM at start (default; swap never finds
 lanes=N                  pinned staging buffers (default 64)
 staging=SIZE             bytes per staging buffer, a multiple of 64K up to
                          4M (default 2M; at least 192K with verify=on)
+readahead=N              2M windows of pinned memory for sequential reads:
+                         a stream of reads of 128K or more is downloaded
+                         ahead of where it reads, four windows at a time
+                         (default 32, 0 to 64; 0 is off; off with verify=on)
 verify=on|off            checksum (CRC32C) every 64K block on write and check
                          it on read: a block whose VRAM changed fails its
                          read with EIO instead of returning bad data
@@ -138,6 +143,8 @@ pub struct ExportConfig {
     pub lanes: usize,
     pub staging: usize,
     pub verify: bool,
+    /// `readahead=`: windows of [`crate::store::WINDOW_BYTES`].
+    pub readahead: usize,
     /// `scrub=`: one background pass over the written blocks per period.
     pub scrub: Option<std::time::Duration>,
     /// `warm-up=THREADS:SIZE`: see [`WarmUp`].
@@ -157,6 +164,7 @@ impl Default for ExportConfig {
             lanes: DEFAULT_LANES,
             staging: DEFAULT_STAGING,
             verify: false,
+            readahead: DEFAULT_READAHEAD,
             scrub: None,
             warm_up: None,
             given: Vec::new(),
@@ -218,6 +226,16 @@ impl ExportConfig {
                     )));
                 }
                 self.staging = bytes as usize;
+            }
+            "readahead" => {
+                self.readahead = match value.parse::<usize>() {
+                    Ok(n) if n <= MAX_WINDOWS => n,
+                    _ => {
+                        return Err(bad(format!(
+                            "expected a whole number from 0 to {MAX_WINDOWS}"
+                        )))
+                    }
+                }
             }
             "scrub" => self.scrub = Some(parse_duration(value).map_err(bad)?),
             "warm-up" => self.warm_up = Some(value.parse().map_err(bad)?),
@@ -302,6 +320,9 @@ impl ExportConfig {
         if self.staging != defaults.staging {
             args.push(format!("staging={}", self.staging));
         }
+        if self.readahead != defaults.readahead {
+            args.push(format!("readahead={}", self.readahead));
+        }
         if self.verify {
             args.push("verify=on".into());
         }
@@ -326,6 +347,7 @@ impl ExportConfig {
             lanes: self.lanes,
             staging_bytes: self.staging,
             verify: self.verify,
+            readahead: self.readahead,
         }
     }
 }
@@ -350,6 +372,7 @@ mod tests {
         assert_eq!(config.allocation, AllocationPolicy::Eager);
         assert_eq!((config.lanes, config.staging_bytes), (64, 2 << 20));
         assert!(!config.verify);
+        assert_eq!(config.readahead, 32);
     }
 
     #[test]
@@ -362,6 +385,7 @@ mod tests {
             ("lanes", "16"),
             ("staging", "256K"),
             ("verify", "on"),
+            ("readahead", "0"),
         ])
         .unwrap();
         assert_eq!(config.backend, Some(BackendKind::Vulkan));
@@ -371,6 +395,7 @@ mod tests {
         assert_eq!(store.allocation, AllocationPolicy::Lazy);
         assert_eq!((store.lanes, store.staging_bytes), (16, 256 << 10));
         assert!(store.verify);
+        assert_eq!(store.readahead, 0);
         let warm = parse(&[("warm-up", "8:128K")]).unwrap().warm_up;
         assert_eq!(
             warm,
@@ -412,6 +437,11 @@ mod tests {
                 "allocation=sometimes: 'sometimes' is not an allocation policy",
             ),
             ("lanes", "0", "lanes=0: expected a whole number"),
+            (
+                "readahead",
+                "65",
+                "readahead=65: expected a whole number from 0 to 64",
+            ),
             (
                 "staging",
                 "100K",

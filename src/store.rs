@@ -40,6 +40,10 @@ use crate::backend::{
 use crate::checksum::{self, Checksums};
 use crate::size::ByteSize;
 
+mod readahead;
+use readahead::{Changes, ReadAhead};
+pub use readahead::{ReadAheadStats, MAX_WINDOWS, WINDOW_BYTES};
+
 /// VRAM left to other users when the size is automatic.
 pub const DEFAULT_RESERVE: u64 = 256 << 20;
 /// Staging lanes made at open: enough for nbdkit's 16 worker threads on
@@ -53,6 +57,10 @@ pub const DEFAULT_LANES: usize = 64;
 /// run; 128 lanes of 1 MiB gained nothing, so the size of a batch, not the
 /// number of lanes, is what counts. 64 lanes lock 128 MiB of RAM.
 pub const DEFAULT_STAGING: usize = 2 << 20;
+/// Read-ahead windows (of [`WINDOW_BYTES`]) made at open: four streams,
+/// such as `nbdcopy`'s four connections, each with the windows it reads
+/// and the ones filled ahead of it. 32 windows lock 64 MiB of RAM.
+pub const DEFAULT_READAHEAD: usize = 32;
 /// Most lanes one request keeps in flight. On the H100 a batch completes
 /// 15–50 µs after submit even when tiny; with four in flight the copy into
 /// staging, not that latency, sets the pace of a large request.
@@ -124,6 +132,9 @@ pub struct StoreConfig {
     pub staging_bytes: usize,
     /// Checksum every block on write and check it on read.
     pub verify: bool,
+    /// Read-ahead windows (at most [`MAX_WINDOWS`]); 0 turns read-ahead
+    /// off. None are made with `verify`: a window's bytes are not checked.
+    pub readahead: usize,
 }
 
 impl Default for StoreConfig {
@@ -134,6 +145,7 @@ impl Default for StoreConfig {
             lanes: DEFAULT_LANES,
             staging_bytes: DEFAULT_STAGING,
             verify: false,
+            readahead: DEFAULT_READAHEAD,
         }
     }
 }
@@ -264,6 +276,8 @@ struct ChunkSlot {
     data: AtomicU64,
     /// Bit b set: a partial write is zeroing block b before writing into it.
     busy: AtomicU64,
+    /// Every change to the chunk's bytes, for read-ahead's windows.
+    changes: Changes,
 }
 
 /// A snapshot of the store for `status` and tests.
@@ -281,6 +295,7 @@ pub struct StoreStats {
     pub verify: bool,
     /// Reads of blocks that failed their checksum.
     pub checksum_errors: u64,
+    pub readahead: ReadAheadStats,
 }
 
 /// A byte-addressed device in VRAM. Safe to share between threads.
@@ -296,6 +311,7 @@ pub struct BlockStore {
     /// `verify`: a checksum per block, indexed `slot * 64 + block`.
     checksums: Option<Checksums>,
     checksum_errors: AtomicU64,
+    readahead: Option<ReadAhead>,
     /// Wakes writers waiting for another writer to finish zeroing a block.
     init_lock: Mutex<()>,
     init_done: Condvar,
@@ -473,8 +489,14 @@ impl BlockStore {
                 chunk: RwLock::new(None),
                 data: AtomicU64::new(0),
                 busy: AtomicU64::new(0),
+                changes: Changes::default(),
             })
             .collect();
+        if config.readahead > MAX_WINDOWS {
+            return Err(StoreError::Config(format!(
+                "at most {MAX_WINDOWS} read-ahead windows"
+            )));
+        }
         if config.verify && (config.staging_bytes as u64) < 3 * BLOCK_SIZE {
             return Err(StoreError::Config(format!(
                 "verify needs staging buffers of at least {}: two blocks of each hold the old bytes of partial writes",
@@ -487,6 +509,11 @@ impl BlockStore {
             config.staging_bytes,
             config.verify,
         )?;
+        let readahead = match config.readahead {
+            0 => None,
+            _ if config.verify => None,
+            windows => Some(ReadAhead::new(backend.as_ref(), windows)?),
+        };
         let store = BlockStore {
             backend,
             size: resolved.bytes,
@@ -500,6 +527,7 @@ impl BlockStore {
                 .verify
                 .then(|| Checksums::new(chunk_count * BLOCKS_PER_CHUNK)),
             checksum_errors: AtomicU64::new(0),
+            readahead,
             init_lock: Mutex::new(()),
             init_done: Condvar::new(),
         };
@@ -510,6 +538,7 @@ impl BlockStore {
             lanes = config.lanes,
             staging = %ByteSize(config.staging_bytes as u64),
             verify = config.verify,
+            readahead = store.readahead.as_ref().map_or(0, |r| r.stats().windows),
             "block store ready to allocate"
         );
         if store.policy == AllocationPolicy::Eager {
@@ -549,6 +578,11 @@ impl BlockStore {
             failure: self.failure(),
             verify: self.checksums.is_some(),
             checksum_errors: self.checksum_errors.load(Ordering::Relaxed),
+            readahead: self
+                .readahead
+                .as_ref()
+                .map(ReadAhead::stats)
+                .unwrap_or_default(),
         }
     }
 
@@ -565,6 +599,11 @@ impl BlockStore {
         self.check(offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
+        }
+        if let Some(readahead) = &self.readahead {
+            if readahead.read(&self.slots, buf, offset) {
+                return Ok(());
+            }
         }
         let mut lanes = self
             .lanes
@@ -623,6 +662,7 @@ impl BlockStore {
         while pos < end {
             let (slot_index, start, seg_len) = self.segment(pos, (end - pos) as usize);
             let slot = &self.slots[slot_index];
+            let _change = slot.changes.begin();
             if seg_len == CHUNK_SIZE && self.policy == AllocationPolicy::Lazy {
                 self.free_slot(slot_index);
             } else {
@@ -935,6 +975,8 @@ impl BlockStore {
         while done < len {
             let (slot_index, start, seg_len) = self.segment(offset + done, (len - done) as usize);
             let slot = &self.slots[slot_index];
+            // Goes after the drain below: the change is done on the GPU.
+            let _change = slot.changes.begin();
             let (guard, chunk) = loop {
                 let guard = read_lock(&slot.chunk);
                 if let Some(chunk) = *guard {
@@ -1218,6 +1260,10 @@ impl BlockStore {
         // The lane before the slot's lock, the order every writer takes them.
         let mut lanes = self.lanes.acquire(1);
         let mut guard = slot.chunk.write().unwrap_or_else(|e| e.into_inner());
+        let _change = slot.changes.begin();
+        if let Some(readahead) = &self.readahead {
+            readahead.forget_chunk(slot_index);
+        }
         let held_data = slot.data.swap(0, Ordering::AcqRel) != 0;
         if let Some(chunk) = guard.take() {
             if held_data {
@@ -1329,6 +1375,14 @@ fn scrub_and_free(backend: &dyn Backend, lane: &mut dyn Lane, chunks: &[ChunkId]
 
 impl Drop for BlockStore {
     fn drop(&mut self) {
+        if let Some(readahead) = &mut self.readahead {
+            readahead.drain();
+            let stats = readahead.stats();
+            info!(
+                "read-ahead: {} reads served from {} windows filled ({} stream reads missed)",
+                stats.served, stats.filled, stats.missed
+            );
+        }
         let chunks: Vec<ChunkId> = self
             .slots
             .iter_mut()

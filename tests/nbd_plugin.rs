@@ -100,6 +100,55 @@ fn nbdcopy_round_trips_random_data_over_four_connections() {
     );
 }
 
+/// nbdcopy's reads are streams, served from read-ahead windows (the
+/// server counts them at exit), and a write between two such copies is in
+/// the second one's bytes.
+#[test]
+fn sequential_reads_come_from_read_ahead_windows_and_see_every_write() {
+    let mut args = base_args();
+    args.push("size=64M".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    // `-v` shows the count; nbdkit's own line per request is not wanted.
+    let server = Server::start_with(&["-v", "-D", "nbdkit.backend.datapath=0"], &refs);
+    let dir = tempfile::tempdir().unwrap();
+    let source = random_file(&dir, "in.bin", 64 * MIB, 9);
+    let back = dir.path().join("out.bin");
+    let copy_out = || {
+        run(
+            "nbdcopy",
+            &["--connections=4", &server.uri(), back.to_str().unwrap()],
+        );
+        std::fs::read(&back).unwrap()
+    };
+    run(
+        "nbdcopy",
+        &["--connections=4", source.to_str().unwrap(), &server.uri()],
+    );
+    let mut want = std::fs::read(&source).unwrap();
+    assert!(copy_out() == want, "data differs after a round trip");
+    let at = 10 * MIB as usize + 3;
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P 0x5a {at} 100000"),
+            &server.uri(),
+        ],
+    );
+    want[at..at + 100_000].fill(0x5a);
+    assert!(copy_out() == want, "the second copy misses the write");
+    let log = server.stop();
+    let served = log
+        .lines()
+        .find_map(|l| l.split("read-ahead: ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no read-ahead line in the server's log:\n{log}"));
+    assert!(served > 0, "no read came from a window: {log}");
+}
+
 #[test]
 fn qemu_io_unaligned_writes_and_reads_across_blocks_and_chunks() {
     let server = serve(&["size=16M"]);

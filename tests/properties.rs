@@ -49,6 +49,9 @@ enum Op {
     Write(u64, u64, u8),
     Read(u64, u64),
     Zero(u64, u64),
+    /// Reads `count` pieces of `len` one after another from the offset: a
+    /// stream, which read-ahead serves from windows.
+    Stream(u64, u64, u64),
 }
 
 /// Offsets and lengths that land on, near and across block, staging-piece
@@ -59,13 +62,19 @@ fn op(size: u64) -> impl Strategy<Value = Op> {
         (0..size / BLOCK_SIZE).prop_map(|b| b * BLOCK_SIZE),
         (1..size / CHUNK_SIZE).prop_map(|c| c * CHUNK_SIZE - 1),
     ];
-    (edge, 1..3 * CHUNK_SIZE, 0..3u8, any::<u8>()).prop_map(move |(offset, len, kind, byte)| {
+    (edge, 1..3 * CHUNK_SIZE, 0..4u8, any::<u8>()).prop_map(move |(offset, len, kind, byte)| {
         let len = len.min(size - offset).max(1);
         let offset = offset.min(size - len);
         match kind {
             0 => Op::Write(offset, len, byte),
             1 => Op::Read(offset, len),
-            _ => Op::Zero(offset, len),
+            2 => Op::Zero(offset, len),
+            _ => {
+                // 128 KiB and up start a stream; some pieces straddle windows.
+                let piece = (128 << 10) + u64::from(byte) * 4096;
+                let count = ((size - offset) / piece).min(40);
+                Op::Stream(offset, piece, count)
+            }
         }
     })
 }
@@ -78,7 +87,8 @@ proptest! {
     /// model's.
     #[test]
     fn any_request_sequence_matches_a_model(ops in prop::collection::vec(op(12 * CHUNK_SIZE), 1..24),
-                                            lazy in any::<bool>(), verify in any::<bool>()) {
+                                            lazy in any::<bool>(), verify in any::<bool>(),
+                                            readahead in 0usize..4) {
         let size = 12 * CHUNK_SIZE;
         let store = BlockStore::open(
             Arc::new(HostBackend::new(None)),
@@ -89,6 +99,7 @@ proptest! {
                 // verify keeps two blocks of each lane for old bytes.
                 staging_bytes: if verify { 192 << 10 } else { 128 << 10 },
                 verify,
+                readahead,
             },
         )
         .unwrap();
@@ -108,6 +119,13 @@ proptest! {
                 Op::Zero(offset, len) => {
                     store.zero(offset, len).unwrap();
                     model[offset as usize..(offset + len) as usize].fill(0);
+                }
+                Op::Stream(offset, len, count) => {
+                    let mut buf = vec![0xee; len as usize];
+                    for at in (0..count).map(|i| offset + i * len) {
+                        store.read(&mut buf, at).unwrap();
+                        prop_assert!(buf == model[at as usize..(at + len) as usize], "stream read {}+{}", at, len);
+                    }
                 }
             }
         }

@@ -505,6 +505,11 @@ impl Plan {
         let mut export = self.options.export.clone();
         export.backend = Some(self.backend);
         export.warm_up = Some(self.warm_up_plan());
+        // Swap-ins are at most 32 KiB and never start a read-ahead stream
+        // (128 KiB and up), so its windows would lock 64 MiB of RAM for
+        // nothing on a machine that is short of it: in the 1 GiB guest two
+        // swap servers with them ran it out of memory during swapoff.
+        export.readahead = 0;
         let cmd = match &self.numa {
             Some((_, cpus)) => Cmd::new("taskset")
                 .arg("--cpu-list")
@@ -1120,7 +1125,7 @@ mod tests {
                  VRAMSWAP_STATUS_FILE=/run/vramswap/default/server.json setsid nbdkit --unix /run/vramswap/default/nbd.sock \
                  --pidfile /run/vramswap/default/nbdkit.pid --threads 16 \
                  /usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so backend=vulkan size=8589934592 \
-                 warm-up=16:131072",
+                 readahead=0 warm-up=16:131072",
                 "wait until nbdkit answers on /run/vramswap/default/nbd.sock (up to 300 s), then chmod 0600 it",
                 "nbd-client -unix /run/vramswap/default/nbd.sock /dev/nbd0 -b 4096 -swap -timeout 300 -C 4",
                 "echo 0 > /sys/block/nbd0/queue/wbt_lat_usec",
@@ -1141,7 +1146,7 @@ mod tests {
         let (_, plan) = preflight(&mut system, &gpus(), &opts, false);
         let server = plan.unwrap().describe(Step::StartServer);
         assert!(
-            server.ends_with("size=8589934592 verify=on warm-up=16:131072"),
+            server.ends_with("size=8589934592 readahead=0 verify=on warm-up=16:131072"),
             "{server}"
         );
     }
