@@ -464,6 +464,11 @@ impl BlockStore {
                 ByteSize(CHUNK_SIZE)
             )));
         }
+        if config.readahead > MAX_WINDOWS {
+            return Err(StoreError::Config(format!(
+                "at most {MAX_WINDOWS} read-ahead windows"
+            )));
+        }
         let device = backend.device().clone();
         let memory = backend.memory();
         let resolved = resolve_size(config.size, config.allocation, memory, &device.name)?;
@@ -492,11 +497,6 @@ impl BlockStore {
                 changes: Changes::default(),
             })
             .collect();
-        if config.readahead > MAX_WINDOWS {
-            return Err(StoreError::Config(format!(
-                "at most {MAX_WINDOWS} read-ahead windows"
-            )));
-        }
         if config.verify && (config.staging_bytes as u64) < 3 * BLOCK_SIZE {
             return Err(StoreError::Config(format!(
                 "verify needs staging buffers of at least {}: two blocks of each hold the old bytes of partial writes",
@@ -1254,13 +1254,14 @@ impl BlockStore {
     }
 
     /// Gives a slot's chunk back to the GPU once no copy is using it,
-    /// scrubbed first when it held data (see [`scrub_and_free`]).
+    /// scrubbed first when it held data (see [`scrub_and_free`]). The
+    /// caller counts this as a change of the chunk (`zero`'s `Change`), so
+    /// no window is filled from it meanwhile.
     fn free_slot(&self, slot_index: usize) {
         let slot = &self.slots[slot_index];
         // The lane before the slot's lock, the order every writer takes them.
         let mut lanes = self.lanes.acquire(1);
         let mut guard = slot.chunk.write().unwrap_or_else(|e| e.into_inner());
-        let _change = slot.changes.begin();
         if let Some(readahead) = &self.readahead {
             readahead.forget_chunk(slot_index);
         }

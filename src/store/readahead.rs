@@ -150,8 +150,9 @@ struct Fill {
 }
 
 impl ReadAhead {
+    /// `count` is at most [`MAX_WINDOWS`] (`BlockStore::open` refuses more).
     pub(super) fn new(backend: &dyn Backend, count: usize) -> Result<Self, BackendError> {
-        let windows = (0..count.min(MAX_WINDOWS))
+        let windows = (0..count)
             .map(|_| {
                 Ok(Window {
                     region: AtomicU64::new(NONE),
