@@ -16,7 +16,9 @@ use crate::store::{
 /// What `nbdkit vramswap --help` prints after nbdkit's own text.
 pub const HELP: &str = "\
 backend=vulkan|cuda      GPU API (default: cuda when built in and it sees
-                         the device, else vulkan)
+                         the device, else vulkan; vulkan on an NVIDIA GPU
+                         is warned about where cuda is built in: it is
+                         slower there under many small requests)
 device=INDEX|NAME|UUID   which GPU: position, part of its name, or UUID
                          (default: the first discrete GPU)
 [size=]SIZE              size of the export, e.g. 8G, 512M (rounded down to

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tracing::{debug, info, warn};
-use vramswap::backend::{select_device, BackendKind, DeviceInfo};
+use vramswap::backend::{self, select_device, BackendKind, DeviceInfo};
 use vramswap::export::WarmUp;
 use vramswap::store::resolve_size;
 use vramswap::{ByteSize, ExportConfig};
@@ -704,6 +704,13 @@ impl Plan {
         }
     }
 
+    /// Why this plan's backend is a poor choice for its GPU, if it is:
+    /// said before a start and in a dry run, never refused (Vulkan serves
+    /// correctly everywhere).
+    pub fn caution(&self) -> Option<&'static str> {
+        backend::caution(self.backend, &self.device)
+    }
+
     pub fn print(&self) {
         let d = &self.device;
         println!("plan for instance '{}':", self.instance.name);
@@ -730,6 +737,9 @@ impl Plan {
                 ""
             }
         );
+        if let Some(why) = self.caution() {
+            println!("  note    {why}");
+        }
         for (i, step) in self.steps().iter().enumerate() {
             println!("  {}. {}", i + 1, self.describe(*step));
         }
@@ -983,6 +993,9 @@ pub fn run(
         bail!("{}", failed.result.clone().err().unwrap_or_default());
     }
     let plan = plan.ok_or_else(|| anyhow!("preflight gave no plan"))?;
+    if let Some(why) = plan.caution() {
+        warn!("{} on {}: {why}", plan.backend, plan.device.name);
+    }
     plan.execute(system)?;
     let area = nbd::swap_area(system, &plan.nbd_device);
     println!(
@@ -1053,6 +1066,16 @@ mod tests {
             devices: vec![gpu("NVIDIA H100 80GB HBM3", 79 << 30)],
             bad_blocks: Vec::new(),
         }
+    }
+
+    #[test]
+    fn vulkan_on_an_nvidia_gpu_is_cautioned_where_cuda_is_built_in() {
+        let mut system = machine();
+        let (_, plan) = preflight(&mut system, &gpus(), &options(), false);
+        let plan = plan.unwrap();
+        assert_eq!(plan.backend, BackendKind::Vulkan);
+        let cuda_here = BackendKind::compiled_in().contains(&BackendKind::Cuda);
+        assert_eq!(plan.caution().is_some(), cuda_here, "{:?}", plan.caution());
     }
 
     #[test]

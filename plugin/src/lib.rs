@@ -23,7 +23,7 @@ use nbdkit::{
     plugin, CacheFlags, Error, ExtentHandle, ExtentType, Flags, FuaFlags, Result, Server,
     ThreadModel,
 };
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use vramswap::backend::{self, BackendError, BackendKind, OpenOptions, BLOCK_SIZE};
 use vramswap::export::HELP;
 use vramswap::{BlockStore, ByteSize, ExportConfig, StoreError};
@@ -153,6 +153,9 @@ fn open_store() -> std::result::Result<BlockStore, String> {
         StoreError::NothingLeft { .. } => format!("{}: {e}", quote("reserve")),
         other => other.to_string(),
     })?;
+    if let Some(why) = backend::caution(kind, &info) {
+        warn!("backend={kind} on {}: {why}", info.name);
+    }
     info!(
         "serving {} of {} ({}, {}) on {kind}, {} allocation",
         ByteSize(store.size()),

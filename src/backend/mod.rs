@@ -419,6 +419,25 @@ pub fn default_backend(selector: &DeviceSelector) -> Result<BackendKind, Backend
     }))
 }
 
+/// PCI vendor id of NVIDIA, as Vulkan and CUDA report it.
+pub const NVIDIA_VENDOR_ID: u32 = 0x10de;
+
+/// Why `kind` is a poor choice for `device` when this build has a better
+/// one, in one line for a warning; `None` when it is the right choice.
+///
+/// Vulkan on the NVIDIA driver serves correctly, but on the H200 it served
+/// 4 KiB reads at 4 jobs × QD32 at 0.30–0.43× of CUDA's rate, QD1 reads
+/// 19–48 µs slower, and left single reads waiting 0.3–1.8 s under that load
+/// where CUDA's longest took 6–10 ms (docs/BENCHMARKS.md, 2026-12-03).
+/// For swap such a read is a process frozen for a second.
+pub fn caution(kind: BackendKind, device: &DeviceInfo) -> Option<&'static str> {
+    let cuda_here = BackendKind::compiled_in().contains(&BackendKind::Cuda);
+    (kind == BackendKind::Vulkan && device.vendor_id == NVIDIA_VENDOR_ID && cuda_here).then_some(
+        "on NVIDIA GPUs the cuda backend answers small requests faster, and Vulkan has left \
+         single requests waiting up to 2 s under many concurrent ones; prefer cuda where it loads",
+    )
+}
+
 /// Lists the devices a backend sees, without opening any of them.
 pub fn enumerate(kind: BackendKind) -> Result<Vec<DeviceInfo>, BackendError> {
     match kind {
@@ -585,6 +604,24 @@ mod tests {
         let none: [DeviceInfo; 0] = [];
         let err = select_device(&none, &DeviceSelector::First).unwrap_err();
         assert!(err.to_string().ends_with("devices: none"), "{err}");
+    }
+
+    #[test]
+    fn vulkan_on_nvidia_is_cautioned_only_where_cuda_is_built_in() {
+        let mut nvidia = dev(0, "NVIDIA H200", DeviceKind::Discrete, 1);
+        nvidia.vendor_id = NVIDIA_VENDOR_ID;
+        let mut amd = dev(1, "AMD Radeon PRO W7900", DeviceKind::Discrete, 2);
+        amd.vendor_id = 0x1002;
+        let cuda_here = cfg!(feature = "cuda");
+        assert_eq!(
+            caution(BackendKind::Vulkan, &nvidia).is_some(),
+            cuda_here,
+            "{:?}",
+            caution(BackendKind::Vulkan, &nvidia)
+        );
+        assert_eq!(caution(BackendKind::Cuda, &nvidia), None);
+        assert_eq!(caution(BackendKind::Vulkan, &amd), None);
+        assert_eq!(caution(BackendKind::Host, &nvidia), None);
     }
 
     #[test]

@@ -16,7 +16,9 @@ use cudarc::driver::sys::{self, CUdevice_attribute, CUresult};
 use tracing::debug;
 
 use super::conv;
-use crate::backend::{BackendError, BackendKind, DeviceInfo, DeviceKind, MemoryReport};
+use crate::backend::{
+    BackendError, BackendKind, DeviceInfo, DeviceKind, MemoryReport, NVIDIA_VENDOR_ID,
+};
 
 /// Why the backend is unavailable on a machine without the NVIDIA driver.
 pub(super) const NOT_FOUND: &str = "CUDA driver not found: libcuda.so.1 could not be loaded";
@@ -191,7 +193,7 @@ fn adapter(index: usize, free: FreeMemory) -> Result<Adapter, BackendError> {
             index,
             name,
             vendor: "NVIDIA".into(),
-            vendor_id: 0x10de,
+            vendor_id: NVIDIA_VENDOR_ID,
             device_id,
             kind: if integrated {
                 DeviceKind::Integrated
