@@ -2,7 +2,7 @@
 
 use ash::vk;
 
-use crate::backend::{BackendError, DeviceKind};
+use crate::backend::{BackendError, DeviceKind, NVIDIA_VENDOR_ID};
 
 /// Maps a failed Vulkan call to the error callers must tell apart; the
 /// rest are reported with the call's name.
@@ -41,7 +41,7 @@ pub(super) fn device_kind(kind: vk::PhysicalDeviceType) -> DeviceKind {
 /// PCI vendor IDs of the GPU makers, and Khronos' IDs for software drivers.
 pub(super) fn vendor_name(vendor_id: u32) -> String {
     match vendor_id {
-        0x10de => "NVIDIA".into(),
+        NVIDIA_VENDOR_ID => "NVIDIA".into(),
         0x1002 | 0x1022 => "AMD".into(),
         0x8086 => "Intel".into(),
         0x13b5 => "ARM".into(),
