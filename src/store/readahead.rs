@@ -1,15 +1,13 @@
 //! Read-ahead: sequential reads served from windows of the device that
 //! were downloaded into pinned staging before they were asked for.
 //!
-//! Why: on the H200 (2026-12-02, `docs/bench/h200-2026-12-02/reads-gap/`),
-//! 4-connection `nbdcopy` reads reached 0.74× of nbdkit's memory plugin
-//! when every 256 KiB request waited for a DMA of its own. With the DMA
-//! taken off the request path (a diagnostic build) the plugin was at
-//! parity, and a bystander moving 10 GB/s from VRAM in 2 MiB copies cost
-//! the memory plugin nothing where the same bytes in 256 KiB copies cost it
-//! 13–30 %. A stream read through windows makes one 2 MiB copy per eight
-//! such requests, started while earlier requests are still being answered,
-//! so the request that needs it rarely waits.
+//! Why: a stream of 256 KiB reads that each wait for a DMA of their own
+//! falls well short of nbdkit's memory plugin, and the same bytes in
+//! 2 MiB copies cost a bystander far less than in 256 KiB copies
+//! (docs/BENCHMARKS.md, "4-connection reads: what costs them"). A stream
+//! read through windows makes one 2 MiB copy per eight such requests,
+//! started while earlier requests are still being answered, so the request
+//! that needs it rarely waits.
 //!
 //! A stream is a read of at least [`STREAM_READ`] bytes that a window
 //! served or that starts where a recent one ended. Each fills the next
@@ -30,7 +28,7 @@ use std::sync::{Mutex, RwLock, RwLockWriteGuard};
 
 use arrayvec::ArrayVec;
 
-use super::{span_mask, ChunkSlot};
+use super::slots::{span_mask, Changes, ChunkSlot};
 use crate::backend::{
     Backend, BackendError, Lane, TransferOp, BLOCKS_PER_CHUNK, BLOCK_SIZE, CHUNK_SIZE,
 };
@@ -43,10 +41,8 @@ pub const MAX_WINDOWS: usize = 64;
 /// Windows filled ahead of the one a stream reads. nbdkit works on up to
 /// 16 requests of a connection at once, 4 MiB of a 256 KiB stream, so a
 /// window is asked for while the requests of the one before are still in
-/// flight. On the H200, 4-connection nbdcopy reads reached 0.96× of the
-/// memory plugin filling four windows ahead (32 windows) and 0.90× filling
-/// two (16 windows) in the same run; filling two, 32 windows did no better
-/// than 16 (another run).
+/// flight. Four beat two, and more windows than 32 did not help
+/// (docs/BENCHMARKS.md, "Read-ahead for sequential reads").
 const DEPTH: u64 = 4;
 /// Reads shorter than this never start a stream: the kernel's swap-ins
 /// are at most 32 KiB (page-cluster 3), file read-ahead is 128 KiB and up.
@@ -57,41 +53,6 @@ const RECENT: usize = 16;
 const NONE: u64 = u64::MAX;
 const WINDOW_BLOCKS: usize = (WINDOW_BYTES / BLOCK_SIZE) as usize;
 const WINDOWS_PER_CHUNK: u64 = CHUNK_SIZE / WINDOW_BYTES;
-
-/// Counts the changes to one chunk's bytes: begun and finished.
-#[derive(Debug, Default)]
-pub(super) struct Changes {
-    begun: AtomicU64,
-    finished: AtomicU64,
-}
-
-impl Changes {
-    /// Counts a change as begun until the guard goes, which must be after
-    /// its batches are done on the GPU.
-    pub(super) fn begin(&self) -> Change<'_> {
-        self.begun.fetch_add(1, Ordering::SeqCst);
-        Change(self)
-    }
-
-    /// The changes begun, if none is under way now.
-    fn settled(&self) -> Option<u64> {
-        let begun = self.begun.load(Ordering::SeqCst);
-        (self.finished.load(Ordering::SeqCst) == begun).then_some(begun)
-    }
-
-    fn begun(&self) -> u64 {
-        self.begun.load(Ordering::SeqCst)
-    }
-}
-
-/// A change under way: see [`Changes::begin`].
-pub(super) struct Change<'a>(&'a Changes);
-
-impl Drop for Change<'_> {
-    fn drop(&mut self) {
-        self.0.finished.fetch_add(1, Ordering::SeqCst);
-    }
-}
 
 /// What read-ahead did, since the store was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -1,0 +1,258 @@
+//! The read path: a request's segments downloaded piece by piece through
+//! the lanes, blocks without data filled with zeros on the host, and with
+//! `verify` every downloaded block checked against its checksum.
+
+use std::sync::atomic::Ordering;
+
+use arrayvec::ArrayVec;
+
+use super::error::StoreError;
+use super::lanes::Lanes;
+use super::slots::{pieces, segment, Piece, Segment};
+use super::BlockStore;
+use crate::backend::{
+    BackendError, ChunkId, Lane, TransferOp, BLOCKS_PER_CHUNK, BLOCK_SIZE, CHUNK_SIZE,
+};
+use crate::checksum;
+
+/// Times a read is retried when a block fails its check while a write to
+/// it was in flight: each retry first waits for the writers to finish.
+const MAX_TORN_READS: usize = 64;
+
+/// What a submitted read piece still needs once its batch is done.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ReadPending {
+    piece: Piece,
+    /// Blocks that were downloaded and must be copied out.
+    downloaded: u64,
+    /// The chunk offset that staging byte 0 holds: the piece's start, or
+    /// with `verify` the start of its first block.
+    staging_origin: u64,
+    /// `verify` only: each downloaded block's write sequence before the
+    /// download, to tell a torn read from corruption.
+    sequences: [u32; BLOCKS_PER_CHUNK],
+}
+
+/// How the checksums of a read came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Verdict {
+    Clean,
+    /// A block failed while a write to it was in flight: read it again.
+    Torn,
+    /// A block failed with no write near it: its VRAM changed. The device
+    /// offset of the first such block.
+    Corrupt(u64),
+}
+
+impl BlockStore {
+    /// Reads `buf` at `offset` from VRAM (the range is checked already).
+    pub(super) fn read_from_vram(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+        let mut lanes = self
+            .lanes
+            .acquire(self.piece_count(offset, buf.len() as u64));
+        let mut done = 0usize;
+        while done < buf.len() {
+            let seg = segment(offset + done as u64, (buf.len() - done) as u64);
+            let guard = self.slots[seg.slot].read_chunk();
+            let out = &mut buf[done..done + seg.len as usize];
+            let mut result = Ok(Verdict::Clean);
+            for _ in 0..MAX_TORN_READS {
+                result = match *guard {
+                    None => {
+                        out.fill(0);
+                        Ok(Verdict::Clean)
+                    }
+                    Some(chunk) => self.read_segment(&mut lanes, seg, chunk, out),
+                };
+                if result != Ok(Verdict::Torn) {
+                    break;
+                }
+                self.wait_for_writers(seg);
+            }
+            // Every copy into this chunk is finished before its lock goes.
+            let drained = lanes.drain();
+            drop(guard);
+            match result.and_then(|verdict| drained.map(|()| verdict)) {
+                Ok(Verdict::Clean) => {}
+                Ok(Verdict::Corrupt(offset)) => return Err(StoreError::Checksum { offset }),
+                Ok(Verdict::Torn) => {
+                    return Err(StoreError::Unsettled {
+                        offset: offset + done as u64,
+                    })
+                }
+                Err(err) => self.outcome(Err(err))?,
+            }
+            done += seg.len as usize;
+        }
+        Ok(())
+    }
+
+    /// Reads one chunk's part of a request; with `verify`, says whether
+    /// every downloaded block passed its check.
+    fn read_segment(
+        &self,
+        lanes: &mut Lanes<'_, ReadPending>,
+        seg: Segment,
+        chunk: ChunkId,
+        out: &mut [u8],
+    ) -> Result<Verdict, BackendError> {
+        let mut verdict = Verdict::Clean;
+        let submitted = self.read_pieces(lanes, seg, chunk, out, &mut verdict);
+        let finished = lanes
+            .finish_all(|pending, lane, ok| self.finish_read(pending, lane, ok, out, &mut verdict));
+        submitted.and(finished).map(|()| verdict)
+    }
+
+    fn read_pieces(
+        &self,
+        lanes: &mut Lanes<'_, ReadPending>,
+        seg: Segment,
+        chunk: ChunkId,
+        out: &mut [u8],
+        verdict: &mut Verdict,
+    ) -> Result<(), BackendError> {
+        let slot = &self.slots[seg.slot];
+        for piece in pieces(seg, self.lanes.piece_bytes) {
+            let lane = lanes
+                .next_free(|pending, lane, ok| self.finish_read(pending, lane, ok, out, verdict))?;
+            let bits = slot.data.load(Ordering::Acquire) & piece.block_mask();
+            // With verify, whole blocks are downloaded (the checksum covers
+            // the block), from the first block's start.
+            let origin = match self.checksums {
+                Some(_) => piece.first_block() as u64 * BLOCK_SIZE,
+                None => piece.start,
+            };
+            let mut sequences = [0; BLOCKS_PER_CHUNK];
+            let mut ops: ArrayVec<TransferOp, BLOCKS_PER_CHUNK> = ArrayVec::new();
+            let mut block = piece.first_block();
+            while block <= piece.last_block() {
+                let run_start = block;
+                let holds = bits & (1 << block) != 0;
+                while block <= piece.last_block() && (bits & (1 << block) != 0) == holds {
+                    block += 1;
+                }
+                let from = (run_start as u64 * BLOCK_SIZE).max(piece.start);
+                let to = (block as u64 * BLOCK_SIZE).min(piece.end());
+                if holds {
+                    let (from, to) = match &self.checksums {
+                        Some(checksums) => {
+                            let run = sequences.iter_mut().enumerate();
+                            for (b, sequence) in run.take(block).skip(run_start) {
+                                *sequence = checksums.snapshot(seg.slot * BLOCKS_PER_CHUNK + b);
+                            }
+                            (run_start as u64 * BLOCK_SIZE, block as u64 * BLOCK_SIZE)
+                        }
+                        None => (from, to),
+                    };
+                    ops.push(TransferOp::Download {
+                        staging_offset: (from - origin) as usize,
+                        chunk,
+                        chunk_offset: from,
+                        len: to - from,
+                    });
+                } else {
+                    let at = piece.buf + (from - piece.start) as usize;
+                    out[at..at + (to - from) as usize].fill(0);
+                }
+            }
+            if !ops.is_empty() {
+                lanes.submit(
+                    lane,
+                    &ops,
+                    ReadPending {
+                        piece,
+                        downloaded: bits,
+                        staging_origin: origin,
+                        sequences,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies a finished read's downloaded blocks out, checking each one's
+    /// checksum first with `verify`.
+    fn finish_read(
+        &self,
+        pending: &ReadPending,
+        lane: &mut dyn Lane,
+        ok: bool,
+        out: &mut [u8],
+        verdict: &mut Verdict,
+    ) {
+        if !ok {
+            return;
+        }
+        let piece = pending.piece;
+        let origin = pending.staging_origin;
+        let staging = lane.staging();
+        for block in piece.first_block()..=piece.last_block() {
+            if pending.downloaded & (1 << block) == 0 {
+                continue;
+            }
+            if self.checksums.is_some() {
+                let at = (block as u64 * BLOCK_SIZE - origin) as usize;
+                let bytes = &staging[at..at + BLOCK_SIZE as usize];
+                let found = self.check_block(piece, block, bytes, pending.sequences[block]);
+                if found != Verdict::Clean {
+                    *verdict = verdict.and(found);
+                    continue;
+                }
+            }
+            let (from, to) = piece.block_range(block);
+            let s = (from - origin) as usize;
+            let n = (to - from) as usize;
+            let at = piece.buf + (from - piece.start) as usize;
+            out[at..at + n].copy_from_slice(&staging[s..s + n]);
+        }
+    }
+
+    /// Checks one downloaded block (`verify`): clean, torn by a write that
+    /// began after `sequence` was taken, or corrupt (logged and counted).
+    fn check_block(&self, piece: Piece, block: usize, bytes: &[u8], sequence: u32) -> Verdict {
+        let Some(checksums) = &self.checksums else {
+            return Verdict::Clean;
+        };
+        let index = piece.slot * BLOCKS_PER_CHUNK + block;
+        if checksum::block(bytes) == checksums.get(index) {
+            return Verdict::Clean;
+        }
+        if checksums.changed_since(index, sequence) {
+            return Verdict::Torn;
+        }
+        let offset = piece.slot as u64 * CHUNK_SIZE + block as u64 * BLOCK_SIZE;
+        self.checksum_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            offset,
+            "{}: checksum mismatch in the 64 KiB block at offset {offset:#x}: \
+             its VRAM changed after it was written (read fails with EIO)",
+            self.device().name
+        );
+        Verdict::Corrupt(offset)
+    }
+
+    /// Waits until no write is in flight on the blocks of a segment.
+    fn wait_for_writers(&self, seg: Segment) {
+        let Some(checksums) = &self.checksums else {
+            return;
+        };
+        let first = seg.slot * BLOCKS_PER_CHUNK + (seg.start / BLOCK_SIZE) as usize;
+        let last = seg.slot * BLOCKS_PER_CHUNK + ((seg.start + seg.len - 1) / BLOCK_SIZE) as usize;
+        while (first..=last).any(|b| checksums.writing(b)) {
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Verdict {
+    /// The verdict of a read so far and one more block's: the worse of the
+    /// two, and of two corrupt blocks the first found.
+    fn and(self, found: Verdict) -> Verdict {
+        match (self, found) {
+            (Verdict::Corrupt(_), _) => self,
+            (_, Verdict::Corrupt(_)) => found,
+            _ => self.max(found),
+        }
+    }
+}
