@@ -23,7 +23,8 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use vramswap::ExportConfig;
 
-use crate::start::StartOptions;
+use crate::args::StartArgs;
+use crate::name::check_name;
 use crate::system::System;
 
 pub const MAIN_FILE: &str = "/etc/vramswap.toml";
@@ -74,6 +75,58 @@ pub struct Settings {
     /// With `on-battery = "stop"`: only once the charge is under this %.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub battery_below: Option<u8>,
+}
+
+/// The settings given as options (the rest stay unset, so a config
+/// file's values show through).
+impl From<&StartArgs> for Settings {
+    fn from(args: &StartArgs) -> Settings {
+        Settings {
+            backend: args.backend.map(|b| b.to_string()),
+            device: args.device.clone(),
+            size: args.size.clone(),
+            reserve: args.reserve.clone(),
+            allocation: args.allocation.map(|a| a.to_string()),
+            priority: args.priority,
+            nbd: args.nbd.clone(),
+            connections: args.connections,
+            threads: args.threads,
+            plugin: args.plugin.clone(),
+            discard: args.no_discard.then_some(false),
+            timeout: args.timeout,
+            verify: args.verify.then_some(true),
+            memtest: args.memtest.then_some(true),
+            encrypt: args.encrypt.then_some(true),
+            scrub: args.scrub.clone(),
+            // The power policy is set in the config file only.
+            on_battery: None,
+            battery_below: None,
+        }
+    }
+}
+
+/// Everything `start` was asked for.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    pub name: String,
+    pub export: ExportConfig,
+    pub priority: i32,
+    pub nbd: Option<String>,
+    pub connections: u32,
+    pub threads: u32,
+    pub plugin: Option<PathBuf>,
+    pub discard: bool,
+    /// How long to wait for nbdkit to open the GPU and answer.
+    pub timeout: Duration,
+    /// Test the VRAM (one quick memtest pass over `size`) in preflight.
+    pub memtest: bool,
+    /// Swap on a dm-crypt mapping over the NBD device (`--encrypt`).
+    pub encrypt: bool,
+    /// The settings these options were made from, kept in `state.json` so
+    /// `resume` can start the area again exactly.
+    pub settings: Settings,
+    /// The group this instance is a member of (one GPU of several).
+    pub group: Option<String>,
 }
 
 /// Where a setting came from, for error messages.
@@ -135,7 +188,7 @@ impl Settings {
     /// plugin keys go through the plugin's own parser, so values mean the
     /// same in the config file, on the command line and to nbdkit.
     pub fn to_options(&self, name: &str, origin: &Origin) -> Result<StartOptions> {
-        crate::state::check_name(name)?;
+        check_name(name)?;
         let mut export = ExportConfig::default();
         let verify = self
             .verify
@@ -303,7 +356,7 @@ fn parse(path: &Path, text: &str) -> Result<BTreeMap<String, (Settings, Origin)>
                 at(header.unwrap_or(0))
             );
         };
-        if let Err(e) = crate::state::check_name(&name) {
+        if let Err(e) = check_name(&name) {
             bail!("{}: {e}", at(header.unwrap_or(0)));
         }
         let mut origin = Origin::default();

@@ -12,6 +12,7 @@ use vramswap::backend::{select_device, BackendKind, DeviceSelector};
 
 use crate::config::{Origin, Settings};
 use crate::devices::Gpus;
+use crate::name::check_name;
 use crate::state::{self, InstanceDir};
 use crate::stop;
 use crate::system::System;
@@ -91,7 +92,7 @@ pub fn start(
     indexes: &[usize],
     dry_run: bool,
 ) -> Result<()> {
-    state::check_name(name)?;
+    check_name(name)?;
     if system.exists(&InstanceDir::new(name)?.dir) {
         bail!("'{name}' is already an instance (see vramswap status)");
     }

@@ -8,6 +8,7 @@ mod config;
 mod devices;
 mod group;
 mod memtest;
+mod name;
 mod nbd;
 mod power;
 mod sleep;
@@ -27,39 +28,10 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-pub use args::DEFAULT_NAME;
-use args::{Cli, Command, StartArgs};
+use args::{Cli, Command, StartArgs, DEFAULT_NAME};
 use config::{Config, Settings};
 use devices::{Gpus, RealGpus};
 use system::System;
-
-impl StartArgs {
-    /// The settings given as options (the rest stay unset, so a config
-    /// file's values show through).
-    fn settings(&self) -> Settings {
-        Settings {
-            backend: self.backend.map(|b| b.to_string()),
-            device: self.device.clone(),
-            size: self.size.clone(),
-            reserve: self.reserve.clone(),
-            allocation: self.allocation.map(|a| a.to_string()),
-            priority: self.priority,
-            nbd: self.nbd.clone(),
-            connections: self.connections,
-            threads: self.threads,
-            plugin: self.plugin.clone(),
-            discard: self.no_discard.then_some(false),
-            timeout: self.timeout,
-            verify: self.verify.then_some(true),
-            memtest: self.memtest.then_some(true),
-            encrypt: self.encrypt.then_some(true),
-            scrub: self.scrub.clone(),
-            // The power policy is set in the config file only.
-            on_battery: None,
-            battery_below: None,
-        }
-    }
-}
 
 /// `vramswap start`: each named area (or all configured ones) from its
 /// config section with the options on top.
@@ -79,7 +51,7 @@ fn start(system: &mut dyn System, gpus: &dyn Gpus, args: &StartArgs) -> Result<(
     } else {
         args.names.clone()
     };
-    let flags = args.settings();
+    let flags = Settings::from(args);
     let mut failed = Vec::new();
     for name in &names {
         let (file, origin) = config.areas.get(name).cloned().unwrap_or_default();

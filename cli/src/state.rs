@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::name::check_name;
 use crate::system::System;
 
 /// Default parent of the instance directories; `VRAMSWAP_RUN_DIR`
@@ -55,20 +56,6 @@ impl InstanceDir {
     pub fn state(&self) -> PathBuf {
         self.dir.join("state.json")
     }
-}
-
-/// Names are directory names and swap labels: keep them plain.
-pub fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 32
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        && !name.starts_with('-');
-    if !ok {
-        bail!("invalid name '{name}': use 1 to 32 letters, digits, '-' or '_'");
-    }
-    Ok(())
 }
 
 /// What `start` recorded.
@@ -247,16 +234,6 @@ mod tests {
             started: 1_795_000_000,
             group: None,
             crypt: None,
-        }
-    }
-
-    #[test]
-    fn names_are_checked() {
-        for good in ["default", "gpu0", "a-b_c", "X"] {
-            check_name(good).unwrap();
-        }
-        for bad in ["", "../etc", "a b", "-x", "é", &"x".repeat(33)] {
-            assert!(check_name(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -20,7 +20,6 @@ use tracing::{info, warn};
 use vramswap::ByteSize;
 
 use crate::nbd;
-use crate::start::stop_server;
 use crate::state::{self, InstanceDir, State};
 use crate::system::{Cmd, System};
 
@@ -30,7 +29,7 @@ pub fn run(system: &mut dyn System, names: &[String], all: bool) -> Result<()> {
     let names = if all {
         state::instances(system)?
     } else if names.is_empty() {
-        vec![crate::DEFAULT_NAME.to_string()]
+        vec![crate::args::DEFAULT_NAME.to_string()]
     } else {
         names.to_vec()
     };
@@ -120,6 +119,38 @@ pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
         "vramswap: stopped '{name}' ({device}, {})",
         ByteSize(state.size)
     );
+    Ok(())
+}
+
+/// Stops the instance's nbdkit: SIGTERM (it gives the VRAM back on the
+/// way out), then SIGKILL if it has not exited after 30 s.
+pub fn stop_server(system: &mut dyn System, instance: &InstanceDir) -> Result<()> {
+    const GRACE: Duration = Duration::from_secs(30);
+    const POLL: Duration = Duration::from_millis(100);
+    let Some(pid) = state::read_pid(system, &instance.pidfile()) else {
+        return Ok(());
+    };
+    if !system.alive(pid) {
+        return Ok(());
+    }
+    system
+        .signal(pid, libc::SIGTERM)
+        .with_context(|| format!("kill -TERM {pid}"))?;
+    let mut waited = Duration::ZERO;
+    while system.alive(pid) {
+        if waited >= GRACE {
+            warn!(
+                "nbdkit {pid} ignored SIGTERM for {} s; killing it",
+                GRACE.as_secs()
+            );
+            system
+                .signal(pid, libc::SIGKILL)
+                .with_context(|| format!("kill -KILL {pid}"))?;
+            break;
+        }
+        system.sleep(POLL);
+        waited += POLL;
+    }
     Ok(())
 }
 

@@ -11,9 +11,11 @@ use vramswap::export::WarmUp;
 use vramswap::store::resolve_size;
 use vramswap::{ByteSize, ExportConfig};
 
+use crate::config::StartOptions;
 use crate::devices::Gpus;
 use crate::nbd;
 use crate::state::{self, InstanceDir, State, STATE_VERSION};
+use crate::stop::stop_server;
 use crate::system::{Cmd, System};
 
 /// Oldest nbdkit known to work (Debian 12's): after_fork, the plugin ABI.
@@ -41,30 +43,6 @@ const MAX_REQUEST: usize = 128 << 10;
 /// Rounds of warm-up reads before `start` gives up: one is enough unless
 /// a thread that already took one also takes others' reads.
 const WARM_UP_ROUNDS: u32 = 10;
-
-/// Everything `start` was asked for.
-#[derive(Debug, Clone)]
-pub struct StartOptions {
-    pub name: String,
-    pub export: ExportConfig,
-    pub priority: i32,
-    pub nbd: Option<String>,
-    pub connections: u32,
-    pub threads: u32,
-    pub plugin: Option<PathBuf>,
-    pub discard: bool,
-    /// How long to wait for nbdkit to open the GPU and answer.
-    pub timeout: Duration,
-    /// Test the VRAM (one quick memtest pass over `size`) in preflight.
-    pub memtest: bool,
-    /// Swap on a dm-crypt mapping over the NBD device (`--encrypt`).
-    pub encrypt: bool,
-    /// The settings these options were made from, kept in `state.json` so
-    /// `resume` can start the area again exactly.
-    pub settings: crate::config::Settings,
-    /// The group this instance is a member of (one GPU of several).
-    pub group: Option<String>,
-}
 
 /// What preflight found out: enough to run every step.
 #[derive(Debug, Clone)]
@@ -929,38 +907,6 @@ fn run_ok(system: &mut dyn System, cmd: &Cmd) -> Result<()> {
         .with_context(|| format!("cannot run {}", cmd.program))?;
     if !out.success() {
         bail!("{cmd}: {}", out.reason());
-    }
-    Ok(())
-}
-
-/// Stops the instance's nbdkit: SIGTERM (it gives the VRAM back on the
-/// way out), then SIGKILL if it has not exited after 30 s.
-pub fn stop_server(system: &mut dyn System, instance: &InstanceDir) -> Result<()> {
-    const GRACE: Duration = Duration::from_secs(30);
-    const POLL: Duration = Duration::from_millis(100);
-    let Some(pid) = state::read_pid(system, &instance.pidfile()) else {
-        return Ok(());
-    };
-    if !system.alive(pid) {
-        return Ok(());
-    }
-    system
-        .signal(pid, libc::SIGTERM)
-        .with_context(|| format!("kill -TERM {pid}"))?;
-    let mut waited = Duration::ZERO;
-    while system.alive(pid) {
-        if waited >= GRACE {
-            warn!(
-                "nbdkit {pid} ignored SIGTERM for {} s; killing it",
-                GRACE.as_secs()
-            );
-            system
-                .signal(pid, libc::SIGKILL)
-                .with_context(|| format!("kill -KILL {pid}"))?;
-            break;
-        }
-        system.sleep(POLL);
-        waited += POLL;
     }
     Ok(())
 }
