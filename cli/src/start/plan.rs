@@ -1,0 +1,866 @@
+//! The plan of a start: its steps in order, each with what it runs, how
+//! it is undone, and how `--dry-run` describes it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tracing::{debug, info, warn};
+use vramswap::backend::{self, BackendKind, DeviceInfo};
+use vramswap::export::WarmUp;
+use vramswap::ByteSize;
+
+use crate::config::StartOptions;
+use crate::nbd;
+use crate::state::{self, InstanceDir, State, STATE_VERSION};
+use crate::stop::stop_server;
+use crate::system::{Cmd, System};
+
+/// How long the kernel waits for one NBD request before it gives up on
+/// the connection (`nbd-client -timeout`): five minutes. Its default, 30 s,
+/// is wrong for swap: with several connections a request that takes 30 s
+/// (a GPU driver stall, a starved CPU, a server paused in a debugger) gets
+/// its connection shut down for good, nbd-client does not reconnect, and
+/// once the last one is gone every request fails and the pages in VRAM are
+/// lost. Not longer: when the server dies, the requests it had in flight
+/// fail only at this timeout (later ones fail at once), and until then
+/// the processes waiting on them cannot even be killed; `stop` detaches a
+/// dead server's device first, which fails them at once.
+const NBD_TIMEOUT_SECS: u32 = 300;
+/// The largest request the kernel sends to the server: `start` sets the
+/// queue's `max_sectors_kb` to it (Linux's own default for NBD devices)
+/// and has every nbdkit thread take one request of this size before swap
+/// is on (see [`WarmUp`]).
+const MAX_REQUEST: usize = 128 << 10;
+/// Rounds of warm-up reads before `start` gives up: one is enough unless
+/// a thread that already took one also takes others' reads.
+const WARM_UP_ROUNDS: u32 = 10;
+
+/// What preflight found out: enough to run every step.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub instance: InstanceDir,
+    pub plugin: PathBuf,
+    pub nbd_device: String,
+    pub backend: BackendKind,
+    pub device: DeviceInfo,
+    pub size: u64,
+    /// On a machine with several NUMA nodes: the GPU's node and its CPUs,
+    /// which the server is pinned to.
+    pub numa: Option<(u32, String)>,
+    pub options: StartOptions,
+}
+
+/// One step of the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    CreateDir,
+    StartServer,
+    WaitForServer,
+    Attach,
+    NoThrottling,
+    WarmUp,
+    Encrypt,
+    Mkswap,
+    Swapon,
+    WriteState,
+}
+
+/// Every step, in order; [`Plan::steps`] leaves out those a plan skips.
+pub const STEPS: [Step; 10] = [
+    Step::CreateDir,
+    Step::StartServer,
+    Step::WaitForServer,
+    Step::Attach,
+    Step::NoThrottling,
+    Step::WarmUp,
+    Step::Encrypt,
+    Step::Mkswap,
+    Step::Swapon,
+    Step::WriteState,
+];
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::CreateDir => "create the instance directory",
+            Step::StartServer => "start nbdkit",
+            Step::WaitForServer => "wait for nbdkit to serve",
+            Step::Attach => "attach the NBD device",
+            Step::NoThrottling => "turn off writeback throttling",
+            Step::WarmUp => "warm up nbdkit's threads",
+            Step::Encrypt => "open the dm-crypt mapping",
+            Step::Mkswap => "mkswap",
+            Step::Swapon => "swapon",
+            Step::WriteState => "record state",
+        }
+    }
+}
+
+impl Plan {
+    fn nbdkit_command(&self) -> Cmd {
+        let mut export = self.options.export.clone();
+        export.backend = Some(self.backend);
+        export.warm_up = Some(self.warm_up_plan());
+        // Swap-ins are at most 32 KiB and never start a read-ahead stream
+        // (128 KiB and up), so its windows would lock 64 MiB of RAM for
+        // nothing on a machine that is short of it: in the 1 GiB guest two
+        // swap servers with them ran it out of memory during swapoff.
+        export.readahead = 0;
+        let cmd = match &self.numa {
+            Some((_, cpus)) => Cmd::new("taskset")
+                .arg("--cpu-list")
+                .arg(cpus)
+                .arg("nbdkit"),
+            None => Cmd::new("nbdkit"),
+        };
+        cmd.arg("--unix")
+            .arg(self.instance.socket().to_string_lossy())
+            .arg("--pidfile")
+            .arg(self.instance.pidfile().to_string_lossy())
+            .arg("--threads")
+            .arg(self.options.threads.to_string())
+            .arg(self.plugin.to_string_lossy())
+            .args(export.to_args())
+            .env("VRAMSWAP_LOG_FILE", self.instance.log().to_string_lossy())
+            .env(
+                "VRAMSWAP_STATUS_FILE",
+                self.instance.server_status().to_string_lossy(),
+            )
+            .new_session()
+    }
+
+    fn attach_command(&self) -> Cmd {
+        Cmd::new("nbd-client")
+            .arg("-unix")
+            .arg(self.instance.socket().to_string_lossy())
+            .arg(&self.nbd_device)
+            .args(["-b", "4096", "-swap", "-timeout"])
+            .arg(NBD_TIMEOUT_SECS.to_string())
+            .arg("-C")
+            .arg(self.options.connections.to_string())
+    }
+
+    /// The NBD device's writeback throttling (wbt) latency target. vramswap
+    /// sets it to 0 (off). The device holds only swap, so there is no
+    /// buffered writeback whose reads wbt could protect; and on Linux 6.1
+    /// a server that dies with requests in flight leaves wbt's in-flight
+    /// count behind, after which every swap-out on that device (the next
+    /// instance gets the same /dev/nbdN) waits in wbt_wait forever. The
+    /// guest test `kill` hung that way until this step.
+    fn wbt_attribute(&self) -> PathBuf {
+        self.queue_attribute("wbt_lat_usec")
+    }
+
+    /// `/sys/block/nbdN/queue/NAME` of the plan's device.
+    fn queue_attribute(&self, name: &str) -> PathBuf {
+        Path::new("/sys/block")
+            .join(nbd::kernel_name(&self.nbd_device).unwrap_or("nbd0"))
+            .join("queue")
+            .join(name)
+    }
+
+    fn warm_up_plan(&self) -> WarmUp {
+        WarmUp {
+            threads: self.options.threads as usize,
+            size: MAX_REQUEST,
+        }
+    }
+
+    /// Caps the kernel's requests at [`MAX_REQUEST`], then reads that much
+    /// through the device, twice as many reads at once on each hardware
+    /// queue (each queue is one connection) as nbdkit has threads per
+    /// connection, until the plugin reports every connection in use warm.
+    fn warm_up(&self, system: &mut dyn System) -> Result<()> {
+        let limit = self.queue_attribute("max_sectors_kb");
+        let kib = (MAX_REQUEST >> 10).to_string();
+        system
+            .write_attribute(&limit, &kib)
+            .with_context(|| format!("echo {kib} > {}", limit.display()))?;
+        let name = nbd::kernel_name(&self.nbd_device)?;
+        let cpus = nbd::queue_cpus(system, name)?;
+        let plan = self.warm_up_plan();
+        let blocks = (self.size / MAX_REQUEST as u64).max(1);
+        let readers: Vec<(u32, u64)> = cpus
+            .iter()
+            .flat_map(|&cpu| std::iter::repeat_n(cpu, 2 * plan.threads))
+            .enumerate()
+            .map(|(i, cpu)| (cpu, (i as u64 % blocks) * MAX_REQUEST as u64))
+            .collect();
+        let mut warm = 0;
+        for _ in 0..WARM_UP_ROUNDS {
+            system
+                .read_direct(Path::new(&self.nbd_device), &readers, MAX_REQUEST)
+                .with_context(|| format!("read {}", self.nbd_device))?;
+            warm = self.warm_connections(system);
+            if warm >= cpus.len() as u64 {
+                debug!("warm-up: {warm} connections warm");
+                return Ok(());
+            }
+        }
+        bail!(
+            "after {WARM_UP_ROUNDS} rounds of reads, {warm} of the {} connections in use had \
+             every one of their {} nbdkit threads take a {} request (see {})",
+            cpus.len(),
+            plan.threads,
+            ByteSize(MAX_REQUEST as u64),
+            self.instance.server_status().display()
+        )
+    }
+
+    /// `warm_connections` from the plugin's status file; 0 if unreadable.
+    fn warm_connections(&self, system: &dyn System) -> u64 {
+        state::server_report(system, &self.instance)
+            .and_then(|status| status["warm_connections"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// The steps this plan runs, in order.
+    pub fn steps(&self) -> Vec<Step> {
+        STEPS
+            .into_iter()
+            .filter(|s| *s != Step::Encrypt || self.options.encrypt)
+            .collect()
+    }
+
+    /// The dm-crypt mapping swap runs on, with `--encrypt`.
+    pub fn crypt_mapping(&self) -> Option<String> {
+        self.options
+            .encrypt
+            .then(|| format!("vramswap-{}", self.instance.name))
+    }
+
+    /// The device that becomes swap: the mapping, or the NBD device.
+    fn swap_device(&self) -> String {
+        match self.crypt_mapping() {
+            Some(mapping) => format!("/dev/mapper/{mapping}"),
+            None => self.nbd_device.clone(),
+        }
+    }
+
+    /// Plain dm-crypt, the way crypttab's `swap` option sets up disk swap:
+    /// a random key read from /dev/urandom, held only by the kernel, gone
+    /// when the mapping is closed. 4 KiB sectors match the pages swapped.
+    fn encrypt_command(&self, mapping: &str) -> Cmd {
+        Cmd::new("cryptsetup")
+            .args(["open", "--type", "plain", "--cipher", "aes-xts-plain64"])
+            .args(["--key-size", "512", "--key-file", "/dev/urandom"])
+            .args(["--sector-size", "4096"])
+            .arg(&self.nbd_device)
+            .arg(mapping)
+    }
+
+    fn mkswap_command(&self) -> Cmd {
+        Cmd::new("mkswap")
+            .arg("-L")
+            .arg(format!("vramswap-{}", self.instance.name))
+            .arg(self.swap_device())
+    }
+
+    fn swapon_command(&self) -> Cmd {
+        let cmd = Cmd::new("swapon")
+            .arg("--priority")
+            .arg(self.options.priority.to_string());
+        let cmd = if self.options.discard {
+            cmd.arg("--discard")
+        } else {
+            cmd
+        };
+        cmd.arg(self.swap_device())
+    }
+
+    /// What a step does, as `--dry-run` prints it.
+    pub fn describe(&self, step: Step) -> String {
+        match step {
+            Step::CreateDir => format!("mkdir -m 0700 {}", self.instance.dir.display()),
+            Step::StartServer => self.nbdkit_command().to_string(),
+            Step::WaitForServer => format!(
+                "wait until nbdkit answers on {} (up to {} s), then chmod 0600 it",
+                self.instance.socket().display(),
+                self.options.timeout.as_secs()
+            ),
+            Step::Attach => self.attach_command().to_string(),
+            Step::NoThrottling => format!("echo 0 > {}", self.wbt_attribute().display()),
+            Step::WarmUp => format!(
+                "echo {} > {}; read {} through {}, {} at a time per hardware queue, \
+                 until each connection's {} nbdkit threads have taken one",
+                MAX_REQUEST >> 10,
+                self.queue_attribute("max_sectors_kb").display(),
+                ByteSize(MAX_REQUEST as u64),
+                self.nbd_device,
+                2 * self.options.threads,
+                self.options.threads
+            ),
+            Step::Encrypt => match self.crypt_mapping() {
+                Some(mapping) => self.encrypt_command(&mapping).to_string(),
+                None => "no encryption".into(),
+            },
+            Step::Mkswap => self.mkswap_command().to_string(),
+            Step::Swapon => self.swapon_command().to_string(),
+            Step::WriteState => format!("write {}", self.instance.state().display()),
+        }
+    }
+
+    /// Why this plan's backend is a poor choice for its GPU, if it is:
+    /// said before a start and in a dry run, never refused (Vulkan serves
+    /// correctly everywhere).
+    pub fn caution(&self) -> Option<&'static str> {
+        backend::caution(self.backend, &self.device)
+    }
+
+    pub fn print(&self) {
+        let d = &self.device;
+        println!("plan for instance '{}':", self.instance.name);
+        println!(
+            "  gpu     {} ({}, {}, {})",
+            d.name,
+            self.backend,
+            d.uuid_string(),
+            d.pci_bus_id.as_deref().unwrap_or("no PCI id")
+        );
+        println!(
+            "  size    {} ({} allocation)",
+            ByteSize(self.size),
+            self.options.export.allocation
+        );
+        println!(
+            "  swap    {}, {} connections, priority {}{}",
+            self.nbd_device,
+            self.options.connections,
+            self.options.priority,
+            if self.options.discard {
+                ", discard"
+            } else {
+                ""
+            }
+        );
+        if let Some(why) = self.caution() {
+            println!("  note    {why}");
+        }
+        for (i, step) in self.steps().iter().enumerate() {
+            println!("  {}. {}", i + 1, self.describe(*step));
+        }
+    }
+
+    fn state(&self, pid: u32) -> State {
+        State {
+            version: STATE_VERSION,
+            name: self.instance.name.clone(),
+            pid,
+            socket: self.instance.socket(),
+            nbd_device: self.nbd_device.clone(),
+            size: self.size,
+            backend: self.backend.to_string(),
+            device_name: self.device.name.clone(),
+            device_uuid: self.device.uuid_string(),
+            priority: self.options.priority,
+            connections: self.options.connections,
+            settings: self.options.settings.clone(),
+            started: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            group: self.options.group.clone(),
+            crypt: self.crypt_mapping(),
+        }
+    }
+
+    fn run_step(&self, system: &mut dyn System, step: Step) -> Result<()> {
+        match step {
+            Step::CreateDir => system
+                .create_dir(&self.instance.dir, 0o700)
+                .with_context(|| format!("mkdir {}", self.instance.dir.display())),
+            Step::StartServer => {
+                let out = system
+                    .run(&self.nbdkit_command())
+                    .context("cannot run nbdkit")?;
+                if !out.success() {
+                    bail!("{}", out.reason());
+                }
+                Ok(())
+            }
+            Step::WaitForServer => self.wait_for_server(system),
+            Step::Attach => run_ok(system, &self.attach_command()),
+            Step::NoThrottling => {
+                let attribute = self.wbt_attribute();
+                if !system.exists(&attribute) {
+                    // A kernel without writeback throttling.
+                    debug!("{} does not exist", attribute.display());
+                    return Ok(());
+                }
+                system
+                    .write_attribute(&attribute, "0")
+                    .with_context(|| format!("echo 0 > {}", attribute.display()))
+            }
+            Step::WarmUp => self.warm_up(system),
+            Step::Encrypt => match self.crypt_mapping() {
+                Some(mapping) => run_ok(system, &self.encrypt_command(&mapping)),
+                None => Ok(()),
+            },
+            Step::Mkswap => run_ok(system, &self.mkswap_command()),
+            Step::Swapon => run_ok(system, &self.swapon_command()),
+            Step::WriteState => {
+                let pid = state::read_pid(system, &self.instance.pidfile())
+                    .ok_or_else(|| anyhow!("nbdkit wrote no pidfile"))?;
+                system
+                    .write(&self.instance.state(), &self.state(pid).to_json(), 0o600)
+                    .with_context(|| format!("write {}", self.instance.state().display()))
+            }
+        }
+    }
+
+    /// Undoes a step; `None` for steps with nothing to undo.
+    fn undo_step(&self, system: &mut dyn System, step: Step) -> Option<Result<()>> {
+        match step {
+            Step::CreateDir => Some(
+                system
+                    .remove_dir_all(&self.instance.dir)
+                    .with_context(|| format!("remove {}", self.instance.dir.display())),
+            ),
+            Step::StartServer => Some(stop_server(system, &self.instance)),
+            Step::Attach => Some(run_ok(
+                system,
+                &Cmd::new("nbd-client").arg("-d").arg(&self.nbd_device),
+            )),
+            Step::Encrypt => self
+                .crypt_mapping()
+                .map(|mapping| run_ok(system, &Cmd::new("cryptsetup").arg("close").arg(mapping))),
+            Step::Swapon => Some(run_ok(system, &Cmd::new("swapoff").arg(self.swap_device()))),
+            // Left off: the device is only ever vramswap's swap, and the
+            // hang it prevents outlives the instance (see wbt_attribute).
+            Step::WaitForServer
+            | Step::NoThrottling
+            | Step::WarmUp
+            | Step::Mkswap
+            | Step::WriteState => None,
+        }
+    }
+
+    fn wait_for_server(&self, system: &mut dyn System) -> Result<()> {
+        const POLL: Duration = Duration::from_millis(100);
+        let socket = self.instance.socket();
+        let mut waited = Duration::ZERO;
+        loop {
+            if system.answers_nbd(&socket) {
+                return system
+                    .set_mode(&socket, 0o600)
+                    .with_context(|| format!("chmod 0600 {}", socket.display()));
+            }
+            if let Some(pid) = state::read_pid(system, &self.instance.pidfile()) {
+                if !system.alive(pid) {
+                    bail!("nbdkit exited: {}", self.server_error(system));
+                }
+            }
+            if waited >= self.options.timeout {
+                bail!(
+                    "nbdkit did not answer within {} s{}",
+                    self.options.timeout.as_secs(),
+                    match self.server_error(system).as_str() {
+                        "" => String::new(),
+                        reason => format!(": {reason}"),
+                    }
+                );
+            }
+            system.sleep(POLL);
+            waited += POLL;
+        }
+    }
+
+    /// The plugin's last error from its log file (see `VRAMSWAP_LOG_FILE`).
+    fn server_error(&self, system: &dyn System) -> String {
+        let log = system.read(&self.instance.log()).unwrap_or_default();
+        log.lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("error: "))
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                format!(
+                    "no error recorded in {}; see the system log (journalctl -t nbdkit)",
+                    self.instance.log().display()
+                )
+            })
+    }
+
+    /// Runs the plan. If a step fails, the steps done so far (and the
+    /// failed one, where undoing is harmless) are undone in reverse order,
+    /// and the error says which step failed, why, and what was undone.
+    pub fn execute(&self, system: &mut dyn System) -> Result<()> {
+        let steps = self.steps();
+        for (i, step) in steps.iter().enumerate() {
+            info!("{}: {}", step.name(), self.describe(*step));
+            if let Err(err) = self.run_step(system, *step) {
+                let mut undone = Vec::new();
+                let mut not_undone = Vec::new();
+                for (j, done) in steps[..=i].iter().enumerate().rev() {
+                    match self.undo_step(system, *done) {
+                        None => {}
+                        // The failed step itself was not done; undoing it
+                        // only cleans up whatever part of it happened.
+                        Some(Ok(())) if j == i => {}
+                        Some(Ok(())) => undone.push(done.name()),
+                        // The failed step may not have happened at all;
+                        // undoing it is best effort.
+                        Some(Err(e)) if j == i => debug!("undo {}: {e:#}", done.name()),
+                        Some(Err(e)) => {
+                            warn!("could not undo '{}': {e:#}", done.name());
+                            not_undone.push(done.name());
+                        }
+                    }
+                }
+                let mut message = format!("step {} ({}) failed: {err:#}", i + 1, step.name());
+                if !undone.is_empty() {
+                    message += &format!("; undone: {}", undone.join(", "));
+                }
+                if !not_undone.is_empty() {
+                    message += &format!("; could NOT undo: {}", not_undone.join(", "));
+                }
+                bail!(message);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn run_ok(system: &mut dyn System, cmd: &Cmd) -> Result<()> {
+    let out = system
+        .run(cmd)
+        .with_context(|| format!("cannot run {}", cmd.program))?;
+    if !out.success() {
+        bail!("{cmd}: {}", out.reason());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::start::fixtures::{gpus, machine, options, with_server};
+    use crate::start::preflight::preflight;
+    use crate::start::run;
+    use crate::system::fake::Call;
+
+    #[test]
+    fn vulkan_on_an_nvidia_gpu_is_cautioned_where_cuda_is_built_in() {
+        let mut system = machine();
+        let (_, plan) = preflight(&mut system, &gpus(), &options(), false);
+        let plan = plan.unwrap();
+        assert_eq!(plan.backend, BackendKind::Vulkan);
+        let cuda_here = BackendKind::compiled_in().contains(&BackendKind::Cuda);
+        assert_eq!(plan.caution().is_some(), cuda_here, "{:?}", plan.caution());
+    }
+
+    #[test]
+    fn encrypt_puts_swap_on_a_plain_dm_crypt_mapping_with_a_random_key() {
+        let mut system = machine();
+        with_server(&mut system);
+        let mut opts = options();
+        opts.encrypt = true;
+        let (_, plan) = preflight(&mut system, &gpus(), &opts, false);
+        let plan = plan.unwrap();
+        let lines: Vec<String> = plan.steps().iter().map(|s| plan.describe(*s)).collect();
+        assert_eq!(
+            lines[6..9],
+            [
+                "cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512 \
+                 --key-file /dev/urandom --sector-size 4096 /dev/nbd0 vramswap-default",
+                "mkswap -L vramswap-default /dev/mapper/vramswap-default",
+                "swapon --priority 50 --discard /dev/mapper/vramswap-default",
+            ]
+        );
+        plan.execute(&mut system).unwrap();
+        let state = State::load(&system, &plan.instance).unwrap();
+        assert_eq!(state.crypt.as_deref(), Some("vramswap-default"));
+        assert_eq!(state.nbd_device, "/dev/nbd0");
+        // Without --encrypt there is no such step at all.
+        let (_, plain) = preflight(&mut machine(), &gpus(), &options(), false);
+        assert!(!plain.unwrap().steps().contains(&Step::Encrypt));
+    }
+
+    #[test]
+    fn the_plan_is_the_documented_sequence_of_commands() {
+        let mut system = machine();
+        let (checks, plan) = preflight(&mut system, &gpus(), &options(), false);
+        assert!(checks.iter().all(|c| c.result.is_ok()), "{checks:?}");
+        let plan = plan.unwrap();
+        assert_eq!(plan.nbd_device, "/dev/nbd0");
+        assert_eq!(plan.size, 8 << 30);
+        let lines: Vec<String> = plan.steps().iter().map(|s| plan.describe(*s)).collect();
+        assert_eq!(
+            lines,
+            [
+                "mkdir -m 0700 /run/vramswap/default",
+                                "VRAMSWAP_LOG_FILE=/run/vramswap/default/nbdkit.log \
+                 VRAMSWAP_STATUS_FILE=/run/vramswap/default/server.json setsid nbdkit --unix /run/vramswap/default/nbd.sock \
+                 --pidfile /run/vramswap/default/nbdkit.pid --threads 16 \
+                 /usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so backend=vulkan size=8589934592 \
+                 readahead=0 warm-up=16:131072",
+                "wait until nbdkit answers on /run/vramswap/default/nbd.sock (up to 300 s), then chmod 0600 it",
+                "nbd-client -unix /run/vramswap/default/nbd.sock /dev/nbd0 -b 4096 -swap -timeout 300 -C 4",
+                "echo 0 > /sys/block/nbd0/queue/wbt_lat_usec",
+                "echo 128 > /sys/block/nbd0/queue/max_sectors_kb; read 128 KiB through /dev/nbd0, \
+                 32 at a time per hardware queue, until each connection's 16 nbdkit threads have taken one",
+                "mkswap -L vramswap-default /dev/nbd0",
+                "swapon --priority 50 --discard /dev/nbd0",
+                "write /run/vramswap/default/state.json",
+            ]
+        );
+    }
+
+    #[test]
+    fn verify_reaches_the_plugin_as_verify_on() {
+        let mut system = machine();
+        let mut opts = options();
+        opts.export.set("verify", "on").unwrap();
+        let (_, plan) = preflight(&mut system, &gpus(), &opts, false);
+        let server = plan.unwrap().describe(Step::StartServer);
+        assert!(
+            server.ends_with("size=8589934592 readahead=0 verify=on warm-up=16:131072"),
+            "{server}"
+        );
+    }
+
+    #[test]
+    fn a_full_start_runs_every_step_and_records_state() {
+        let mut system = machine();
+        with_server(&mut system);
+        let (_, plan) = preflight(&mut system, &gpus(), &options(), false);
+        plan.unwrap().execute(&mut system).unwrap();
+        let instance = InstanceDir::new("default").unwrap();
+        let state = State::load(&system, &instance).unwrap();
+        assert_eq!(
+            (state.pid, state.nbd_device.as_str(), state.size),
+            (4321, "/dev/nbd0", 8 << 30)
+        );
+        assert!(system
+            .calls
+            .contains(&Call::SetMode(instance.socket(), 0o600)));
+        let ran = system.ran();
+        assert!(ran.iter().any(|l| l.starts_with("swapon")), "{ran:?}");
+        assert_eq!(
+            system
+                .read(Path::new("/sys/block/nbd0/queue/wbt_lat_usec"))
+                .unwrap(),
+            "0"
+        );
+    }
+
+    #[test]
+    fn warm_up_caps_requests_and_reads_on_every_queue_until_the_plugin_says_warm() {
+        let mut system = machine();
+        with_server(&mut system);
+        let (_, plan) = preflight(&mut system, &gpus(), &options(), false);
+        plan.unwrap().execute(&mut system).unwrap();
+        assert_eq!(
+            system
+                .read(Path::new("/sys/block/nbd0/queue/max_sectors_kb"))
+                .unwrap(),
+            "128"
+        );
+        let reads: Vec<&Call> = system
+            .calls
+            .iter()
+            .filter(|c| matches!(c, Call::ReadDirect(..)))
+            .collect();
+        // Warm after one round: 32 readers on each of the two queues' CPUs.
+        assert_eq!(
+            reads,
+            [&Call::ReadDirect(
+                "/dev/nbd0".into(),
+                64,
+                128 << 10,
+                vec![0, 1]
+            )]
+        );
+        // The warm-up comes before anything is written to the device.
+        let order: Vec<usize> = [
+            |c: &Call| matches!(c, Call::ReadDirect(..)),
+            |c: &Call| matches!(c, Call::Run(l) if l.starts_with("mkswap")),
+        ]
+        .iter()
+        .map(|f| system.calls.iter().position(f).unwrap())
+        .collect();
+        assert!(order[0] < order[1], "{order:?}");
+    }
+
+    #[test]
+    fn a_server_whose_threads_never_all_take_a_read_fails_start() {
+        let mut system = machine();
+        with_server(&mut system);
+        // One of the two connections never gets warm.
+        system.warm_status = Some(r#"{"failure":null,"warm_connections":1}"#.into());
+        let err = run(&mut system, &gpus(), &options(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "step 6 (warm up nbdkit's threads) failed: after 10 rounds of reads, 1 of the 2 \
+                 connections in use had every one of their 16 nbdkit threads take a 128 KiB request"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.ends_with(
+                "undone: attach the NBD device, start nbdkit, create the instance directory"
+            ),
+            "{err}"
+        );
+        let rounds = system
+            .calls
+            .iter()
+            .filter(|c| matches!(c, Call::ReadDirect(..)))
+            .count();
+        assert_eq!(rounds, 10);
+        assert!(!system.ran().iter().any(|l| l.starts_with("mkswap")));
+    }
+
+    #[test]
+    fn a_kernel_without_writeback_throttling_is_fine() {
+        let mut system = machine();
+        with_server(&mut system);
+        std::fs::remove_file(system.root.path().join("sys/block/nbd0/queue/wbt_lat_usec")).unwrap();
+        let (_, plan) = preflight(&mut system, &gpus(), &options(), false);
+        plan.unwrap().execute(&mut system).unwrap();
+        assert!(system.ran().iter().any(|l| l.starts_with("swapon")));
+    }
+
+    /// For every step: make it fail, and check that exactly the steps
+    /// before it are undone, newest first, and nothing is left behind.
+
+    #[test]
+    fn a_failure_at_any_step_undoes_the_earlier_steps_in_reverse() {
+        let failing = [
+            (Step::CreateDir, "mkdir /run/vramswap/default"),
+            (Step::StartServer, "nbdkit --unix"),
+            (Step::WaitForServer, ""),
+            (Step::Attach, "nbd-client -unix"),
+            (
+                Step::NoThrottling,
+                "write /sys/block/nbd0/queue/wbt_lat_usec",
+            ),
+            (Step::WarmUp, "read /dev/nbd0"),
+            (Step::Encrypt, "cryptsetup open"),
+            (Step::Mkswap, "mkswap"),
+            (Step::Swapon, "swapon"),
+            (Step::WriteState, "write /run/vramswap/default/state.json"),
+        ];
+        let runs = [false, true]
+            .into_iter()
+            .flat_map(|encrypt| failing.iter().map(move |f| (encrypt, *f)))
+            .filter(|(encrypt, (step, _))| *encrypt || *step != Step::Encrypt);
+        for (encrypt, (step, prefix)) in runs {
+            let mut system = machine();
+            with_server(&mut system);
+            let mut opts = options();
+            opts.encrypt = encrypt;
+            if step == Step::WaitForServer {
+                // Alive but never answering: the wait times out.
+                system.answers_nbd = false;
+                opts.timeout = Duration::from_secs(1);
+                system.on_run.push((
+                    "nbdkit --unix".into(),
+                    "/run/vramswap/default/nbdkit.log".into(),
+                    "warning: x\nerror: size=8G: too big\n".into(),
+                ));
+            } else {
+                system.fail_on = Some(prefix.to_string());
+            }
+            let (_, plan) = preflight(&mut system, &gpus(), &opts, false);
+            let plan = plan.unwrap();
+            let err = plan.execute(&mut system).unwrap_err().to_string();
+            let index = plan.steps().iter().position(|s| *s == step).unwrap();
+            assert!(
+                err.starts_with(&format!("step {} ({})", index + 1, step.name())),
+                "{err}"
+            );
+            if step == Step::WaitForServer {
+                assert!(
+                    err.contains("nbdkit did not answer within 1 s: size=8G: too big"),
+                    "{err}"
+                );
+            }
+
+            // What ran after the failure, in order: the undo actions.
+            let failed_at = system
+                .calls
+                .iter()
+                .position(|c| match c {
+                    Call::Run(l) => !prefix.is_empty() && l.contains(prefix),
+                    Call::CreateDir(_) => step == Step::CreateDir,
+                    Call::ReadDirect(..) => step == Step::WarmUp,
+                    Call::Write(p) => {
+                        (step == Step::WriteState && p.ends_with("state.json"))
+                            || (step == Step::NoThrottling && p.ends_with("wbt_lat_usec"))
+                    }
+                    _ => false,
+                })
+                .unwrap_or_else(|| {
+                    // WaitForServer fails without a call of its own.
+                    system
+                        .ran()
+                        .iter()
+                        .position(|l| l.contains("nbdkit --unix"))
+                        .unwrap()
+                        + 1
+                });
+            let after: Vec<String> = system.calls[failed_at..]
+                .iter()
+                .filter_map(|c| match c {
+                    Call::Run(l) if l.starts_with("swapoff") => Some("swapoff".to_string()),
+                    Call::Run(l) if l.starts_with("nbd-client -d") => Some("detach".to_string()),
+                    Call::Run(l) if l.starts_with("cryptsetup close") => Some("close".to_string()),
+                    Call::Signal(_, sig) if *sig == libc::SIGTERM => {
+                        Some("stop nbdkit".to_string())
+                    }
+                    Call::RemoveDir(_) => Some("remove dir".to_string()),
+                    _ => None,
+                })
+                .collect();
+            let mut expected: Vec<&str> = match step {
+                Step::CreateDir => vec!["remove dir"],
+                // nbdkit failed to run: it wrote no pidfile, nothing to stop.
+                Step::StartServer => vec!["remove dir"],
+                Step::WaitForServer => vec!["stop nbdkit", "remove dir"],
+                Step::Attach | Step::NoThrottling | Step::WarmUp => {
+                    vec!["detach", "stop nbdkit", "remove dir"]
+                }
+                // A failed open is closed too, in case it half happened.
+                Step::Encrypt | Step::Mkswap => {
+                    vec!["close", "detach", "stop nbdkit", "remove dir"]
+                }
+                Step::Swapon | Step::WriteState => {
+                    vec!["swapoff", "close", "detach", "stop nbdkit", "remove dir"]
+                }
+            };
+            if !encrypt {
+                expected.retain(|s| *s != "close");
+            }
+
+            assert_eq!(after, expected, "{step:?}, encrypt {encrypt}: {err}");
+            assert!(
+                !system.exists(Path::new("/run/vramswap/default")),
+                "{step:?}: left the directory"
+            );
+        }
+    }
+
+    #[test]
+    fn a_server_that_dies_while_starting_is_reported_with_its_error() {
+        let mut system = machine();
+        with_server(&mut system);
+        system.answers_nbd = false;
+        system.alive.insert(4321, false);
+        system.on_run.push((
+            "nbdkit --unix".into(),
+            "/run/vramswap/default/nbdkit.log".into(),
+            "warning: mlockall failed\nerror: device=7: no device 7\n".into(),
+        ));
+        let err = run(&mut system, &gpus(), &options(), false)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "step 3 (wait for nbdkit to serve) failed: nbdkit exited: device=7: no device 7; \
+             undone: start nbdkit, create the instance directory"
+        );
+        assert!(!system.exists(Path::new("/run/vramswap/default")));
+    }
+}
