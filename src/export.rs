@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use thiserror::Error;
+
 use crate::backend::{BackendKind, DeviceSelector, BLOCK_SIZE, CHUNK_SIZE};
 use crate::size::{parse_size, ByteSize};
 use crate::store::{
@@ -121,17 +123,44 @@ impl fmt::Display for WarmUp {
     }
 }
 
-/// A refused parameter: names the key and the value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A refused parameter, or a refused pair of them; each names the key it
+/// refuses, so a front end can point at where that key was given.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    /// A value the key does not take, or not with the other keys given.
+    #[error("{key}={value}: {why}")]
+    Value {
+        key: String,
+        value: String,
+        why: String,
+    },
+    #[error("{0}= is given more than once")]
+    Repeated(String),
+    #[error("unknown parameter '{0}' (see: nbdkit vramswap --help)")]
+    Unknown(String),
+    /// Only an automatic size leaves VRAM to others.
+    #[error(
+        "size={size} and reserve={reserve} exclude each other: reserve only applies when the size is automatic"
+    )]
+    SizeAndReserve { size: ByteSize, reserve: ByteSize },
+    /// verify=on keeps two blocks of each staging buffer for the old
+    /// bytes of partial writes.
+    #[error("staging={staging} is too small for verify=on: it needs at least {least}")]
+    StagingForVerify { staging: ByteSize, least: ByteSize },
 }
 
-impl std::error::Error for ConfigError {}
+impl ConfigError {
+    /// The key refused: of a pair, the one that depends on the other.
+    pub fn key(&self) -> &str {
+        match self {
+            ConfigError::Value { key, .. }
+            | ConfigError::Repeated(key)
+            | ConfigError::Unknown(key) => key,
+            ConfigError::SizeAndReserve { .. } => "reserve",
+            ConfigError::StagingForVerify { .. } => "staging",
+        }
+    }
+}
 
 /// Every parameter of an export, after parsing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,9 +206,13 @@ impl Default for ExportConfig {
 impl ExportConfig {
     /// Takes one `key=value` from the command line.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
-        let bad = |why: String| ConfigError(format!("{key}={value}: {why}"));
+        let bad = |why: String| ConfigError::Value {
+            key: key.to_string(),
+            value: value.to_string(),
+            why,
+        };
         if self.given(key).is_some() {
-            return Err(ConfigError(format!("{key}= is given more than once")));
+            return Err(ConfigError::Repeated(key.to_string()));
         }
         if value.trim().is_empty() {
             return Err(bad("empty value".into()));
@@ -248,11 +281,7 @@ impl ExportConfig {
                     _ => return Err(bad("expected on or off".into())),
                 }
             }
-            _ => {
-                return Err(ConfigError(format!(
-                    "unknown parameter '{key}' (see: nbdkit vramswap --help)"
-                )))
-            }
+            _ => return Err(ConfigError::Unknown(key.to_string())),
         }
         self.given.push((key.to_string(), value.to_string()));
         Ok(())
@@ -266,27 +295,27 @@ impl ExportConfig {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Checks the parameters together, once all are given.
+    /// Checks the parameters together, once all are given: the one place
+    /// for the rules between keys, which the plugin and the CLI both call.
     pub fn complete(&self) -> Result<(), ConfigError> {
         if let (Some(size), Some(reserve)) = (self.size, self.reserve) {
-            return Err(ConfigError(format!(
-                "size={} and reserve={} exclude each other: reserve only applies when the size is automatic",
-                ByteSize(size),
-                ByteSize(reserve)
-            )));
+            return Err(ConfigError::SizeAndReserve {
+                size: ByteSize(size),
+                reserve: ByteSize(reserve),
+            });
         }
         if self.scrub.is_some() && !self.verify {
-            return Err(ConfigError(format!(
-                "scrub={}: needs verify=on (the scrub checks blocks against their checksums)",
-                self.given("scrub").unwrap_or_default()
-            )));
+            return Err(ConfigError::Value {
+                key: "scrub".into(),
+                value: self.given("scrub").unwrap_or_default().into(),
+                why: "needs verify=on (the scrub checks blocks against their checksums)".into(),
+            });
         }
         if self.verify && (self.staging as u64) < 3 * BLOCK_SIZE {
-            return Err(ConfigError(format!(
-                "staging={} is too small for verify=on: it needs at least {}",
-                ByteSize(self.staging as u64),
-                ByteSize(3 * BLOCK_SIZE)
-            )));
+            return Err(ConfigError::StagingForVerify {
+                staging: ByteSize(self.staging as u64),
+                least: ByteSize(3 * BLOCK_SIZE),
+            });
         }
         Ok(())
     }
@@ -415,7 +444,9 @@ mod tests {
         let mut config = ExportConfig::default();
         config.set("scrub", "24h").unwrap();
         assert_eq!(config.scrub, Some(std::time::Duration::from_secs(86400)));
-        let err = config.complete().unwrap_err().to_string();
+        let err = config.complete().unwrap_err();
+        assert_eq!(err.key(), "scrub");
+        let err = err.to_string();
         assert!(err.starts_with("scrub=24h: needs verify=on"), "{err}");
         config.set("verify", "on").unwrap();
         config.complete().unwrap();
@@ -507,6 +538,7 @@ mod tests {
     fn conflicting_and_repeated_keys_are_refused() {
         let err = parse(&[("size", "1G"), ("reserve", "1G")]).unwrap_err();
         assert!(err.to_string().contains("exclude each other"), "{err}");
+        assert_eq!(err.key(), "reserve");
         let err = parse(&[("verify", "on"), ("staging", "128K")]).unwrap_err();
         assert!(err.to_string().contains("too small for verify=on"), "{err}");
         let err = parse(&[("size", "1G"), ("size", "2G")]).unwrap_err();

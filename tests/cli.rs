@@ -189,7 +189,7 @@ fn bad_flags_and_unknown_instances_are_clear_errors() {
         ),
         (
             vec!["start", "--size", "1G", "--reserve", "1G"],
-            "cannot be used with",
+            "size=1 GiB and reserve=1 GiB exclude each other",
         ),
         (
             vec!["start", "--allocation", "sometimes"],

@@ -225,7 +225,7 @@ pub struct StartArgs {
     #[arg(long)]
     pub device: Option<String>,
     /// Size of the swap area, e.g. 8G [default: available VRAM minus --reserve].
-    #[arg(long, conflicts_with = "reserve")]
+    #[arg(long)]
     pub size: Option<String>,
     /// VRAM to leave to other programs when the size is automatic [default: 256M].
     #[arg(long)]

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+use vramswap::export::ConfigError;
 use vramswap::ExportConfig;
 
 use crate::args::StartArgs;
@@ -137,12 +138,23 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// `/etc/vramswap.toml:4: ` for a key from a file, `--size ` style for
-    /// a flag.
+    /// `/etc/vramswap.toml:4: ` for a key from a file, nothing for a flag.
     fn prefix(&self, key: &str) -> String {
         match self.keys.get(key) {
             Some(at) => format!("{at}: "),
             None => String::new(),
+        }
+    }
+
+    /// The export's refusal, pointing at where its key was given: `--key
+    /// value: why` for a flag, `file:line: key = "value": why` for a
+    /// config setting.
+    fn refuses(&self, error: ConfigError) -> anyhow::Error {
+        match error {
+            ConfigError::Value { key, value, why } => {
+                anyhow::anyhow!("{}: {why}", self.names(&key, &value))
+            }
+            other => anyhow::anyhow!("{}{other}", self.prefix(other.key())),
         }
     }
 
@@ -203,27 +215,12 @@ impl Settings {
             ("scrub", &self.scrub),
         ] {
             if let Some(value) = value {
-                export.set(key, value).map_err(|e| {
-                    let text = e.to_string();
-                    let detail = text
-                        .strip_prefix(&format!("{key}={value}: "))
-                        .unwrap_or(&text);
-                    anyhow::anyhow!("{}: {detail}", origin.names(key, value))
-                })?;
+                export.set(key, value).map_err(|e| origin.refuses(e))?;
             }
         }
-        if let (Some(size), Some(reserve)) = (&self.size, &self.reserve) {
-            bail!(
-                "{}size {size} and reserve {reserve} exclude each other: reserve only applies when the size is automatic",
-                origin.prefix("reserve")
-            );
-        }
-        if let (Some(scrub), false) = (&self.scrub, export.verify) {
-            bail!(
-                "{}: needs verify (the scrub checks blocks against their checksums)",
-                origin.names("scrub", scrub)
-            );
-        }
+        // The rules between keys (size excludes reserve, scrub needs
+        // verify) are the export's own: the plugin checks the same.
+        export.complete().map_err(|e| origin.refuses(e))?;
         if let Some(nbd) = &self.nbd {
             crate::nbd::kernel_name(nbd)
                 .map_err(|e| anyhow::anyhow!("{}{e}", origin.prefix("nbd")))?;
@@ -520,7 +517,7 @@ memtest = true
             ),
             (
                 "[a]\nsize = \"8G\"\nreserve = \"1G\"\n",
-                "/etc/vramswap.toml:3: size 8G and reserve 1G exclude",
+                "/etc/vramswap.toml:3: size=8 GiB and reserve=1 GiB exclude each other",
             ),
             (
                 "[a]\nconnections = 0\n",
@@ -562,6 +559,32 @@ memtest = true
                 .to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
             assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn flags_that_break_the_exports_rules_are_named_as_flags() {
+        let both = Settings {
+            size: Some("8G".into()),
+            reserve: Some("1G".into()),
+            ..Settings::default()
+        };
+        let scrub = Settings {
+            scrub: Some("24h".into()),
+            ..Settings::default()
+        };
+        for (flags, expected) in [
+            (
+                both,
+                "size=8 GiB and reserve=1 GiB exclude each other: reserve only applies when the size is automatic",
+            ),
+            (
+                scrub,
+                "--scrub 24h: needs verify=on (the scrub checks blocks against their checksums)",
+            ),
+        ] {
+            let err = flags.to_options("a", &Origin::default()).unwrap_err();
+            assert_eq!(err.to_string(), expected);
         }
     }
 
