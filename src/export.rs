@@ -78,16 +78,10 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs(seconds))
 }
 
-/// `warm-up=THREADS:SIZE`. nbdkit (1.32 and later) reads each request into
-/// a buffer of the worker thread that took it and grows that buffer, with
-/// `realloc`, the first time the thread takes a larger request, while it
-/// holds the connection's read lock. Once the device is swap, that
-/// allocation can wait for reclaim, and reclaim for swap-out through this
-/// very connection. So before swap is on, every worker thread takes one
-/// request of the largest size the kernel will send (`vramswap start` caps
-/// it at SIZE with the queue's `max_sectors_kb`); the plugin holds such a
-/// read until THREADS different threads of the connection have one, which
-/// makes a client's THREADS concurrent reads reach every thread.
+/// `warm-up=THREADS:SIZE`: every nbdkit thread takes one read of the
+/// largest size before swap is on, so none grows its request buffer while
+/// swap-out may wait on it (docs/RELIABILITY.md, "Faults"). The plugin
+/// holds such a read until THREADS threads of the connection have one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WarmUp {
     /// nbdkit's threads per connection (`--threads`).

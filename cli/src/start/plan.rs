@@ -16,21 +16,12 @@ use crate::state::{self, InstanceDir, State, STATE_VERSION};
 use crate::stop::stop_server;
 use crate::system::{Cmd, System};
 
-/// How long the kernel waits for one NBD request before it gives up on
-/// the connection (`nbd-client -timeout`): five minutes. Its default, 30 s,
-/// is wrong for swap: with several connections a request that takes 30 s
-/// (a GPU driver stall, a starved CPU, a server paused in a debugger) gets
-/// its connection shut down for good, nbd-client does not reconnect, and
-/// once the last one is gone every request fails and the pages in VRAM are
-/// lost. Not longer: when the server dies, the requests it had in flight
-/// fail only at this timeout (later ones fail at once), and until then
-/// the processes waiting on them cannot even be killed; `stop` detaches a
-/// dead server's device first, which fails them at once.
+/// `nbd-client -timeout`: the kernel's 30 s drops a stalled server's
+/// connections for good (and the pages with them); a longer one holds a
+/// dead server's requests (docs/RELIABILITY.md, "Faults", "Known problems").
 const NBD_TIMEOUT_SECS: u32 = 300;
-/// The largest request the kernel sends to the server: `start` sets the
-/// queue's `max_sectors_kb` to it (Linux's own default for NBD devices)
-/// and has every nbdkit thread take one request of this size before swap
-/// is on (see [`WarmUp`]).
+/// The largest request the kernel sends (`max_sectors_kb`, Linux's own
+/// default for NBD), and so the size of every warm-up read (see [`WarmUp`]).
 const MAX_REQUEST: usize = 128 << 10;
 /// Rounds of warm-up reads before `start` gives up: one is enough unless
 /// a thread that already took one also takes others' reads.
@@ -102,10 +93,8 @@ impl Plan {
         let mut export = self.options.export.clone();
         export.backend = Some(self.backend);
         export.warm_up = Some(self.warm_up_plan());
-        // Swap-ins are at most 32 KiB and never start a read-ahead stream
-        // (128 KiB and up), so its windows would lock 64 MiB of RAM for
-        // nothing on a machine that is short of it: in the 1 GiB guest two
-        // swap servers with them ran it out of memory during swapoff.
+        // Swap-ins (32 KiB at most) never start a read-ahead stream: its
+        // windows would only lock RAM (docs/RELIABILITY.md, "Load").
         export.readahead = 0;
         let cmd = match &self.numa {
             Some((_, cpus)) => Cmd::new("taskset")
@@ -141,13 +130,9 @@ impl Plan {
             .arg(self.options.connections.to_string())
     }
 
-    /// The NBD device's writeback throttling (wbt) latency target. vramswap
-    /// sets it to 0 (off). The device holds only swap, so there is no
-    /// buffered writeback whose reads wbt could protect; and on Linux 6.1
-    /// a server that dies with requests in flight leaves wbt's in-flight
-    /// count behind, after which every swap-out on that device (the next
-    /// instance gets the same /dev/nbdN) waits in wbt_wait forever. The
-    /// guest test `kill` hung that way until this step.
+    /// The device's writeback throttling, which start turns off: swap has
+    /// no buffered writeback for it to protect, and after a server died it
+    /// hung the next swap-out on the device (docs/RELIABILITY.md, "Faults").
     fn wbt_attribute(&self) -> PathBuf {
         self.queue_attribute("wbt_lat_usec")
     }

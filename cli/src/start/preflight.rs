@@ -221,8 +221,7 @@ fn memtest(p: &mut Preflight) -> Option<Verdict> {
     Some(test_vram(p.gpus, device, size))
 }
 
-/// On a machine with several NUMA nodes: the GPU's node, whose CPUs the
-/// server is pinned to.
+/// On a machine with several NUMA nodes: the GPU's, for the server.
 fn numa(p: &mut Preflight) -> Option<Verdict> {
     let Some(Ok((_, device))) = &p.gpu else {
         return None;
@@ -233,11 +232,9 @@ fn numa(p: &mut Preflight) -> Option<Verdict> {
     Some(Ok(verdict))
 }
 
-/// The GPU's NUMA node and that node's CPU list, on a machine with more
-/// than one node (from sysfs; `None` on one node or when the kernel does
-/// not say). The server pinned to those CPUs keeps its I/O threads next to
-/// the GPU, and its staging buffers, first touched by those threads, in the
-/// node's memory.
+/// The GPU's NUMA node and its CPUs, where sysfs shows several nodes:
+/// pinned there, the server's threads and the staging they first touch
+/// stay next to the GPU.
 fn numa_node(system: &dyn System, device: &DeviceInfo) -> Option<(u32, String)> {
     let nodes = system
         .list(Path::new("/sys/devices/system/node"))
