@@ -34,7 +34,11 @@ fn kernel_swap_on_vramswap_in_a_guest() {
     let verdicts: Vec<&str> = console
         .lines()
         .filter(|l| {
-            l.starts_with("SCENARIO ") || l.contains("] FAIL: ") || l.contains(": timed out after ")
+            l.starts_with("SCENARIO ")
+                || l.contains("] FAIL: ")
+                || l.contains(": timed out after ")
+                // The guest's init: what it could not do, how the run ended.
+                || l.starts_with("init: ")
         })
         .collect();
     for scenario in SCENARIOS {
