@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::selftest::{self, BadWord, SelfTest, StepResult, TestChunk, TestOp, TestStep};
 use super::{
-    Backend, BackendError, BackendKind, ChunkId, DeviceInfo, DeviceKind, Lane, MemoryReport,
-    TransferOp, CHUNK_SIZE,
+    check_batch, Backend, BackendError, BackendKind, ChunkId, DeviceInfo, DeviceKind, Lane,
+    MemoryReport, TransferOp, CHUNK_SIZE,
 };
 
 /// What a new chunk contains before anyone writes it.
@@ -183,64 +183,43 @@ struct HostLane {
 
 impl HostLane {
     fn run(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
+        check_batch(ops, self.staging.len())?;
         let mut chunks = self.shared.lock();
         for op in ops {
-            let (chunk, chunk_offset, len) = match *op {
-                TransferOp::Upload {
-                    chunk,
-                    chunk_offset,
-                    len,
-                    ..
-                }
-                | TransferOp::Download {
-                    chunk,
-                    chunk_offset,
-                    len,
-                    ..
-                }
-                | TransferOp::Zero {
-                    chunk,
-                    chunk_offset,
-                    len,
-                } => (chunk, chunk_offset, len),
-            };
+            let chunk = op.chunk();
             let data = chunks
                 .slots
                 .get_mut(chunk.0 as usize)
                 .and_then(Option::as_mut)
                 .ok_or(BackendError::BadChunk(chunk))?;
-            let range = byte_range(chunk_offset, len, CHUNK_SIZE)?;
             match *op {
-                TransferOp::Upload { staging_offset, .. } => {
-                    let src = byte_range(staging_offset as u64, len, self.staging.len() as u64)?;
-                    data[range].copy_from_slice(&self.staging[src]);
-                }
-                TransferOp::Download { staging_offset, .. } => {
-                    let dst = byte_range(staging_offset as u64, len, self.staging.len() as u64)?;
-                    self.staging[dst].copy_from_slice(&data[range]);
-                }
-                TransferOp::Zero { .. } => {
-                    if chunk_offset % 4 != 0 || len % 4 != 0 {
-                        return Err(BackendError::OutOfBounds(format!(
-                            "zero at {chunk_offset}+{len} is not 4-byte aligned"
-                        )));
-                    }
-                    data[range].fill(0);
-                }
+                TransferOp::Upload {
+                    staging_offset,
+                    chunk_offset,
+                    len,
+                    ..
+                } => data[span(chunk_offset, len)]
+                    .copy_from_slice(&self.staging[span(staging_offset as u64, len)]),
+                TransferOp::Download {
+                    staging_offset,
+                    chunk_offset,
+                    len,
+                    ..
+                } => self.staging[span(staging_offset as u64, len)]
+                    .copy_from_slice(&data[span(chunk_offset, len)]),
+                TransferOp::Zero {
+                    chunk_offset, len, ..
+                } => data[span(chunk_offset, len)].fill(0),
             }
         }
         Ok(())
     }
 }
 
-/// `offset..offset+len` as a slice range, checked against `limit`.
-fn byte_range(offset: u64, len: u64, limit: u64) -> Result<std::ops::Range<usize>, BackendError> {
-    match offset.checked_add(len) {
-        Some(end) if end <= limit && len > 0 => Ok(offset as usize..end as usize),
-        _ => Err(BackendError::OutOfBounds(format!(
-            "{offset}+{len} against {limit} bytes"
-        ))),
-    }
+/// `offset..offset+len` as a slice range, for a step `check_batch` passed
+/// (so it cannot overflow or reach past its buffer).
+fn span(offset: u64, len: u64) -> std::ops::Range<usize> {
+    offset as usize..(offset + len) as usize
 }
 
 impl Lane for HostLane {

@@ -341,6 +341,66 @@ pub enum TransferOp {
     },
 }
 
+impl TransferOp {
+    /// The chunk the step touches.
+    pub(crate) fn chunk(&self) -> ChunkId {
+        match *self {
+            TransferOp::Upload { chunk, .. }
+            | TransferOp::Download { chunk, .. }
+            | TransferOp::Zero { chunk, .. } => chunk,
+        }
+    }
+
+    /// Refuses a step that is empty, reaches past a staging buffer of
+    /// `staging_len` bytes or past its chunk, or (a zero) is not 4-byte
+    /// aligned. Whether the chunk is allocated is the lane's to check.
+    fn check(&self, staging_len: usize) -> Result<(), BackendError> {
+        let fits = |offset: u64, len: u64, limit: u64| {
+            len > 0 && offset.checked_add(len).is_some_and(|end| end <= limit)
+        };
+        match *self {
+            TransferOp::Upload {
+                staging_offset,
+                chunk_offset,
+                len,
+                ..
+            }
+            | TransferOp::Download {
+                staging_offset,
+                chunk_offset,
+                len,
+                ..
+            } => {
+                if fits(staging_offset as u64, len, staging_len as u64)
+                    && fits(chunk_offset, len, CHUNK_SIZE)
+                {
+                    return Ok(());
+                }
+                Err(BackendError::OutOfBounds(format!(
+                    "copy of {len} bytes at staging {staging_offset} / chunk {chunk_offset}"
+                )))
+            }
+            TransferOp::Zero {
+                chunk_offset, len, ..
+            } => {
+                if chunk_offset % 4 == 0 && len % 4 == 0 && fits(chunk_offset, len, CHUNK_SIZE) {
+                    return Ok(());
+                }
+                Err(BackendError::OutOfBounds(format!(
+                    "zero {chunk_offset}+{len} in a {CHUNK_SIZE}-byte chunk"
+                )))
+            }
+        }
+    }
+}
+
+/// Checks every step of a batch for a lane with `staging_len` bytes of
+/// staging, before any of it runs: a batch that fails its checks moves no
+/// byte, on every backend alike.
+pub(crate) fn check_batch(ops: &[TransferOp], staging_len: usize) -> Result<(), BackendError> {
+    ops.iter().try_for_each(|op| op.check(staging_len))
+}
+
 /// A pinned host staging buffer with the command context that moves it.
 ///
 /// A lane is used by one thread at a time (`&mut self`); several lanes run

@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 use super::conv;
 use super::device::DeviceShared;
 use crate::backend::hostmem::LockedRegion;
-use crate::backend::{BackendError, ChunkId, Lane, TransferOp, CHUNK_SIZE};
+use crate::backend::{check_batch, BackendError, Lane, TransferOp};
 
 /// `cuMemHostRegister` takes any range, but whole pages are what the
 /// driver pins, and what `LockedRegion` hands out at the least.
@@ -162,90 +162,48 @@ impl CudaLane {
         Ok(Staging::Allocated { ptr, len })
     }
 
-    /// Checks one step against the staging buffer and the chunk, and
-    /// resolves it to addresses. Calls no driver function.
+    /// Resolves a step that `check_batch` passed to addresses, checking
+    /// that its chunk is allocated. Calls no driver function.
     fn resolve(&self, op: &TransferOp) -> Result<Step, BackendError> {
-        match *op {
+        let chunk = self.shared.chunk_ptr(op.chunk())?;
+        // `wrapping_add`: the offsets lie inside the staging buffer, as
+        // `check_batch` saw to.
+        Ok(match *op {
             TransferOp::Upload {
                 staging_offset,
-                chunk,
                 chunk_offset,
                 len,
-            } => {
-                let (host, dst) = self.copy_ends(staging_offset, chunk, chunk_offset, len)?;
-                Ok(Step::Upload {
-                    dst,
-                    src: host,
-                    len: len as usize,
-                })
-            }
+                ..
+            } => Step::Upload {
+                dst: chunk + chunk_offset,
+                src: self.staging_ptr.wrapping_add(staging_offset),
+                len: len as usize,
+            },
             TransferOp::Download {
                 staging_offset,
-                chunk,
                 chunk_offset,
                 len,
-            } => {
-                let (host, src) = self.copy_ends(staging_offset, chunk, chunk_offset, len)?;
-                Ok(Step::Download {
-                    dst: host,
-                    src,
-                    len: len as usize,
-                })
-            }
+                ..
+            } => Step::Download {
+                dst: self.staging_ptr.wrapping_add(staging_offset),
+                src: chunk + chunk_offset,
+                len: len as usize,
+            },
             TransferOp::Zero {
-                chunk,
-                chunk_offset,
-                len,
-            } => {
-                if chunk_offset % 4 != 0
-                    || len % 4 != 0
-                    || len == 0
-                    || chunk_offset
-                        .checked_add(len)
-                        .is_none_or(|end| end > CHUNK_SIZE)
-                {
-                    return Err(BackendError::OutOfBounds(format!(
-                        "zero {chunk_offset}+{len} in a {CHUNK_SIZE}-byte chunk"
-                    )));
-                }
-                Ok(Step::Zero {
-                    dst: self.shared.chunk_ptr(chunk)? + chunk_offset,
-                    words: (len / 4) as usize,
-                })
-            }
-        }
-    }
-
-    /// The staging and device addresses of a copy, checked to lie inside
-    /// the staging buffer and the chunk.
-    fn copy_ends(
-        &self,
-        staging_offset: usize,
-        chunk: ChunkId,
-        chunk_offset: u64,
-        len: u64,
-    ) -> Result<(*mut u8, sys::CUdeviceptr), BackendError> {
-        let staging_end = (staging_offset as u64).checked_add(len);
-        let chunk_end = chunk_offset.checked_add(len);
-        match (staging_end, chunk_end) {
-            (Some(s), Some(c)) if len > 0 && s <= self.staging_len as u64 && c <= CHUNK_SIZE => {}
-            _ => {
-                return Err(BackendError::OutOfBounds(format!(
-                    "copy of {len} bytes at staging {staging_offset} / chunk {chunk_offset}"
-                )))
-            }
-        }
-        let device = self.shared.chunk_ptr(chunk)? + chunk_offset;
-        // Inside the staging buffer, checked above.
-        Ok((self.staging_ptr.wrapping_add(staging_offset), device))
+                chunk_offset, len, ..
+            } => Step::Zero {
+                dst: chunk + chunk_offset,
+                words: (len / 4) as usize,
+            },
+        })
     }
 
     /// Queues one checked step on the lane's stream.
     fn enqueue(&self, step: Step) -> Result<(), BackendError> {
-        // For each arm: the context is current; `resolve` checked the
-        // addresses to lie inside the pinned staging buffer and a live chunk,
-        // and both stay so until `wait` returns (the store keeps the chunk,
-        // the lane its staging); the stream is the lane's.
+        // For each arm: the context is current; `check_batch` and `resolve`
+        // checked the addresses to lie inside the pinned staging buffer and
+        // a live chunk, and both stay so until `wait` returns (the store
+        // keeps the chunk, the lane its staging); the stream is the lane's.
         let (call, result) = match step {
             Step::Upload { dst, src, len } => {
                 // SAFETY: see above.
@@ -334,6 +292,7 @@ impl Lane for CudaLane {
         }
         // Every step is checked before any reaches the driver: a batch that
         // fails its checks moves no byte.
+        check_batch(ops, self.staging_len)?;
         for op in ops {
             self.resolve(op)?;
         }

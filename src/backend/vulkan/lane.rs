@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::conv;
 use super::device::{DeviceShared, Staging};
-use crate::backend::{BackendError, Lane, TransferOp, CHUNK_SIZE};
+use crate::backend::{check_batch, BackendError, Lane, TransferOp};
 
 pub(super) struct VulkanLane {
     shared: Arc<DeviceShared>,
@@ -65,6 +65,7 @@ impl VulkanLane {
         Ok(lane)
     }
 
+    /// Records a batch that `check_batch` passed.
     fn record(&self, ops: &[TransferOp]) -> Result<(), BackendError> {
         let device = &self.shared.raw;
         let cmd = self.cmd;
@@ -103,7 +104,6 @@ impl VulkanLane {
                     chunk_offset,
                     len,
                 } => {
-                    self.check(staging_offset, chunk_offset, len)?;
                     let region = vk::BufferCopy {
                         src_offset: staging_offset as u64,
                         dst_offset: chunk_offset,
@@ -112,7 +112,7 @@ impl VulkanLane {
                     let dst = self.shared.chunk_buffer(chunk)?;
                     // SAFETY: both buffers are alive (the store holds the
                     // chunk's lock while this batch runs) and the region is
-                    // inside both, checked above.
+                    // inside both (`check_batch`, in `submit`).
                     unsafe { device.cmd_copy_buffer(cmd, self.staging_buffer, dst, &[region]) };
                 }
                 TransferOp::Download {
@@ -121,7 +121,6 @@ impl VulkanLane {
                     chunk_offset,
                     len,
                 } => {
-                    self.check(staging_offset, chunk_offset, len)?;
                     let region = vk::BufferCopy {
                         src_offset: chunk_offset,
                         dst_offset: staging_offset as u64,
@@ -137,19 +136,9 @@ impl VulkanLane {
                     chunk_offset,
                     len,
                 } => {
-                    if chunk_offset % 4 != 0
-                        || len % 4 != 0
-                        || len == 0
-                        || chunk_offset
-                            .checked_add(len)
-                            .is_none_or(|end| end > CHUNK_SIZE)
-                    {
-                        return Err(BackendError::OutOfBounds(format!(
-                            "zero {chunk_offset}+{len} in a {CHUNK_SIZE}-byte chunk"
-                        )));
-                    }
                     let dst = self.shared.chunk_buffer(chunk)?;
-                    // SAFETY: the range is 4-aligned and inside the buffer.
+                    // SAFETY: the range is 4-aligned and inside the buffer
+                    // (`check_batch`).
                     unsafe { device.cmd_fill_buffer(cmd, dst, chunk_offset, len, 0) };
                 }
             }
@@ -179,24 +168,6 @@ impl VulkanLane {
                 &[],
             )
         };
-    }
-
-    fn check(
-        &self,
-        staging_offset: usize,
-        chunk_offset: u64,
-        len: u64,
-    ) -> Result<(), BackendError> {
-        let staging_end = (staging_offset as u64).checked_add(len);
-        let chunk_end = chunk_offset.checked_add(len);
-        match (staging_end, chunk_end) {
-            (Some(s), Some(c)) if len > 0 && s <= self.staging_len as u64 && c <= CHUNK_SIZE => {
-                Ok(())
-            }
-            _ => Err(BackendError::OutOfBounds(format!(
-                "copy of {len} bytes at staging {staging_offset} / chunk {chunk_offset}"
-            ))),
-        }
     }
 
     fn fence_status(&self) -> Result<bool, BackendError> {
@@ -251,6 +222,7 @@ impl Lane for VulkanLane {
         if self.pending {
             return Err(BackendError::Busy);
         }
+        check_batch(ops, self.staging_len)?;
         self.record(ops)?;
         let device = &self.shared.raw;
         // SAFETY: the fence is not in use (no batch pending).
