@@ -5,7 +5,7 @@
 
 mod common;
 
-use vramswap::backend::{BackendError, ChunkId, Lane, TransferOp, CHUNK_SIZE};
+use vramswap::backend::{BackendError, ChunkId, Lane, TransferOp, CHUNK_SIZE, MAX_BATCH};
 
 use common::{for_each_backend, open_backend};
 
@@ -61,6 +61,14 @@ fn bad_steps_are_refused_and_the_lane_stays_usable() {
                 "{kind}: {op:?}: {result:?}"
             );
         }
+        // One step more than a batch may hold is refused; as many pass.
+        let too_long = [zero(0, 4); MAX_BATCH + 1];
+        let result = run(&mut *lane, &too_long);
+        assert!(
+            matches!(result, Err(BackendError::OutOfBounds(_))),
+            "{kind}: {result:?}"
+        );
+        run(&mut *lane, &too_long[..MAX_BATCH]).unwrap();
         let missing = ChunkId(1 << 30);
         let result = run(
             &mut *lane,

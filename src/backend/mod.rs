@@ -394,10 +394,21 @@ impl TransferOp {
     }
 }
 
-/// Checks every step of a batch for a lane with `staging_len` bytes of
-/// staging, before any of it runs: a batch that fails its checks moves no
-/// byte, on every backend alike.
+/// The most steps one batch may hold: as many as the block store sends (a
+/// step per block of a chunk), so that a lane can keep a batch's resolved
+/// steps on the stack and the I/O path allocates nothing.
+pub const MAX_BATCH: usize = BLOCKS_PER_CHUNK;
+
+/// Checks a batch for a lane with `staging_len` bytes of staging, before
+/// any of it runs: a batch that fails its checks moves no byte, on every
+/// backend alike.
 pub(crate) fn check_batch(ops: &[TransferOp], staging_len: usize) -> Result<(), BackendError> {
+    if ops.len() > MAX_BATCH {
+        return Err(BackendError::OutOfBounds(format!(
+            "a batch of {} steps; a lane takes at most {MAX_BATCH}",
+            ops.len()
+        )));
+    }
     ops.iter().try_for_each(|op| op.check(staging_len))
 }
 
@@ -419,7 +430,8 @@ pub trait Lane: Send + Sync {
     /// Starts a batch and returns without waiting for it. The staging bytes
     /// an upload reads must be written before this call; the bytes a
     /// download writes are valid only after [`Lane::wait`] returns `Ok`.
-    /// Submitting while a batch is still pending is an error.
+    /// Submitting while a batch is still pending is an error, and so is a
+    /// batch of more than [`MAX_BATCH`] steps.
     fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError>;
 
     /// Blocks until the pending batch is done. Returns at once when none is.

@@ -5,13 +5,14 @@ use std::ffi::c_void;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use arrayvec::ArrayVec;
 use cudarc::driver::sys::{self, CUevent_flags, CUresult, CUstream_flags};
 use tracing::{debug, warn};
 
 use super::conv;
 use super::device::DeviceShared;
 use crate::backend::hostmem::LockedRegion;
-use crate::backend::{check_batch, BackendError, Lane, TransferOp};
+use crate::backend::{check_batch, BackendError, Lane, TransferOp, MAX_BATCH};
 
 /// `cuMemHostRegister` takes any range, but whole pages are what the
 /// driver pins, and what `LockedRegion` hands out at the least.
@@ -290,15 +291,17 @@ impl Lane for CudaLane {
         if self.pending {
             return Err(BackendError::Busy);
         }
-        // Every step is checked before any reaches the driver: a batch that
-        // fails its checks moves no byte.
+        // Every step is checked and resolved before any reaches the driver:
+        // a batch that fails its checks moves no byte. On the stack: the
+        // collect cannot overflow, `check_batch` allows MAX_BATCH steps.
         check_batch(ops, self.staging_len)?;
-        for op in ops {
-            self.resolve(op)?;
-        }
+        let steps = ops
+            .iter()
+            .map(|op| self.resolve(op))
+            .collect::<Result<ArrayVec<Step, MAX_BATCH>, _>>()?;
         self.shared.bind()?;
-        for op in ops {
-            if let Err(err) = self.resolve(op).and_then(|step| self.enqueue(step)) {
+        for step in steps {
+            if let Err(err) = self.enqueue(step) {
                 self.drain();
                 return Err(err);
             }
