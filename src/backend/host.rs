@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::selftest::{self, BadWord, SelfTest, StepResult, TestChunk, TestOp, TestStep};
 use super::{
-    check_batch, Backend, BackendError, BackendKind, ChunkId, DeviceInfo, DeviceKind, Lane,
-    MemoryReport, TransferOp, CHUNK_SIZE,
+    admit_chunk, check_batch, Backend, BackendError, BackendKind, ChunkId, DeviceInfo, DeviceKind,
+    Lane, MemoryReport, TransferOp, CHUNK_SIZE,
 };
 
 /// What a new chunk contains before anyone writes it.
@@ -99,9 +99,7 @@ impl Backend for HostBackend {
 
     fn allocate_chunk(&self) -> Result<ChunkId, BackendError> {
         let mut chunks = self.shared.lock();
-        if chunks.allocated + CHUNK_SIZE > self.shared.limit {
-            return Err(BackendError::OutOfDeviceMemory);
-        }
+        admit_chunk(chunks.allocated, Some(self.shared.limit))?;
         let data = vec![GARBAGE; CHUNK_SIZE as usize].into_boxed_slice();
         let id = match chunks.free.pop() {
             Some(id) => {

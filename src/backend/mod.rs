@@ -52,6 +52,26 @@ impl LostFlag {
         err
     }
 }
+/// Refuses one more chunk where it would take what a backend holds (`held`
+/// bytes) past its memory limit, the way a full device refuses it.
+pub(crate) fn admit_chunk(held: u64, limit: Option<u64>) -> Result<(), BackendError> {
+    match limit {
+        Some(limit) if held + CHUNK_SIZE > limit => Err(BackendError::OutOfDeviceMemory),
+        _ => Ok(()),
+    }
+}
+
+/// A driver's fixed-size, NUL-terminated name buffer as a Rust string.
+#[cfg(any(feature = "vulkan", feature = "cuda"))]
+pub(crate) fn c_chars(chars: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = chars
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "vulkan")]
@@ -694,6 +714,18 @@ mod tests {
         assert_eq!(caution(BackendKind::Cuda, &nvidia), None);
         assert_eq!(caution(BackendKind::Vulkan, &amd), None);
         assert_eq!(caution(BackendKind::Host, &nvidia), None);
+    }
+
+    #[cfg(any(feature = "vulkan", feature = "cuda"))]
+    #[test]
+    fn names_stop_at_the_first_nul() {
+        let mut buf = [0 as std::ffi::c_char; 16];
+        for (dst, src) in buf.iter_mut().zip(b"NVIDIA H100\0junk") {
+            *dst = *src as std::ffi::c_char;
+        }
+        assert_eq!(c_chars(&buf), "NVIDIA H100");
+        let full = [b'a' as std::ffi::c_char; 4];
+        assert_eq!(c_chars(&full), "aaaa");
     }
 
     #[test]

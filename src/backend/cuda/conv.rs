@@ -3,6 +3,7 @@
 
 use cudarc::driver::sys::CUresult;
 
+pub(super) use crate::backend::c_chars;
 use crate::backend::BackendError;
 
 /// Maps a failed driver call to the error callers must tell apart; the rest
@@ -123,16 +124,6 @@ pub(super) fn pci_bus_id(raw: &str) -> Option<String> {
 pub(super) fn pci_product_id(sysfs: &str) -> Option<u32> {
     let hex = sysfs.trim().strip_prefix("0x")?;
     u32::from_str_radix(hex, 16).ok().filter(|id| *id <= 0xffff)
-}
-
-/// A driver's fixed-size, NUL-terminated name buffer as a Rust string.
-pub(super) fn c_chars(chars: &[std::ffi::c_char]) -> String {
-    let bytes: Vec<u8> = chars
-        .iter()
-        .take_while(|c| **c != 0)
-        .map(|c| *c as u8)
-        .collect();
-    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 #[cfg(test)]
@@ -265,16 +256,5 @@ mod tests {
         assert_eq!(pci_product_id("2330"), None);
         assert_eq!(pci_product_id("0x123456"), None);
         assert_eq!(pci_product_id(""), None);
-    }
-
-    #[test]
-    fn names_stop_at_the_first_nul() {
-        let mut buf = [0 as std::ffi::c_char; 16];
-        for (dst, src) in buf.iter_mut().zip(b"NVIDIA H100\0junk") {
-            *dst = *src as std::ffi::c_char;
-        }
-        assert_eq!(c_chars(&buf), "NVIDIA H100");
-        let full = [b'a' as std::ffi::c_char; 4];
-        assert_eq!(c_chars(&full), "aaaa");
     }
 }

@@ -10,7 +10,9 @@ use tracing::{debug, warn};
 use super::conv;
 use super::driver::Adapter;
 use crate::backend::wait::{Naps, WaitPolicy, SPIN};
-use crate::backend::{BackendError, ChunkId, DeviceInfo, LostFlag, MemoryReport, CHUNK_SIZE};
+use crate::backend::{
+    admit_chunk, BackendError, ChunkId, DeviceInfo, LostFlag, MemoryReport, CHUNK_SIZE,
+};
 
 /// State every lane and chunk of one device shares. Dropped when the last
 /// of them is gone: chunks are freed, then the primary context released.
@@ -148,12 +150,7 @@ impl DeviceShared {
     pub(super) fn allocate_chunk(&self) -> Result<ChunkId, BackendError> {
         self.bind()?;
         let mut memory = self.memory_lock();
-        if self
-            .memory_limit
-            .is_some_and(|limit| memory.held + CHUNK_SIZE > limit)
-        {
-            return Err(BackendError::OutOfDeviceMemory);
-        }
+        admit_chunk(memory.held, self.memory_limit)?;
         let id = memory.free_ids.last().copied().unwrap_or(memory.next_id);
         if id as usize >= self.chunks.len() {
             return Err(BackendError::OutOfDeviceMemory);

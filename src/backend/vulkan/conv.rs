@@ -2,6 +2,7 @@
 
 use ash::vk;
 
+pub(super) use crate::backend::c_chars;
 use crate::backend::{BackendError, DeviceKind, NVIDIA_VENDOR_ID};
 
 /// Maps a failed Vulkan call to the error callers must tell apart; the
@@ -58,14 +59,4 @@ pub(super) fn pci_bus_id(info: &vk::PhysicalDevicePCIBusInfoPropertiesEXT<'_>) -
         "{:04x}:{:02x}:{:02x}.{:x}",
         info.pci_domain, info.pci_bus, info.pci_device, info.pci_function
     )
-}
-
-/// A driver's fixed-size name field as a Rust string.
-pub(super) fn c_chars(chars: &[std::ffi::c_char]) -> String {
-    let bytes: Vec<u8> = chars
-        .iter()
-        .take_while(|c| **c != 0)
-        .map(|c| *c as u8)
-        .collect();
-    String::from_utf8_lossy(&bytes).into_owned()
 }

@@ -17,7 +17,9 @@ use super::conv;
 use super::instance::{Adapter, Instance};
 use crate::backend::hostmem::LockedRegion;
 use crate::backend::wait::{self, Naps, WaitPolicy};
-use crate::backend::{BackendError, ChunkId, DeviceKind, LostFlag, MemoryReport, CHUNK_SIZE};
+use crate::backend::{
+    admit_chunk, BackendError, ChunkId, DeviceKind, LostFlag, MemoryReport, CHUNK_SIZE,
+};
 
 /// Queues of the transfer family used at once. NVIDIA exposes 2 transfer
 /// queues, AMD 1–2 SDMA queues; more lanes than queues share them.
@@ -446,12 +448,7 @@ impl DeviceShared {
     pub(super) fn allocate_chunk(&self) -> Result<ChunkId, BackendError> {
         self.check_alive()?;
         let mut memory = self.memory_lock();
-        if self
-            .memory_limit
-            .is_some_and(|limit| memory.held + CHUNK_SIZE > limit)
-        {
-            return Err(BackendError::OutOfDeviceMemory);
-        }
+        admit_chunk(memory.held, self.memory_limit)?;
         let (buffer, allocation) = self
             .create_buffer_locked(
                 &mut memory,
