@@ -216,7 +216,7 @@ impl ExportConfig {
             "backend" => {
                 let kind: BackendKind = value
                     .parse()
-                    .map_err(|e: crate::BackendError| bad(e.to_string()))?;
+                    .map_err(|e: crate::OpenError| bad(e.to_string()))?;
                 if !BackendKind::compiled_in().contains(&kind) {
                     let built: Vec<&str> = BackendKind::compiled_in()
                         .iter()
@@ -229,7 +229,7 @@ impl ExportConfig {
             "device" => {
                 self.device = value
                     .parse()
-                    .map_err(|e: crate::BackendError| bad(e.to_string()))?;
+                    .map_err(|e: crate::OpenError| bad(e.to_string()))?;
             }
             "size" => self.size = Some(size(value)?),
             "reserve" => self.reserve = Some(size(value)?),

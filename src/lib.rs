@@ -24,7 +24,7 @@ pub mod memtest;
 pub mod size;
 pub mod store;
 
-pub use backend::{Backend, BackendError, BackendKind, DeviceInfo, DeviceSelector};
+pub use backend::{Backend, BackendError, BackendKind, DeviceInfo, DeviceSelector, OpenError};
 pub use export::ExportConfig;
 pub use memtest::{MemtestConfig, MemtestError, MemtestReport};
 pub use size::{parse_size, ByteSize, SizeError};

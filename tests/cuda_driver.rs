@@ -13,7 +13,7 @@ mod common;
 
 use std::ffi::CStr;
 
-use vramswap::backend::{self, BackendError, BackendKind, DeviceInfo, OpenOptions};
+use vramswap::backend::{self, BackendKind, DeviceInfo, OpenError, OpenOptions};
 
 /// Whether the dynamic loader finds the driver under the names cudarc
 /// tries first and last (the development link and the driver's soname).
@@ -42,7 +42,7 @@ fn without_a_usable_driver_cuda_is_unavailable_and_nothing_panics() {
         return;
     };
     if want == NOT_FOUND {
-        let err = BackendError::NotAvailable {
+        let err = OpenError::NotAvailable {
             backend: BackendKind::Cuda,
             reason: want.clone(),
         };
@@ -51,8 +51,8 @@ fn without_a_usable_driver_cuda_is_unavailable_and_nothing_panics() {
             "cuda is not available: CUDA driver not found: libcuda.so.1 could not be loaded"
         );
     }
-    let check = |result: Result<(), BackendError>| match result {
-        Err(BackendError::NotAvailable {
+    let check = |result: Result<(), OpenError>| match result {
+        Err(OpenError::NotAvailable {
             backend: BackendKind::Cuda,
             reason,
         }) => assert!(

@@ -2,13 +2,13 @@
 
 use anyhow::Result;
 use serde::Serialize;
-use vramswap::backend::{self, BackendError, BackendKind, DeviceInfo, DeviceSelector};
+use vramswap::backend::{self, BackendKind, DeviceInfo, DeviceSelector, OpenError};
 use vramswap::{ByteSize, MemtestConfig, MemtestReport};
 
 /// Where GPU facts come from: the real backends, or fixtures in tests.
 pub trait Gpus {
-    fn devices(&self, kind: BackendKind) -> Result<Vec<DeviceInfo>, BackendError>;
-    fn default_backend(&self, selector: &DeviceSelector) -> Result<BackendKind, BackendError>;
+    fn devices(&self, kind: BackendKind) -> Result<Vec<DeviceInfo>, OpenError>;
+    fn default_backend(&self, selector: &DeviceSelector) -> Result<BackendKind, OpenError>;
     /// The quick memory test over `size` bytes of `device` (found by
     /// UUID: under Vulkan whichever backend will serve it).
     fn memtest(&self, device: &DeviceInfo, size: u64) -> anyhow::Result<MemtestReport>;
@@ -17,11 +17,11 @@ pub trait Gpus {
 pub struct RealGpus;
 
 impl Gpus for RealGpus {
-    fn devices(&self, kind: BackendKind) -> Result<Vec<DeviceInfo>, BackendError> {
+    fn devices(&self, kind: BackendKind) -> Result<Vec<DeviceInfo>, OpenError> {
         backend::enumerate(kind)
     }
 
-    fn default_backend(&self, selector: &DeviceSelector) -> Result<BackendKind, BackendError> {
+    fn default_backend(&self, selector: &DeviceSelector) -> Result<BackendKind, OpenError> {
         backend::default_backend(selector)
     }
 
@@ -189,7 +189,7 @@ pub mod fake {
     }
 
     impl Gpus for FakeGpus {
-        fn devices(&self, kind: BackendKind) -> Result<Vec<DeviceInfo>, BackendError> {
+        fn devices(&self, kind: BackendKind) -> Result<Vec<DeviceInfo>, OpenError> {
             Ok(self
                 .devices
                 .iter()
@@ -198,7 +198,7 @@ pub mod fake {
                 .collect())
         }
 
-        fn default_backend(&self, _selector: &DeviceSelector) -> Result<BackendKind, BackendError> {
+        fn default_backend(&self, _selector: &DeviceSelector) -> Result<BackendKind, OpenError> {
             Ok(BackendKind::Vulkan)
         }
 

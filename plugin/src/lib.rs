@@ -24,7 +24,7 @@ use nbdkit::{
     ThreadModel,
 };
 use tracing::{error, info, warn};
-use vramswap::backend::{self, BackendError, BackendKind, OpenOptions, BLOCK_SIZE};
+use vramswap::backend::{self, BackendKind, OpenError, OpenOptions, BLOCK_SIZE};
 use vramswap::export::HELP;
 use vramswap::{BlockStore, ByteSize, ExportConfig, StoreError};
 
@@ -135,7 +135,7 @@ fn open_store() -> std::result::Result<BlockStore, String> {
         },
     )
     .map_err(|e| match e {
-        BackendError::NoDevice { .. } | BackendError::AmbiguousDevice { .. } => {
+        OpenError::NoDevice { .. } | OpenError::AmbiguousDevice { .. } => {
             format!("{}: {e}", quote("device"))
         }
         other => format!("backend={kind}: {other}"),

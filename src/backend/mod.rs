@@ -139,14 +139,14 @@ impl fmt::Display for BackendKind {
 }
 
 impl FromStr for BackendKind {
-    type Err = BackendError;
+    type Err = OpenError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
             "vulkan" => Ok(BackendKind::Vulkan),
             "cuda" => Ok(BackendKind::Cuda),
             "host" => Ok(BackendKind::Host),
-            _ => Err(BackendError::UnknownBackend(s.to_string())),
+            _ => Err(OpenError::UnknownBackend(s.to_string())),
         }
     }
 }
@@ -164,7 +164,7 @@ pub enum DeviceSelector {
 }
 
 impl FromStr for DeviceSelector {
-    type Err = BackendError;
+    type Err = OpenError;
 
     /// `0`, `1`… select by index; 32 hex digits (dashes allowed, optional
     /// `GPU-` prefix as `nvidia-smi -L` prints) select by UUID; anything else
@@ -172,7 +172,7 @@ impl FromStr for DeviceSelector {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         if s.is_empty() {
-            return Err(BackendError::BadSelector(s.to_string()));
+            return Err(OpenError::BadSelector(s.to_string()));
         }
         if let Ok(index) = s.parse::<usize>() {
             return Ok(DeviceSelector::Index(index));
@@ -187,7 +187,7 @@ impl FromStr for DeviceSelector {
             let mut uuid = [0u8; 16];
             for (i, byte) in uuid.iter_mut().enumerate() {
                 *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-                    .map_err(|_| BackendError::BadSelector(s.to_string()))?;
+                    .map_err(|_| OpenError::BadSelector(s.to_string()))?;
             }
             return Ok(DeviceSelector::Uuid(uuid));
         }
@@ -454,12 +454,10 @@ pub trait Backend: Send + Sync {
 /// PCI vendor id of NVIDIA, as Vulkan and CUDA report it.
 pub const NVIDIA_VENDOR_ID: u32 = 0x10de;
 
-/// Errors a backend reports. Callers tell apart running out of memory
-/// (a write can fail with ENOSPC and later ones succeed), a lost device
-/// (every later request fails) and configuration problems (the server
-/// refuses to start).
+/// Why no backend could be chosen or opened: the server refuses to start,
+/// naming the setting to change.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum BackendError {
+pub enum OpenError {
     #[error("unknown backend '{0}': expected vulkan or cuda")]
     UnknownBackend(String),
     #[error("the {0} backend is not compiled into this build")]
@@ -481,6 +479,20 @@ pub enum BackendError {
         selector: String,
         matches: Vec<String>,
     },
+    /// The device refused while it was being opened: out of memory, lost,
+    /// unsupported, or an API call failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// Errors an open backend and its lanes report. Callers tell apart running
+/// out of memory (a write can fail with ENOSPC and later ones succeed), a
+/// lost device (every later request fails) and the rest (this request
+/// fails).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BackendError {
+    /// The device lacks something a request needs (mappable staging
+    /// memory, compute shaders), or cannot be had (CUDA compute modes).
     #[error("device '{device}' is not supported: {reason}")]
     UnsupportedDevice { device: String, reason: String },
     #[error("out of device memory")]

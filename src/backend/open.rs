@@ -8,7 +8,7 @@ use super::cuda;
 use super::host;
 #[cfg(feature = "vulkan")]
 use super::vulkan;
-use super::{Backend, BackendError, BackendKind, DeviceInfo, DeviceSelector, NVIDIA_VENDOR_ID};
+use super::{Backend, BackendKind, DeviceInfo, DeviceSelector, OpenError, NVIDIA_VENDOR_ID};
 
 /// What to open and with which limits.
 #[derive(Debug, Clone, Default)]
@@ -23,7 +23,7 @@ pub struct OpenOptions {
 /// in order of preference (CUDA before Vulkan: on NVIDIA GPUs the vendor
 /// API), that sees a device matching `selector`. Plugin and CLI share it,
 /// so `device=` finds the same GPU with or without `backend=`.
-pub fn default_backend(selector: &DeviceSelector) -> Result<BackendKind, BackendError> {
+pub fn default_backend(selector: &DeviceSelector) -> Result<BackendKind, OpenError> {
     let mut last_error = None;
     for kind in BackendKind::preferred() {
         match enumerate(*kind).and_then(|devices| select_device(&devices, selector).map(|_| ())) {
@@ -31,7 +31,7 @@ pub fn default_backend(selector: &DeviceSelector) -> Result<BackendKind, Backend
             Err(err) => last_error = Some(err),
         }
     }
-    Err(last_error.unwrap_or(BackendError::NoDevice {
+    Err(last_error.unwrap_or(OpenError::NoDevice {
         selector: selector.to_string(),
         available: Vec::new(),
     }))
@@ -42,8 +42,8 @@ pub fn default_backend(selector: &DeviceSelector) -> Result<BackendKind, Backend
 pub fn select_device<'a>(
     devices: &'a [DeviceInfo],
     selector: &DeviceSelector,
-) -> Result<&'a DeviceInfo, BackendError> {
-    let not_found = || BackendError::NoDevice {
+) -> Result<&'a DeviceInfo, OpenError> {
+    let not_found = || OpenError::NoDevice {
         selector: selector.to_string(),
         available: devices.iter().map(DeviceInfo::short).collect(),
     };
@@ -63,7 +63,7 @@ pub fn select_device<'a>(
             match matches.as_slice() {
                 [one] => Ok(one),
                 [] => Err(not_found()),
-                many => Err(BackendError::AmbiguousDevice {
+                many => Err(OpenError::AmbiguousDevice {
                     selector: name.clone(),
                     matches: many.iter().map(|d| d.short()).collect(),
                 }),
@@ -89,31 +89,31 @@ pub fn caution(kind: BackendKind, device: &DeviceInfo) -> Option<&'static str> {
 }
 
 /// Lists the devices a backend sees, without opening any of them.
-pub fn enumerate(kind: BackendKind) -> Result<Vec<DeviceInfo>, BackendError> {
+pub fn enumerate(kind: BackendKind) -> Result<Vec<DeviceInfo>, OpenError> {
     match kind {
         #[cfg(feature = "vulkan")]
         BackendKind::Vulkan => vulkan::enumerate(),
         #[cfg(not(feature = "vulkan"))]
-        BackendKind::Vulkan => Err(BackendError::NotCompiledIn(kind)),
+        BackendKind::Vulkan => Err(OpenError::NotCompiledIn(kind)),
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => cuda::enumerate(),
         #[cfg(not(feature = "cuda"))]
-        BackendKind::Cuda => Err(BackendError::NotCompiledIn(kind)),
+        BackendKind::Cuda => Err(OpenError::NotCompiledIn(kind)),
         BackendKind::Host => Ok(vec![host::HostBackend::new(None).device().clone()]),
     }
 }
 
 /// Opens one device of a backend.
-pub fn open(kind: BackendKind, options: &OpenOptions) -> Result<Arc<dyn Backend>, BackendError> {
+pub fn open(kind: BackendKind, options: &OpenOptions) -> Result<Arc<dyn Backend>, OpenError> {
     match kind {
         #[cfg(feature = "vulkan")]
         BackendKind::Vulkan => Ok(Arc::new(vulkan::VulkanBackend::open(options)?)),
         #[cfg(not(feature = "vulkan"))]
-        BackendKind::Vulkan => Err(BackendError::NotCompiledIn(kind)),
+        BackendKind::Vulkan => Err(OpenError::NotCompiledIn(kind)),
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => Ok(Arc::new(cuda::CudaBackend::open(options)?)),
         #[cfg(not(feature = "cuda"))]
-        BackendKind::Cuda => Err(BackendError::NotCompiledIn(kind)),
+        BackendKind::Cuda => Err(OpenError::NotCompiledIn(kind)),
         BackendKind::Host => Ok(Arc::new(host::HostBackend::new(options.memory_limit))),
     }
 }
@@ -171,7 +171,7 @@ mod tests {
             1
         );
         let err = select_device(&devices, &"nvidia".parse().unwrap()).unwrap_err();
-        assert!(matches!(err, BackendError::AmbiguousDevice { .. }), "{err}");
+        assert!(matches!(err, OpenError::AmbiguousDevice { .. }), "{err}");
         let err = select_device(&devices, &DeviceSelector::Index(7)).unwrap_err();
         assert!(err.to_string().contains("no device 7"), "{err}");
         assert!(err.to_string().contains("NVIDIA H100"), "{err}");

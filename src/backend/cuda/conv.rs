@@ -4,7 +4,7 @@
 use cudarc::driver::sys::CUresult;
 
 pub(super) use crate::backend::c_chars;
-use crate::backend::BackendError;
+use crate::backend::{BackendError, OpenError};
 
 /// Maps a failed driver call to the error callers must tell apart; the rest
 /// are reported with the call's name.
@@ -77,7 +77,7 @@ pub(super) fn check_context(
 }
 
 /// What `cuInit` failing means for the backend as a whole.
-pub(super) fn init_error(result: CUresult) -> BackendError {
+pub(super) fn init_error(result: CUresult) -> OpenError {
     let reason = match result {
         CUresult::CUDA_ERROR_STUB_LIBRARY => {
             "CUDA driver not found: the libcuda.so loaded is the CUDA toolkit's stub, \
@@ -89,7 +89,7 @@ pub(super) fn init_error(result: CUresult) -> BackendError {
             describe(other)
         ),
     };
-    BackendError::NotAvailable {
+    OpenError::NotAvailable {
         backend: crate::backend::BackendKind::Cuda,
         reason,
     }

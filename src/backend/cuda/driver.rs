@@ -17,7 +17,7 @@ use tracing::debug;
 
 use super::conv;
 use crate::backend::{
-    BackendError, BackendKind, DeviceInfo, DeviceKind, MemoryReport, NVIDIA_VENDOR_ID,
+    BackendError, BackendKind, DeviceInfo, DeviceKind, MemoryReport, OpenError, NVIDIA_VENDOR_ID,
 };
 
 /// Why the backend is unavailable on a machine without the NVIDIA driver.
@@ -65,13 +65,13 @@ const ENTRY_POINTS: &[&CStr] = &[
 /// Loads and initialises the driver, once per process, and returns how
 /// many devices it has. Later calls return the first answer: neither a
 /// missing library nor a failed `cuInit` changes within a process.
-pub(super) fn init() -> Result<usize, BackendError> {
-    static DEVICES: OnceLock<Result<usize, BackendError>> = OnceLock::new();
+pub(super) fn init() -> Result<usize, OpenError> {
+    static DEVICES: OnceLock<Result<usize, OpenError>> = OnceLock::new();
     DEVICES.get_or_init(init_once).clone()
 }
 
-fn init_once() -> Result<usize, BackendError> {
-    let unavailable = |reason: String| BackendError::NotAvailable {
+fn init_once() -> Result<usize, OpenError> {
+    let unavailable = |reason: String| OpenError::NotAvailable {
         backend: BackendKind::Cuda,
         reason,
     };

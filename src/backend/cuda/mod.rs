@@ -30,12 +30,13 @@ use self::device::DeviceShared;
 use self::driver::FreeMemory;
 use self::lane::CudaLane;
 use super::{
-    select_device, Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, OpenOptions,
+    select_device, Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, OpenError,
+    OpenOptions,
 };
 
 /// Lists the CUDA devices, without opening them. Measuring each one's
 /// free memory makes (and drops) its primary context if no one holds it.
-pub fn enumerate() -> Result<Vec<DeviceInfo>, BackendError> {
+pub fn enumerate() -> Result<Vec<DeviceInfo>, OpenError> {
     let count = driver::init()?;
     Ok(driver::adapters(count, FreeMemory::Measure)?
         .into_iter()
@@ -50,7 +51,7 @@ pub struct CudaBackend {
 
 impl CudaBackend {
     /// Opens the device `options.device` selects.
-    pub fn open(options: &OpenOptions) -> Result<Self, BackendError> {
+    pub fn open(options: &OpenOptions) -> Result<Self, OpenError> {
         let count = driver::init()?;
         // Selection needs no free-memory figures, and measuring them would
         // make a context on every GPU of the machine.
@@ -60,7 +61,7 @@ impl CudaBackend {
         let position = adapters
             .iter()
             .position(|a| a.info.index == index)
-            .ok_or_else(|| BackendError::NoDevice {
+            .ok_or_else(|| OpenError::NoDevice {
                 selector: options.device.to_string(),
                 available: infos.iter().map(DeviceInfo::short).collect(),
             })?;

@@ -7,7 +7,7 @@ use ash::vk;
 use tracing::debug;
 
 use super::conv;
-use crate::backend::{BackendError, BackendKind, DeviceInfo, MemoryReport};
+use crate::backend::{BackendError, BackendKind, DeviceInfo, MemoryReport, OpenError};
 
 /// Vulkan 1.1 brings `vkGetPhysicalDeviceProperties2` (device UUIDs) and
 /// `vkCmdFillBuffer` on transfer-only queues.
@@ -38,10 +38,10 @@ pub(super) struct Adapter {
 }
 
 impl Instance {
-    pub(super) fn new() -> Result<Self, BackendError> {
+    pub(super) fn new() -> Result<Self, OpenError> {
         // SAFETY: loads libvulkan.so.1 with dlopen; the library's
         // initialisers are trusted like any system library's.
-        let entry = unsafe { ash::Entry::load() }.map_err(|err| BackendError::NotAvailable {
+        let entry = unsafe { ash::Entry::load() }.map_err(|err| OpenError::NotAvailable {
             backend: BackendKind::Vulkan,
             reason: format!("Vulkan loader not found: libvulkan.so.1 could not be loaded ({err})"),
         })?;
@@ -53,11 +53,11 @@ impl Instance {
         let create = vk::InstanceCreateInfo::default().application_info(&app);
         // SAFETY: `create` and `app` are valid for the call; no allocator.
         let raw = unsafe { entry.create_instance(&create, None) }.map_err(|err| match err {
-            vk::Result::ERROR_INCOMPATIBLE_DRIVER => BackendError::NotAvailable {
+            vk::Result::ERROR_INCOMPATIBLE_DRIVER => OpenError::NotAvailable {
                 backend: BackendKind::Vulkan,
                 reason: "no Vulkan driver (ICD) supports Vulkan 1.1 on this machine".into(),
             },
-            other => conv::error("vkCreateInstance", other),
+            other => conv::error("vkCreateInstance", other).into(),
         })?;
         Ok(Instance { raw, _entry: entry })
     }

@@ -32,11 +32,12 @@ use self::instance::Instance;
 use self::lane::VulkanLane;
 use super::selftest::SelfTest;
 use super::{
-    select_device, Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, OpenOptions,
+    select_device, Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, OpenError,
+    OpenOptions,
 };
 
 /// Lists the Vulkan devices that can serve, without opening them.
-pub fn enumerate() -> Result<Vec<DeviceInfo>, BackendError> {
+pub fn enumerate() -> Result<Vec<DeviceInfo>, OpenError> {
     let instance = Instance::new()?;
     Ok(instance.adapters()?.into_iter().map(|a| a.info).collect())
 }
@@ -51,7 +52,7 @@ pub struct VulkanBackend {
 
 impl VulkanBackend {
     /// Opens the device `options.device` selects.
-    pub fn open(options: &OpenOptions) -> Result<Self, BackendError> {
+    pub fn open(options: &OpenOptions) -> Result<Self, OpenError> {
         let instance = Instance::new()?;
         let mut adapters = instance.adapters()?;
         let infos: Vec<DeviceInfo> = adapters.iter().map(|a| a.info.clone()).collect();
@@ -59,7 +60,7 @@ impl VulkanBackend {
         let position = adapters
             .iter()
             .position(|a| a.info.index == index)
-            .ok_or_else(|| BackendError::NoDevice {
+            .ok_or_else(|| OpenError::NoDevice {
                 selector: options.device.to_string(),
                 available: infos.iter().map(DeviceInfo::short).collect(),
             })?;
