@@ -2,11 +2,11 @@
 //!
 //! Backends import this memory into the GPU API (Vulkan's
 //! `VK_EXT_external_memory_host`, CUDA's `cuMemHostRegister`) rather than
-//! letting the driver allocate it: on the H100 machine, `memcpy` into the
-//! NVIDIA driver's own HOST_CACHED Vulkan memory ran at 15 GB/s, into plain
-//! locked anonymous memory at 30 GB/s, and that copy is most of what a large
-//! request costs. The region is locked so the swap server never has to
-//! page its own staging buffers in.
+//! letting the driver allocate it: `memcpy` into the NVIDIA driver's own
+//! HOST_CACHED Vulkan memory ran at half the rate of memcpy into this
+//! (docs/BENCHMARKS.md, "What bounds it, and what was tried"), and that copy
+//! is most of what a large request costs. The region is locked so the swap
+//! server never has to page its own staging buffers in.
 
 use std::ptr::NonNull;
 
@@ -109,10 +109,10 @@ impl Drop for LockedRegion {
 
 /// Copies `src` into staging memory (`dst`, same length) that the CPU will
 /// not read again: the DMA engine reads it. Non-temporal stores skip
-/// fetching each destination line first; on the H100 machine this took
-/// a 1-core copy into staging from 10.1 to 12.7 GB/s, and the copy is most
-/// of what a large write costs. Ends with a store fence, so the bytes are
-/// visible before the batch that reads them is submitted.
+/// fetching each destination line first, which made the copy a quarter
+/// faster (docs/BENCHMARKS.md, "What bounds it, and what was tried"), and
+/// the copy is most of what a large write costs. Ends with a store fence,
+/// so the bytes are visible before the batch that reads them is submitted.
 pub fn copy_to_staging(dst: &mut [u8], src: &[u8]) {
     assert_eq!(dst.len(), src.len(), "copy_to_staging needs equal lengths");
     #[cfg(target_arch = "x86_64")]

@@ -75,11 +75,10 @@ pub fn select_device<'a>(
 /// Why `kind` is a poor choice for `device` when this build has a better
 /// one, in one line for a warning; `None` when it is the right choice.
 ///
-/// Vulkan on the NVIDIA driver serves correctly, but on the H200 it served
-/// 4 KiB reads at 4 jobs × QD32 at 0.30–0.43× of CUDA's rate, QD1 reads
-/// 19–48 µs slower, and left single reads waiting 0.3–1.8 s under that load
-/// where CUDA's longest took 6–10 ms (docs/BENCHMARKS.md, 2026-12-03).
-/// For swap such a read is a process frozen for a second.
+/// Vulkan on the NVIDIA driver serves correctly, but slower than CUDA, and
+/// under many concurrent small reads it left single ones waiting for up to
+/// seconds (docs/BENCHMARKS.md, "One H200, 2026-12-03"). For swap such a
+/// read is a process frozen.
 pub fn caution(kind: BackendKind, device: &DeviceInfo) -> Option<&'static str> {
     let cuda_here = BackendKind::compiled_in().contains(&BackendKind::Cuda);
     (kind == BackendKind::Vulkan && device.vendor_id == NVIDIA_VENDOR_ID && cuda_here).then_some(

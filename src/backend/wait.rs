@@ -6,10 +6,10 @@
 //! this policy.
 //!
 //! No sleep is open-ended: a waiter sleeps in naps of bounded length and
-//! looks at its batch between them. Measured on an H200 (2026-12-02):
-//! with 16 threads waiting at once, `cuEventSynchronize` on a blocking-sync
-//! event now and then returned 0.1–1 s after its copy had finished, and
-//! each such wait stalled one NBD request (a swap-in) for that long.
+//! looks at its batch between them. With many threads waiting at once, a
+//! sleep in the driver (`cuEventSynchronize`) now and then ended long after
+//! its copy, stalling a swap-in for as long (docs/BENCHMARKS.md, "Waiting
+//! for a batch: bounded naps").
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -49,9 +49,9 @@ impl Naps {
     };
 
     /// On a CPU "device", whose copies run on the cores the waiters would
-    /// wake on: they sleep in the driver until woken (waking them every
-    /// few microseconds instead cost lavapipe on 2 cores half its 4 KiB
-    /// IOPS at 32 requests in flight).
+    /// wake on: they sleep in the driver until woken; waking them every few
+    /// microseconds took the cores the copies need (docs/BENCHMARKS.md,
+    /// "Waiting for a batch: bounded naps").
     #[cfg(any(feature = "vulkan", test))]
     pub(crate) const CPU: Naps = Naps {
         first: Duration::from_secs(1),
