@@ -19,6 +19,25 @@ pub struct OpenOptions {
     pub memory_limit: Option<u64>,
 }
 
+/// Takes the adapter `selector` picks out of a backend's list, by the
+/// rules of [`select_device`]; `info` says what each adapter is.
+#[cfg(any(feature = "vulkan", feature = "cuda"))]
+pub(crate) fn select_adapter<A>(
+    adapters: Vec<A>,
+    info: impl Fn(&A) -> &DeviceInfo,
+    selector: &DeviceSelector,
+) -> Result<A, OpenError> {
+    let infos: Vec<DeviceInfo> = adapters.iter().map(|a| info(a).clone()).collect();
+    let index = select_device(&infos, selector)?.index;
+    adapters
+        .into_iter()
+        .find(|a| info(a).index == index)
+        .ok_or_else(|| OpenError::NoDevice {
+            selector: selector.to_string(),
+            available: infos.iter().map(DeviceInfo::short).collect(),
+        })
+}
+
 /// The backend to use when none is named: the first compiled-in backend,
 /// in order of preference (CUDA before Vulkan: on NVIDIA GPUs the vendor
 /// API), that sees a device matching `selector`. Plugin and CLI share it,

@@ -30,7 +30,7 @@ use self::device::DeviceShared;
 use self::driver::FreeMemory;
 use self::lane::CudaLane;
 use super::{
-    select_device, Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, OpenError,
+    select_adapter, Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, OpenError,
     OpenOptions,
 };
 
@@ -55,17 +55,8 @@ impl CudaBackend {
         let count = driver::init()?;
         // Selection needs no free-memory figures, and measuring them would
         // make a context on every GPU of the machine.
-        let mut adapters = driver::adapters(count, FreeMemory::Skip)?;
-        let infos: Vec<DeviceInfo> = adapters.iter().map(|a| a.info.clone()).collect();
-        let index = select_device(&infos, &options.device)?.index;
-        let position = adapters
-            .iter()
-            .position(|a| a.info.index == index)
-            .ok_or_else(|| OpenError::NoDevice {
-                selector: options.device.to_string(),
-                available: infos.iter().map(DeviceInfo::short).collect(),
-            })?;
-        let adapter = adapters.swap_remove(position);
+        let adapters = driver::adapters(count, FreeMemory::Skip)?;
+        let adapter = select_adapter(adapters, |a| &a.info, &options.device)?;
         let shared = DeviceShared::open(adapter, options.memory_limit)?;
         Ok(CudaBackend {
             shared: Arc::new(shared),

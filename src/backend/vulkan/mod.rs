@@ -32,7 +32,7 @@ use self::instance::Instance;
 use self::lane::VulkanLane;
 use super::selftest::SelfTest;
 use super::{
-    select_device, Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, OpenError,
+    select_adapter, Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, OpenError,
     OpenOptions,
 };
 
@@ -54,17 +54,7 @@ impl VulkanBackend {
     /// Opens the device `options.device` selects.
     pub fn open(options: &OpenOptions) -> Result<Self, OpenError> {
         let instance = Instance::new()?;
-        let mut adapters = instance.adapters()?;
-        let infos: Vec<DeviceInfo> = adapters.iter().map(|a| a.info.clone()).collect();
-        let index = select_device(&infos, &options.device)?.index;
-        let position = adapters
-            .iter()
-            .position(|a| a.info.index == index)
-            .ok_or_else(|| OpenError::NoDevice {
-                selector: options.device.to_string(),
-                available: infos.iter().map(DeviceInfo::short).collect(),
-            })?;
-        let adapter = adapters.swap_remove(position);
+        let adapter = select_adapter(instance.adapters()?, |a| &a.info, &options.device)?;
         let shared = Arc::new(DeviceShared::open(instance, adapter, options.memory_limit)?);
         Ok(VulkanBackend {
             self_test: shared
