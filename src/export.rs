@@ -292,6 +292,14 @@ impl ExportConfig {
     /// Checks the parameters together, once all are given: the one place
     /// for the rules between keys, which the plugin and the CLI both call.
     pub fn complete(&self) -> Result<(), ConfigError> {
+        self.store_config()
+            .size
+            .check()
+            .map_err(|e| ConfigError::Value {
+                key: "size".into(),
+                value: self.given("size").unwrap_or_default().into(),
+                why: e.to_string(),
+            })?;
         if let (Some(size), Some(reserve)) = (self.size, self.reserve) {
             return Err(ConfigError::SizeAndReserve {
                 size: ByteSize(size),
@@ -526,6 +534,19 @@ mod tests {
             back.given = config.given.clone();
             assert_eq!(back, config, "{args:?}");
         }
+    }
+
+    #[test]
+    fn a_size_below_one_chunk_is_refused_with_the_parameters() {
+        for (value, needle) in [
+            ("0", "size=0: size 0 B is smaller than one 4 MiB chunk"),
+            ("1M", "size=1M: size 1 MiB is smaller than one 4 MiB chunk"),
+        ] {
+            let err = parse(&[("size", value)]).unwrap_err();
+            assert_eq!(err.key(), "size");
+            assert_eq!(err.to_string(), needle);
+        }
+        parse(&[("size", "4M")]).unwrap();
     }
 
     #[test]

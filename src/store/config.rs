@@ -34,6 +34,19 @@ pub enum SizeSpec {
     Auto { reserve: u64 },
 }
 
+impl SizeSpec {
+    /// Refuses a fixed size below one chunk: no device can serve it, so
+    /// this is checked with the parameters, before any device is looked at.
+    pub fn check(self) -> Result<(), StoreError> {
+        match self {
+            SizeSpec::Bytes(requested) if requested < CHUNK_SIZE => {
+                Err(StoreError::TooSmall(ByteSize(requested)))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Default for SizeSpec {
     fn default() -> Self {
         SizeSpec::Auto {
@@ -152,13 +165,11 @@ pub fn resolve_size(
     memory: MemoryReport,
     device: &str,
 ) -> Result<ResolvedSize, StoreError> {
+    spec.check()?;
     let round = |n: u64| n - n % CHUNK_SIZE;
     match spec {
         SizeSpec::Bytes(requested) => {
             let bytes = round(requested);
-            if bytes == 0 {
-                return Err(StoreError::TooSmall(ByteSize(requested)));
-            }
             // Eager must fit what is free now; lazy may overcommit what is
             // free but never the device itself.
             let limit = match policy {
