@@ -289,6 +289,15 @@ impl ExportConfig {
             .map(|(_, v)| v.as_str())
     }
 
+    /// `key=value` as the user wrote it, or `key (default)`: how a message
+    /// names the key to change.
+    pub fn quote(&self, key: &str) -> String {
+        match self.given(key) {
+            Some(value) => format!("{key}={value}"),
+            None => format!("{key} (default)"),
+        }
+    }
+
     /// Checks the parameters together, once all are given: the one place
     /// for the rules between keys, which the plugin and the CLI both call.
     pub fn complete(&self) -> Result<(), ConfigError> {

@@ -21,6 +21,7 @@ mod checksum;
 pub mod export;
 pub mod maps;
 pub mod memtest;
+pub mod placement;
 pub mod size;
 pub mod store;
 
