@@ -1,8 +1,10 @@
 //! `nbdkit vramswap`: a block device whose bytes live in GPU video memory.
 //!
-//! A thin adapter: keys are parsed by the core's [`ExportConfig`], the GPU
-//! is opened after nbdkit forks, and every callback is one [`BlockStore`]
-//! call with its error mapped to an errno. See `nbdkit vramswap --help`.
+//! A thin adapter: keys are parsed by the core's [`ExportConfig`], the
+//! device and the size are checked before nbdkit forks (in a child of its
+//! own, see [`prefork`]), the GPU is opened after the fork, and every
+//! callback is one [`BlockStore`] call with its error mapped to an errno.
+//! See `nbdkit vramswap --help`.
 //!
 //! No panic may cross into nbdkit: the `nbdkit` crate's C entry points are
 //! plain `extern fn`s, where an unwinding panic aborts the server — and with
@@ -11,12 +13,14 @@
 
 mod health;
 mod log;
+mod prefork;
 mod safety;
 mod scrub;
 mod warmup;
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use nbdkit::{
@@ -24,14 +28,18 @@ use nbdkit::{
     ThreadModel,
 };
 use tracing::{error, info, warn};
-use vramswap::backend::{self, BackendKind, OpenError, OpenOptions, BLOCK_SIZE};
+use vramswap::backend::{self, BackendKind, OpenOptions, BLOCK_SIZE};
 use vramswap::export::HELP;
+use vramswap::placement::{self, PlacementError};
 use vramswap::{BlockStore, ByteSize, ExportConfig, StoreError};
 
 /// Parameters, filled by `config` before nbdkit forks.
 static SETTINGS: Mutex<Option<Settings>> = Mutex::new(None);
 /// The store, opened in `after_fork`, dropped (VRAM given back) in `unload`.
 static STORE: RwLock<Option<Arc<BlockStore>>> = RwLock::new(None);
+/// The process `get_ready` ran in: `after_fork` in another one means
+/// nbdkit forked into the background.
+static READY_PID: AtomicU32 = AtomicU32::new(0);
 
 #[derive(Default)]
 struct Settings {
@@ -110,23 +118,32 @@ impl VramSwap {
     fn inject(&self, _offset: u64, _count: u64) {}
 }
 
+/// The parameters, as `config` and `config_complete` left them.
+fn export() -> ExportConfig {
+    settings()
+        .as_ref()
+        .map(|s| s.export.clone())
+        .unwrap_or_default()
+}
+
+/// A refusal to start, said where whoever started nbdkit looks: nbdkit's
+/// own log (stderr in the foreground, syslog once forked) through the
+/// returned error, `VRAMSWAP_LOG_FILE` for `vramswap start`, and stderr
+/// when nbdkit forked but keeps it open (`-v`).
+fn refuse(line: String) -> Error {
+    log::append_to_file(&format!("error: {line}"));
+    if READY_PID.load(Ordering::Relaxed) != std::process::id() {
+        eprintln!("nbdkit: vramswap: error: {line}");
+    }
+    Error::new(libc::EINVAL, line)
+}
+
 /// Opens the GPU and the store: runs in the process that will serve, after
 /// nbdkit forked into the background (GPU contexts do not survive a fork).
 /// Errors name the parameter to change, as the user wrote it.
-fn open_store() -> std::result::Result<BlockStore, String> {
-    let export = settings()
-        .as_ref()
-        .map(|s| s.export.clone())
-        .unwrap_or_default();
-    let quote = |key: &str| match export.given(key) {
-        Some(value) => format!("{key}={value}"),
-        None => format!("{key} (default)"),
-    };
-    let kind = match export.backend {
-        Some(kind) => kind,
-        None => backend::default_backend(&export.device)
-            .map_err(|e| format!("{}: {e}", quote("device")))?,
-    };
+fn open_store() -> std::result::Result<BlockStore, PlacementError> {
+    let export = export();
+    let kind = placement::pick_backend(&export)?;
     let gpu: std::sync::Arc<dyn vramswap::Backend> = backend::open(
         kind,
         &OpenOptions {
@@ -134,12 +151,7 @@ fn open_store() -> std::result::Result<BlockStore, String> {
             memory_limit: None,
         },
     )
-    .map_err(|e| match e {
-        OpenError::NoDevice { .. } | OpenError::AmbiguousDevice { .. } => {
-            format!("{}: {e}", quote("device"))
-        }
-        other => format!("backend={kind}: {other}"),
-    })?;
+    .map_err(|e| PlacementError::backend(&export, kind, e))?;
     #[cfg(feature = "fault-injection")]
     let gpu = match settings().as_ref().map(|s| s.faults) {
         Some(plan) if plan != Default::default() => {
@@ -148,11 +160,8 @@ fn open_store() -> std::result::Result<BlockStore, String> {
         _ => gpu,
     };
     let info = gpu.device().clone();
-    let store = BlockStore::open(gpu, &export.store_config()).map_err(|e| match e {
-        StoreError::TooLarge { .. } | StoreError::TooSmall(_) => format!("{}: {e}", quote("size")),
-        StoreError::NothingLeft { .. } => format!("{}: {e}", quote("reserve")),
-        other => other.to_string(),
-    })?;
+    let store = BlockStore::open(gpu, &export.store_config())
+        .map_err(|e| PlacementError::store(&export, e))?;
     if let Some(why) = backend::caution(kind, &info) {
         warn!("backend={kind} on {}: {why}", info.name);
     }
@@ -270,13 +279,28 @@ impl Server for VramSwap {
         Ok(ThreadModel::Parallel)
     }
 
+    /// Refuses a device that is not there or a size that does not fit it
+    /// while nbdkit can still exit non-zero: before it forks.
+    fn get_ready() -> Result<()> {
+        guarded("startup", || {
+            READY_PID.store(std::process::id(), Ordering::Relaxed);
+            let export = export();
+            prefork::run(|| {
+                placement::place(&export)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(refuse)
+        })
+    }
+
+    /// Opens the device for real. Should that fail now (the device went
+    /// away since `get_ready`), nbdkit exits 1 (nbdkit 1.32
+    /// `plugin_after_fork`): the reason is in the log file and syslog.
     fn after_fork() -> Result<()> {
         guarded("startup", || {
             safety::harden_process();
-            let store = open_store().map_err(|e| {
-                log::append_to_file(&format!("error: {e}"));
-                Error::new(libc::EINVAL, e)
-            })?;
+            let store = open_store().map_err(|e| refuse(e.to_string()))?;
             *STORE.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(store));
             health::write(&STORE);
             health::start_flusher(&STORE);
@@ -438,6 +462,7 @@ plugin!(VramSwap {
     config_complete,
     config_help,
     thread_model,
+    get_ready,
     after_fork,
     write_at,
     flush,

@@ -23,8 +23,9 @@ extern "C" {
 ///
 /// `VRAMSWAP_LOG_FILE` names a file that warnings and errors are also
 /// appended to. A daemonized nbdkit sends its own stderr to /dev/null and
-/// exits 0 before the GPU is opened, so this file is how `vramswap start`
-/// learns why a server it started is not serving.
+/// has exited 0 by the time the GPU is opened, so should that open fail
+/// (the device checked before the fork went away), this file is how
+/// `vramswap start` learns why a server it started is not serving.
 pub fn init() {
     let filter = EnvFilter::try_from_env("VRAMSWAP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::registry()
