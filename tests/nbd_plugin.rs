@@ -341,6 +341,10 @@ fn bad_parameters_exit_non_zero_with_one_line_naming_key_and_value() {
         (vec!["backend=opencl"], "backend=opencl: unknown backend"),
         (vec!["size=1G", "reserve=1G"], "exclude each other"),
         (vec!["verify=maybe"], "verify=maybe: expected on or off"),
+        (
+            vec!["size=0"],
+            "size=0: size 0 B is smaller than one 4 MiB chunk",
+        ),
         (vec!["size=64P"], "size=64P: size 64 PiB is larger than"),
         (vec!["device=99", "size=8M"], "device=99: no device 99"),
         (
@@ -354,10 +358,7 @@ fn bad_parameters_exit_non_zero_with_one_line_naming_key_and_value() {
         };
         assert!(!output.status.success(), "{args:?}");
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let errors: Vec<&str> = stderr
-            .lines()
-            .filter(|l| l.contains("error:") && !l.contains("warning:"))
-            .collect();
+        let errors = error_lines(&stderr);
         assert_eq!(
             errors.len(),
             1,
@@ -365,6 +366,122 @@ fn bad_parameters_exit_non_zero_with_one_line_naming_key_and_value() {
         );
         assert!(errors[0].contains(needle), "{args:?}: {}", errors[0]);
     }
+}
+
+/// The lines of `stderr` that report an error (warnings aside).
+fn error_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("error:") && !l.contains("warning:"))
+        .collect()
+}
+
+/// Run as nbdkit's man page runs it (no `-f`), a bad value must fail the
+/// nbdkit that was run: after the fork nobody hears of it (issue 26).
+#[test]
+fn daemonized_bad_parameters_exit_non_zero_before_the_fork_and_leave_nothing() {
+    let mut cases = vec![
+        (
+            vec!["size=0"],
+            "size=0: size 0 B is smaller than one 4 MiB chunk",
+        ),
+        (
+            vec!["size=1M"],
+            "size=1M: size 1 MiB is smaller than one 4 MiB chunk",
+        ),
+        (
+            vec!["size=64P"],
+            "size=64P: size 64 PiB is larger than the ",
+        ),
+        (
+            vec!["device=99", "size=8M"],
+            "device=99: no device 99; devices: ",
+        ),
+        (
+            vec!["device=no-such-name", "size=8M"],
+            "device=no-such-name: no device named 'no-such-name'",
+        ),
+    ];
+    let base = base_args();
+    // Where CUDA is under test it loads; elsewhere there is no driver.
+    let cuda_here = std::env::var("VRAMSWAP_TEST_BACKENDS").is_ok_and(|b| b.contains("cuda"))
+        || base.iter().any(|a| a == "backend=cuda");
+    if !cuda_here {
+        // Not in this build, or no driver: either way the key is named.
+        cases.push((vec!["backend=cuda", "size=8M"], "backend=cuda: "));
+    }
+    for (extra, needle) in cases {
+        let mut args = base.clone();
+        if extra.iter().any(|a| a.starts_with("backend=")) {
+            args.retain(|a| !a.starts_with("backend="));
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let refusal = match Server::daemonize(&refs) {
+            Ok(server) => panic!("nbdkit {args:?} serves (pid {})", server.pid()),
+            Err(refusal) => refusal,
+        };
+        assert!(!refusal.status.success(), "{args:?}: {}", refusal.status);
+        let errors = error_lines(&refusal.stderr);
+        assert_eq!(
+            errors.len(),
+            1,
+            "{args:?}: expected one error line:\n{}",
+            refusal.stderr
+        );
+        assert!(errors[0].contains(needle), "{args:?}: {}", errors[0]);
+        assert!(
+            refusal.processes_left.is_empty(),
+            "{args:?}: left running: {:?}",
+            refusal.processes_left
+        );
+        assert!(!refusal.socket_left, "{args:?}: the socket was left");
+    }
+}
+
+#[test]
+fn daemonized_nbdkit_exits_zero_and_its_server_serves() {
+    let mut args = base_args();
+    args.push("size=16M".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = Server::daemonize(&refs).unwrap_or_else(|refusal| {
+        panic!(
+            "nbdkit {args:?} did not serve: {}\n{}",
+            refusal.status, refusal.stderr
+        )
+    });
+    let json: Value = serde_json::from_str(&run("nbdinfo", &["--json", &server.uri()])).unwrap();
+    assert_eq!(json["exports"][0]["export-size"], 16 * MIB);
+    assert!(server.is_running());
+}
+
+/// When the device fails only at its real open after the fork (it went
+/// away in between; here an injected allocation failure), the server
+/// exits rather than lingering, and the log file that `vramswap start`
+/// reads says why.
+#[test]
+fn a_failure_after_the_fork_ends_the_server_and_the_log_file_says_why() {
+    let mut args = base_args();
+    args.extend(["size=8M".into(), "inject-alloc-fail-from=0".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let refusal = match Server::daemonize(&refs) {
+        Ok(server) => panic!("nbdkit {args:?} serves (pid {})", server.pid()),
+        Err(refusal) => refusal,
+    };
+    // The nbdkit that was run had exited 0 before the device was opened.
+    assert!(refusal.status.success(), "{}", refusal.status);
+    assert!(
+        refusal.processes_left.is_empty(),
+        "the server lingers: {:?}",
+        refusal.processes_left
+    );
+    let errors: Vec<&str> = refusal
+        .log_file
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", refusal.log_file);
+    assert!(errors[0].starts_with("error: size=8M: "), "{}", errors[0]);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -72,11 +72,35 @@ fn build(args: &[&str], target: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("cargo build {args:?} reported no artifact for {target}"))
 }
 
-/// A running `nbdkit -f` serving the plugin on a Unix socket in its own
-/// temporary directory. Killed and reaped on drop.
+/// A running nbdkit serving the plugin on a Unix socket in its own
+/// temporary directory: `nbdkit -f`, or daemonized as nbdkit is usually
+/// run. Stopped (and reaped, when it is our child) on drop.
 pub struct Server {
-    child: Child,
+    process: Process,
     dir: tempfile::TempDir,
+}
+
+enum Process {
+    /// `nbdkit -f --exit-with-parent`, our child.
+    Foreground(Child),
+    /// A server nbdkit forked into the background, by its pidfile.
+    Daemon(u32),
+}
+
+/// What a daemonized nbdkit left when it did not serve.
+pub struct Refusal {
+    /// The exit status of the nbdkit that was run: what a unit or a
+    /// script sees.
+    pub status: ExitStatus,
+    /// What that nbdkit printed on stderr.
+    pub stderr: String,
+    /// What the plugin wrote to `VRAMSWAP_LOG_FILE`.
+    pub log_file: String,
+    /// Whether the Unix socket was left on disk.
+    pub socket_left: bool,
+    /// Processes that still run with the socket's path on their command
+    /// line (servers, or children of nbdkit); killed after they are noted.
+    pub processes_left: Vec<u32>,
 }
 
 impl Server {
@@ -111,31 +135,11 @@ impl Server {
     }
 
     fn try_start_with(flags: &[&str], args: &[&str]) -> Result<Server, Output> {
-        super::init_logging();
         let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("nbd.sock");
-        let mut command = Command::new("nbdkit");
-        command
-            .args(["-f", "--exit-with-parent"])
-            .args(flags)
-            .arg("-U")
-            .arg(&socket)
-            .arg(plugin_path())
-            .args(args)
-            .stdin(Stdio::null())
+        let mut child = command(dir.path(), &["-f", "--exit-with-parent"], flags, args)
             .stdout(Stdio::piped())
-            // A file, not a pipe: nothing reads it while the server runs,
-            // and a full pipe would stop a chatty (`-v`) nbdkit.
-            .stderr(std::fs::File::create(dir.path().join("nbdkit.log")).expect("log file"))
-            // Mesa's loader warns without it.
-            .env("XDG_RUNTIME_DIR", dir.path())
-            .env("VRAMSWAP_STATUS_FILE", dir.path().join("server.json"));
-        if let Ok(device) = std::env::var("VRAMSWAP_TEST_DEVICE") {
-            if !args.iter().any(|a| a.starts_with("device=")) {
-                command.arg(format!("device={device}"));
-            }
-        }
-        let mut child = command.spawn().expect("spawn nbdkit (is it installed?)");
+            .spawn()
+            .expect("spawn nbdkit (is it installed?)");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(_status) = child.try_wait().expect("wait for nbdkit") {
@@ -143,12 +147,58 @@ impl Server {
                 output.stderr = std::fs::read(dir.path().join("nbdkit.log")).expect("nbdkit log");
                 return Err(output);
             }
-            if handshake(&socket) {
-                return Ok(Server { child, dir });
+            if handshake(&dir.path().join("nbd.sock")) {
+                let process = Process::Foreground(child);
+                return Ok(Server { process, dir });
             }
             assert!(Instant::now() < deadline, "nbdkit did not answer in 60 s");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Runs nbdkit daemonized (no `-f`, with `--pidfile`), as its man page
+    /// and a hand-written unit run it. `Ok` once the server it forked
+    /// answers the handshake; otherwise what it left behind, having
+    /// killed any process that was left.
+    pub fn daemonize(args: &[&str]) -> Result<Server, Refusal> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("nbdkit.pid");
+        let status = command(
+            dir.path(),
+            &["--pidfile", pidfile.to_str().expect("pidfile path")],
+            &[],
+            args,
+        )
+        .stdout(Stdio::null())
+        .status()
+        .expect("run nbdkit (is it installed?)");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while status.success() {
+            // The server writes the pidfile after the fork: it may not be
+            // there yet when the first process has exited.
+            match read_pid(&pidfile) {
+                Some(pid) if !alive(pid) => break,
+                Some(pid) if handshake(&dir.path().join("nbd.sock")) => {
+                    let process = Process::Daemon(pid);
+                    return Ok(Server { process, dir });
+                }
+                _ => {}
+            }
+            assert!(Instant::now() < deadline, "nbdkit did not answer in 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let processes_left = processes_naming(dir.path());
+        for &pid in &processes_left {
+            stop(pid);
+        }
+        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+        Err(Refusal {
+            status,
+            stderr: read("nbdkit.log"),
+            log_file: read("vramswap.log"),
+            socket_left: dir.path().join("nbd.sock").exists(),
+            processes_left,
+        })
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -180,11 +230,17 @@ impl Server {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.process {
+            Process::Foreground(child) => child.id(),
+            Process::Daemon(pid) => *pid,
+        }
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("wait").is_none()
+        match &mut self.process {
+            Process::Foreground(child) => child.try_wait().expect("wait").is_none(),
+            Process::Daemon(pid) => alive(*pid),
+        }
     }
 
     /// Stops the server and returns what it printed on stderr.
@@ -194,22 +250,104 @@ impl Server {
     }
 
     fn kill(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        match &mut self.process {
+            Process::Foreground(child) => {
+                signal(child.id(), "TERM");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Process::Daemon(pid) => stop(*pid),
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// nbdkit with the plugin, `args` and the test environment: a Unix socket,
+/// stderr, a status file and a log file in `dir`.
+fn command(dir: &Path, mode: &[&str], flags: &[&str], args: &[&str]) -> Command {
+    super::init_logging();
+    let mut command = Command::new("nbdkit");
+    command
+        .args(mode)
+        .args(flags)
+        .arg("-U")
+        .arg(dir.join("nbd.sock"))
+        .arg(plugin_path())
+        .args(args)
+        .stdin(Stdio::null())
+        // A file, not a pipe: nothing reads it while the server runs,
+        // and a full pipe would stop a chatty (`-v`) nbdkit.
+        .stderr(std::fs::File::create(dir.join("nbdkit.log")).expect("log file"))
+        // Mesa's loader warns without it.
+        .env("XDG_RUNTIME_DIR", dir)
+        .env("VRAMSWAP_STATUS_FILE", dir.join("server.json"))
+        .env("VRAMSWAP_LOG_FILE", dir.join("vramswap.log"));
+    if let Ok(device) = std::env::var("VRAMSWAP_TEST_DEVICE") {
+        if !args.iter().any(|a| a.starts_with("device=")) {
+            command.arg(format!("device={device}"));
+        }
+    }
+    command
+}
+
+fn read_pid(pidfile: &Path) -> Option<u32> {
+    std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()
+}
+
+/// Whether `pid` runs: a zombie has exited, though `kill -0` still finds
+/// it until whoever inherited it reaps it.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
+/// Running processes whose command line names something under `dir`.
+fn processes_naming(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
+        })
+        .filter(|&pid| alive(pid))
+        .collect()
+}
+
+fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Stops a process that is not our child: TERM, then KILL after 10 s.
+fn stop(pid: u32) {
+    signal(pid, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if alive(pid) {
+        signal(pid, "KILL");
     }
 }
 
