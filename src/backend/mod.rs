@@ -63,6 +63,7 @@ impl LostFlag {
         err
     }
 }
+
 /// Refuses one more chunk where it would take what a backend holds (`held`
 /// bytes) past its memory limit, the way a full device refuses it.
 pub(crate) fn admit_chunk(held: u64, limit: Option<u64>) -> Result<(), BackendError> {

@@ -9,11 +9,12 @@ use tracing::{debug, info, warn};
 
 use super::error::StoreError;
 use super::BlockStore;
-use crate::backend::{Backend, BackendError, ChunkId, Lane, TransferOp, CHUNK_SIZE};
+use crate::backend::{Backend, BackendError, ChunkId, Lane, TransferOp, CHUNK_SIZE, MAX_BATCH};
 use crate::size::ByteSize;
 
-/// Chunks zeroed (or scrubbed) in one batch.
-const BATCH: usize = 64;
+/// Chunks zeroed (or scrubbed) in one batch: a zero step each, as many
+/// steps as a lane takes.
+const BATCH: usize = MAX_BATCH;
 
 impl BlockStore {
     /// Takes a chunk for an empty slot and zeroes it (lazy allocation).
