@@ -85,11 +85,23 @@ pub struct Placement {
 /// survive a fork after that, so the plugin runs this in a child of its
 /// own before nbdkit forks, never in nbdkit's process.
 pub fn place(export: &ExportConfig) -> Result<Placement, PlacementError> {
-    let kind = pick_backend(export)?;
-    let devices = backend::enumerate(kind).map_err(|e| PlacementError::backend(export, kind, e))?;
-    let device = backend::select_device(&devices, &export.device)
-        .map_err(|e| PlacementError::backend(export, kind, e))?
-        .clone();
+    let (kind, device) = match export.backend {
+        Some(kind) => {
+            let devices =
+                backend::enumerate(kind).map_err(|e| PlacementError::backend(export, kind, e))?;
+            let device = backend::select_device(&devices, &export.device)
+                .map_err(|e| PlacementError::backend(export, kind, e))?;
+            (kind, device.clone())
+        }
+        // The devices listed to choose the backend are the ones to use:
+        // listing CUDA's makes a context on every GPU.
+        None => {
+            backend::default_device(&export.device).map_err(|error| PlacementError::Device {
+                key: export.quote("device"),
+                error,
+            })?
+        }
+    };
     let store = export.store_config();
     let size = resolve_size(store.size, store.allocation, device.memory, &device.name)
         .map_err(|e| PlacementError::store(export, e))?;

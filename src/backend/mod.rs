@@ -34,7 +34,9 @@ mod wait;
 pub use self::hostmem::copy_to_staging;
 #[cfg(any(feature = "vulkan", feature = "cuda"))]
 pub(crate) use self::open::select_adapter;
-pub use self::open::{caution, default_backend, enumerate, open, select_device, OpenOptions};
+pub use self::open::{
+    caution, default_backend, default_device, enumerate, open, select_device, OpenOptions,
+};
 
 /// Whether a GPU backend's device is lost. Once it is, every later call
 /// fails at once with [`BackendError::DeviceLost`]: nothing is retried on a

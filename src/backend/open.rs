@@ -43,10 +43,16 @@ pub(crate) fn select_adapter<A>(
 /// API), that sees a device matching `selector`. Plugin and CLI share it,
 /// so `device=` finds the same GPU with or without `backend=`.
 pub fn default_backend(selector: &DeviceSelector) -> Result<BackendKind, OpenError> {
+    default_device(selector).map(|(kind, _)| kind)
+}
+
+/// [`default_backend`] with the device it found, for a caller that needs
+/// both without listing the devices a second time.
+pub fn default_device(selector: &DeviceSelector) -> Result<(BackendKind, DeviceInfo), OpenError> {
     let mut last_error = None;
     for kind in BackendKind::preferred() {
-        match enumerate(*kind).and_then(|devices| select_device(&devices, selector).map(|_| ())) {
-            Ok(()) => return Ok(*kind),
+        match enumerate(*kind).and_then(|devices| select_device(&devices, selector).cloned()) {
+            Ok(device) => return Ok((*kind, device)),
             Err(err) => last_error = Some(err),
         }
     }
