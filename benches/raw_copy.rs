@@ -23,7 +23,9 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vramswap::backend::{self, Backend, BackendKind, ChunkId, OpenOptions, TransferOp, CHUNK_SIZE};
+use vramswap::backend::{
+    self, Backend, BackendKind, ChunkId, MappedMode, OpenOptions, TransferOp, CHUNK_SIZE,
+};
 use vramswap::{parse_size, AllocationPolicy, BlockStore, SizeSpec, StoreConfig};
 
 struct Args {
@@ -304,6 +306,8 @@ fn main() {
         &OpenOptions {
             device,
             memory_limit: None,
+            // Tests and measures VRAM itself: the same cells either way.
+            mapped: MappedMode::Off,
         },
     )
     .unwrap_or_else(|e| die(&format!("{e}")));

@@ -8,7 +8,9 @@ use std::fmt;
 
 use thiserror::Error;
 
-use crate::backend::{BackendKind, DeviceSelector, BLOCK_SIZE, CHUNK_SIZE};
+use crate::backend::{
+    BackendKind, DeviceSelector, MappedMode, OpenOptions, BLOCK_SIZE, CHUNK_SIZE,
+};
 use crate::size::{parse_size, ByteSize};
 use crate::store::{
     AllocationPolicy, SizeSpec, StoreConfig, DEFAULT_LANES, DEFAULT_READAHEAD, DEFAULT_RESERVE,
@@ -29,6 +31,11 @@ reserve=SIZE             VRAM left to others when size is automatic
                          (default 256M)
 allocation=eager|lazy    take all VRAM at start (default; swap never finds
                          the GPU full) or a 4M chunk at its first write
+mapped=auto|on|off       keep VRAM in memory the CPU maps (resizable BAR), so
+                         writes are CPU stores straight into VRAM with no
+                         staging copy or DMA; reads stay DMA. auto (default)
+                         where the mappable window covers nearly all VRAM;
+                         on refuses to start without it
 lanes=N                  pinned staging buffers (default 64)
 staging=SIZE             bytes per staging buffer, a multiple of 64K up to
                          4M (default 2M; at least 192K with verify=on)
@@ -165,6 +172,7 @@ pub struct ExportConfig {
     pub size: Option<u64>,
     pub reserve: Option<u64>,
     pub allocation: AllocationPolicy,
+    pub mapped: MappedMode,
     pub lanes: usize,
     pub staging: usize,
     pub verify: bool,
@@ -186,6 +194,7 @@ impl Default for ExportConfig {
             size: None,
             reserve: None,
             allocation: AllocationPolicy::Eager,
+            mapped: MappedMode::Auto,
             lanes: DEFAULT_LANES,
             staging: DEFAULT_STAGING,
             verify: false,
@@ -238,6 +247,7 @@ impl ExportConfig {
                     .parse()
                     .map_err(|e: crate::StoreError| bad(e.to_string()))?;
             }
+            "mapped" => self.mapped = value.parse().map_err(bad)?,
             "lanes" => {
                 self.lanes = match value.parse::<usize>() {
                     Ok(n) if (1..=4096).contains(&n) => n,
@@ -356,6 +366,9 @@ impl ExportConfig {
         if self.allocation != defaults.allocation {
             args.push(format!("allocation={}", self.allocation));
         }
+        if self.mapped != defaults.mapped {
+            args.push(format!("mapped={}", self.mapped));
+        }
         if self.lanes != defaults.lanes {
             args.push(format!("lanes={}", self.lanes));
         }
@@ -375,6 +388,15 @@ impl ExportConfig {
             args.push(format!("warm-up={warm_up}"));
         }
         args
+    }
+
+    /// How to open the backend for this export.
+    pub fn open_options(&self) -> OpenOptions {
+        OpenOptions {
+            device: self.device.clone(),
+            memory_limit: None,
+            mapped: self.mapped,
+        }
     }
 
     pub fn store_config(&self) -> StoreConfig {

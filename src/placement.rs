@@ -6,7 +6,8 @@
 
 use thiserror::Error;
 
-use crate::backend::{self, BackendKind, DeviceInfo, OpenError};
+use crate::backend::{self, BackendKind, DeviceInfo, MappedMode, OpenError};
+use crate::size::ByteSize;
 use crate::export::ExportConfig;
 use crate::store::{resolve_size, ResolvedSize, StoreError};
 
@@ -24,6 +25,9 @@ pub enum PlacementError {
     /// The size, or the reserve of an automatic size, does not fit.
     #[error("{key}: {error}")]
     Size { key: String, error: StoreError },
+    /// `mapped=on` on a device whose VRAM the CPU cannot map.
+    #[error("{key}: {reason}")]
+    Mapped { key: String, reason: String },
     /// Anything else the store refuses at open.
     #[error("{0}")]
     Store(StoreError),
@@ -102,6 +106,12 @@ pub fn place(export: &ExportConfig) -> Result<Placement, PlacementError> {
             })?
         }
     };
+    if export.mapped == MappedMode::On && !device.maps_all_memory() {
+        return Err(PlacementError::Mapped {
+            key: export.quote("mapped"),
+            reason: unmappable(kind, &device),
+        });
+    }
     let store = export.store_config();
     let size = resolve_size(store.size, store.allocation, device.memory, &device.name)
         .map_err(|e| PlacementError::store(export, e))?;
@@ -110,6 +120,23 @@ pub fn place(export: &ExportConfig) -> Result<Placement, PlacementError> {
         device,
         size,
     })
+}
+
+/// Why `device` cannot keep its chunks in CPU-mappable VRAM, in words.
+pub fn unmappable(kind: BackendKind, device: &DeviceInfo) -> String {
+    if device.mappable == 0 {
+        return format!(
+            "{} cannot map {}'s VRAM for the CPU here (use mapped=auto or mapped=off)",
+            kind, device.name
+        );
+    }
+    format!(
+        "the CPU can map only {} of {}'s {} of VRAM; enable resizable BAR \
+         (or use mapped=auto)",
+        ByteSize(device.mappable),
+        device.name,
+        ByteSize(device.memory.total)
+    )
 }
 
 #[cfg(test)]
@@ -162,6 +189,21 @@ mod tests {
             assert!(text.starts_with(start), "{text}");
             assert!(!text.contains('\n'), "{text}");
         }
+    }
+
+    #[test]
+    fn mapped_on_is_refused_in_one_line_where_vram_is_not_mappable() {
+        assert!(place(&on_host(&[("mapped", "on"), ("size", "8M")])).is_ok());
+        let mut device = place(&on_host(&[("size", "8M")])).unwrap().device;
+        device.memory.total = 16 << 30;
+        device.mappable = 256 << 20;
+        let text = unmappable(BackendKind::Vulkan, &device);
+        assert!(text.starts_with("the CPU can map only 256 MiB of "), "{text}");
+        assert!(text.contains("resizable BAR"), "{text}");
+        device.mappable = 0;
+        let text = unmappable(BackendKind::Cuda, &device);
+        assert!(text.starts_with("cuda cannot map "), "{text}");
+        assert!(!text.contains('\n'), "{text}");
     }
 
     #[test]

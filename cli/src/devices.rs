@@ -185,6 +185,7 @@ pub mod fake {
                 total: 80 << 30,
                 available,
             },
+            mappable: 80 << 30,
         }
     }
 

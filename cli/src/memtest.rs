@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use vramswap::backend::selftest::Pattern;
-use vramswap::backend::{self, BackendKind, DeviceSelector, OpenOptions, CHUNK_SIZE};
+use vramswap::backend::{self, BackendKind, DeviceSelector, MappedMode, OpenOptions, CHUNK_SIZE};
 use vramswap::memtest::{self, MemtestProgress};
 use vramswap::store::DEFAULT_RESERVE;
 use vramswap::{parse_size, ByteSize, MemtestConfig, MemtestReport};
@@ -37,6 +37,8 @@ pub fn test_device(
         &OpenOptions {
             device: device.clone(),
             memory_limit: None,
+            // Tests and measures VRAM itself: the same cells either way.
+            mapped: MappedMode::Off,
         },
     )?;
     let size = match size {

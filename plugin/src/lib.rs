@@ -28,7 +28,7 @@ use nbdkit::{
     ThreadModel,
 };
 use tracing::{error, info, warn};
-use vramswap::backend::{self, BackendKind, OpenOptions, BLOCK_SIZE};
+use vramswap::backend::{self, BackendKind, BLOCK_SIZE};
 use vramswap::export::HELP;
 use vramswap::placement::{self, PlacementError};
 use vramswap::{BlockStore, ByteSize, ExportConfig, StoreError};
@@ -144,14 +144,8 @@ fn refuse(line: String) -> Error {
 fn open_store() -> std::result::Result<BlockStore, PlacementError> {
     let export = export();
     let kind = placement::pick_backend(&export)?;
-    let gpu: std::sync::Arc<dyn vramswap::Backend> = backend::open(
-        kind,
-        &OpenOptions {
-            device: export.device.clone(),
-            memory_limit: None,
-        },
-    )
-    .map_err(|e| PlacementError::backend(&export, kind, e))?;
+    let gpu: std::sync::Arc<dyn vramswap::Backend> = backend::open(kind, &export.open_options())
+        .map_err(|e| PlacementError::backend(&export, kind, e))?;
     #[cfg(feature = "fault-injection")]
     let gpu = match settings().as_ref().map(|s| s.faults) {
         Some(plan) if plan != Default::default() => {

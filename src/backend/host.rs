@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::selftest::{self, BadWord, SelfTest, StepResult, TestChunk, TestOp, TestStep};
 use super::{
     admit_chunk, check_batch, Backend, BackendError, BackendKind, ChunkId, DeviceInfo, DeviceKind,
-    Lane, MemoryReport, TransferOp, CHUNK_SIZE,
+    Fill, Lane, MemoryReport, TransferOp, CHUNK_SIZE,
 };
 
 /// What a new chunk contains before anyone writes it.
@@ -30,6 +30,9 @@ struct Chunks {
 struct Shared {
     chunks: Mutex<Chunks>,
     limit: u64,
+    /// Whether writes may go straight into chunks ([`Backend::write_mapped`]),
+    /// as into mapped VRAM.
+    mapped: bool,
     info: DeviceInfo,
 }
 
@@ -42,6 +45,12 @@ impl HostBackend {
     /// A host "device" that lends at most `memory_limit` bytes (no limit
     /// when `None`).
     pub fn new(memory_limit: Option<u64>) -> Self {
+        Self::with_mapping(memory_limit, false)
+    }
+
+    /// [`HostBackend::new`], with chunks written in place when `mapped`
+    /// (the model of a GPU with CPU-mappable VRAM).
+    pub fn with_mapping(memory_limit: Option<u64>, mapped: bool) -> Self {
         let limit = memory_limit.unwrap_or(HEAP).min(HEAP);
         HostBackend {
             shared: Arc::new(Shared {
@@ -51,6 +60,7 @@ impl HostBackend {
                     allocated: 0,
                 }),
                 limit,
+                mapped,
                 info: Self::device_info(limit),
             }),
         }
@@ -72,6 +82,7 @@ impl HostBackend {
                 total: HEAP,
                 available: limit,
             },
+            mappable: HEAP,
         }
     }
 }
@@ -123,6 +134,40 @@ impl Backend for HostBackend {
                 chunks.allocated -= CHUNK_SIZE;
             }
         }
+    }
+
+    fn mapped(&self) -> bool {
+        self.shared.mapped
+    }
+
+    fn write_mapped(
+        &self,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        fill: Fill<'_>,
+    ) -> Result<(), BackendError> {
+        let len = fill.len() as u64;
+        let fits = len > 0
+            && chunk_offset
+                .checked_add(len)
+                .is_some_and(|e| e <= CHUNK_SIZE);
+        if !self.shared.mapped || !fits {
+            return Err(BackendError::OutOfBounds(format!(
+                "mapped write of {len} bytes at chunk offset {chunk_offset}"
+            )));
+        }
+        let mut chunks = self.shared.lock();
+        let data = chunks
+            .slots
+            .get_mut(chunk.0 as usize)
+            .and_then(Option::as_mut)
+            .ok_or(BackendError::BadChunk(chunk))?;
+        let dst = &mut data[span(chunk_offset, len)];
+        match fill {
+            Fill::Bytes(src) => dst.copy_from_slice(src),
+            Fill::Zeros(_) => dst.fill(0),
+        }
+        Ok(())
     }
 
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {

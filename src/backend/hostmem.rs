@@ -150,6 +150,110 @@ pub fn copy_to_staging(dst: &mut [u8], src: &[u8]) {
     dst.copy_from_slice(src);
 }
 
+/// Streams `len` zero bytes to `dst` (see [`copy_to_staging`]), fenced.
+fn zero_streaming(dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_setzero_si128, _mm_sfence, _mm_stream_si128};
+        let head = dst.as_ptr().align_offset(16).min(dst.len());
+        dst[..head].fill(0);
+        let body = (dst.len() - head) / 16 * 16;
+        let d = dst[head..].as_mut_ptr();
+        let mut i = 0;
+        while i < body {
+            // SAFETY: SSE2 is baseline on x86_64; `i + 16 <= body` keeps the
+            // store inside the slice, and `d + i` is 16-byte aligned.
+            unsafe { _mm_stream_si128(d.add(i) as *mut __m128i, _mm_setzero_si128()) };
+            i += 16;
+        }
+        dst[head + body..].fill(0);
+        // SAFETY: a fence has no memory-safety preconditions.
+        unsafe { _mm_sfence() };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    dst.fill(0);
+}
+
+/// The CPU mappings of a backend's chunks, by chunk id: what
+/// [`Backend::write_mapped`](super::Backend::write_mapped) writes through.
+/// Writes are streaming stores and a fence: mapped device memory is
+/// write-combined, and a store that read each line first would cross PCIe
+/// twice.
+#[cfg_attr(not(any(feature = "vulkan", feature = "cuda")), allow(dead_code))]
+pub(crate) struct MappedChunks {
+    /// Chunk id → address of its first byte (0: not mapped).
+    ptrs: Box<[std::sync::atomic::AtomicUsize]>,
+}
+
+#[cfg_attr(not(any(feature = "vulkan", feature = "cuda")), allow(dead_code))]
+impl MappedChunks {
+    pub(crate) fn new(capacity: usize) -> Self {
+        MappedChunks {
+            ptrs: (0..capacity)
+                .map(|_| std::sync::atomic::AtomicUsize::new(0))
+                .collect(),
+        }
+    }
+
+    /// Records where chunk `id` is mapped.
+    ///
+    /// # Safety
+    /// `ptr` must stay mapped for `CHUNK_SIZE` writable bytes until
+    /// [`MappedChunks::clear`] of the same id, and the backend must not free
+    /// the chunk while a write to it may run (the trait's rule: no batch or
+    /// write uses a chunk that is freed).
+    pub(crate) unsafe fn set(&self, id: u32, ptr: NonNull<u8>) {
+        if let Some(slot) = self.ptrs.get(id as usize) {
+            slot.store(ptr.as_ptr() as usize, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Forgets chunk `id`'s mapping, before its memory is freed.
+    pub(crate) fn clear(&self, id: u32) {
+        if let Some(slot) = self.ptrs.get(id as usize) {
+            slot.store(0, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Stores `fill` at `offset` of chunk `chunk`, fenced.
+    pub(crate) fn write(
+        &self,
+        chunk: super::ChunkId,
+        offset: u64,
+        fill: super::Fill<'_>,
+    ) -> Result<(), super::BackendError> {
+        let base = self
+            .ptrs
+            .get(chunk.0 as usize)
+            .map_or(0, |p| p.load(std::sync::atomic::Ordering::Acquire));
+        if base == 0 {
+            return Err(super::BackendError::BadChunk(chunk));
+        }
+        let len = fill.len() as u64;
+        if len == 0
+            || offset
+                .checked_add(len)
+                .is_none_or(|end| end > super::CHUNK_SIZE)
+        {
+            return Err(super::BackendError::OutOfBounds(format!(
+                "mapped write of {len} bytes at chunk offset {offset}"
+            )));
+        }
+        // SAFETY: `base` maps CHUNK_SIZE bytes while the chunk is allocated
+        // (`set`'s contract), and the range was checked to lie inside it.
+        // Writers of one range are kept apart by the store; the device only
+        // reads the bytes in batches submitted after this call returns.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut((base as *mut u8).add(offset as usize), len as usize)
+        };
+        match fill {
+            super::Fill::Bytes(src) => copy_to_staging(dst, src),
+            super::Fill::Zeros(_) => zero_streaming(dst),
+        }
+        Ok(())
+    }
+}
+
 fn page_size() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -176,6 +280,32 @@ mod tests {
                 assert!(dst[offset + len..].iter().all(|b| *b == 0));
             }
         }
+    }
+
+    #[test]
+    fn mapped_writes_land_in_range_and_refuse_the_rest() {
+        use crate::backend::{BackendError, ChunkId, Fill, CHUNK_SIZE};
+        let mut region = LockedRegion::new(CHUNK_SIZE as usize, 4096).unwrap();
+        region.as_mut_slice().fill(0xee);
+        let table = MappedChunks::new(2);
+        // SAFETY: the region outlives the table's use of it below.
+        unsafe { table.set(1, NonNull::new(region.as_ptr()).unwrap()) };
+        table.write(ChunkId(1), 3, Fill::Bytes(&[1, 2, 3])).unwrap();
+        table.write(ChunkId(1), 100, Fill::Zeros(333)).unwrap();
+        assert_eq!(
+            table.write(ChunkId(0), 0, Fill::Zeros(4)),
+            Err(BackendError::BadChunk(ChunkId(0)))
+        );
+        assert!(table
+            .write(ChunkId(1), CHUNK_SIZE - 2, Fill::Zeros(4))
+            .is_err());
+        assert!(table.write(ChunkId(1), 0, Fill::Zeros(0)).is_err());
+        table.clear(1);
+        assert!(table.write(ChunkId(1), 0, Fill::Zeros(4)).is_err());
+        let bytes = region.as_slice();
+        assert_eq!(&bytes[..7], &[0xee, 0xee, 0xee, 1, 2, 3, 0xee]);
+        assert!(bytes[100..433].iter().all(|b| *b == 0));
+        assert_eq!((bytes[99], bytes[433]), (0xee, 0xee));
     }
 
     #[test]

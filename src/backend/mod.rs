@@ -263,9 +263,20 @@ pub struct DeviceInfo {
     /// of its own), rather than sharing a graphics or compute queue.
     pub dedicated_transfer_queue: bool,
     pub memory: MemoryReport,
+    /// Bytes of device-local memory the CPU can map and write (the PCIe BAR
+    /// window): about `memory.total` with resizable BAR, 256 MiB without,
+    /// 0 where the backend cannot map chunks at all.
+    pub mappable: u64,
 }
 
 impl DeviceInfo {
+    /// Whether chunks can live in memory the CPU writes through a mapping
+    /// (`mapped=`): the mappable window covers nearly all device memory,
+    /// not just a 256 MiB aperture.
+    pub fn maps_all_memory(&self) -> bool {
+        self.mappable > 0 && self.mappable >= self.memory.total / 10 * 9
+    }
+
     pub fn uuid_string(&self) -> String {
         format_uuid(&self.uuid)
     }
@@ -298,6 +309,68 @@ pub struct MemoryReport {
     /// minus what is in use (`VK_EXT_memory_budget`, `cuMemGetInfo`), or
     /// less where a `memory_limit` caps the backend.
     pub available: u64,
+}
+
+/// Where chunks live and how writes reach them (`mapped=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MappedMode {
+    /// In CPU-mappable device memory where it covers the device's memory
+    /// (resizable BAR, lavapipe), else as with `Off`.
+    #[default]
+    Auto,
+    /// In CPU-mappable device memory, or the backend does not open.
+    On,
+    /// In device memory reached only by DMA through staging.
+    Off,
+}
+
+impl MappedMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            MappedMode::Auto => "auto",
+            MappedMode::On => "on",
+            MappedMode::Off => "off",
+        }
+    }
+}
+
+impl fmt::Display for MappedMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for MappedMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(MappedMode::Auto),
+            "on" | "yes" | "true" | "1" => Ok(MappedMode::On),
+            "off" | "no" | "false" | "0" => Ok(MappedMode::Off),
+            _ => Err(format!("'{s}' is not auto, on or off")),
+        }
+    }
+}
+
+/// What a write through a chunk's mapping stores.
+#[derive(Debug, Clone, Copy)]
+pub enum Fill<'a> {
+    Bytes(&'a [u8]),
+    Zeros(usize),
+}
+
+impl Fill<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Fill::Bytes(b) => b.len(),
+            Fill::Zeros(n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A chunk of device memory, [`CHUNK_SIZE`] bytes, owned by the backend
@@ -448,6 +521,29 @@ pub trait Backend: Send + Sync {
 
     /// Makes a lane with a staging buffer of `staging_bytes`.
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError>;
+
+    /// Whether chunks live in memory the CPU writes through a mapping, so
+    /// [`Backend::write_mapped`] serves writes (`mapped=`, decided at open).
+    fn mapped(&self) -> bool {
+        false
+    }
+
+    /// Stores `fill` at `chunk_offset` of a chunk by CPU stores through its
+    /// mapping: no staging, no queue. When it returns the bytes are fenced,
+    /// so every batch submitted afterwards (by any thread that has seen
+    /// this call return) reads them. Only where [`Backend::mapped`].
+    fn write_mapped(
+        &self,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        fill: Fill<'_>,
+    ) -> Result<(), BackendError> {
+        let _ = (chunk, chunk_offset, fill);
+        Err(BackendError::UnsupportedDevice {
+            device: self.device().name.clone(),
+            reason: "chunks are not mapped (mapped=off)".into(),
+        })
+    }
 
     /// Compute on chunks, for the VRAM self-test; `None` where the backend
     /// has none (CUDA: test the same GPU through Vulkan).

@@ -8,7 +8,9 @@ use super::cuda;
 use super::host;
 #[cfg(feature = "vulkan")]
 use super::vulkan;
-use super::{Backend, BackendKind, DeviceInfo, DeviceSelector, OpenError, NVIDIA_VENDOR_ID};
+use super::{
+    Backend, BackendKind, DeviceInfo, DeviceSelector, MappedMode, OpenError, NVIDIA_VENDOR_ID,
+};
 
 /// What to open and with which limits.
 #[derive(Debug, Clone, Default)]
@@ -17,6 +19,8 @@ pub struct OpenOptions {
     /// Never hold more device memory than this (bytes), whatever the device
     /// has free: chunk allocations past it fail as out of device memory.
     pub memory_limit: Option<u64>,
+    /// Whether chunks live in CPU-mappable VRAM, written by CPU stores.
+    pub mapped: MappedMode,
 }
 
 /// Takes the adapter `selector` picks out of a backend's list, by the
@@ -138,7 +142,10 @@ pub fn open(kind: BackendKind, options: &OpenOptions) -> Result<Arc<dyn Backend>
         BackendKind::Cuda => Ok(Arc::new(cuda::CudaBackend::open(options)?)),
         #[cfg(not(feature = "cuda"))]
         BackendKind::Cuda => Err(OpenError::NotCompiledIn(kind)),
-        BackendKind::Host => Ok(Arc::new(host::HostBackend::new(options.memory_limit))),
+        BackendKind::Host => Ok(Arc::new(host::HostBackend::with_mapping(
+            options.memory_limit,
+            options.mapped != MappedMode::Off,
+        ))),
     }
 }
 
@@ -160,6 +167,7 @@ mod tests {
             pci_bus_id: None,
             dedicated_transfer_queue: false,
             memory: MemoryReport::default(),
+            mappable: 0,
         }
     }
 

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 
 use vramswap::backend::{
-    self, Backend, BackendError, BackendKind, ChunkId, DeviceInfo, Lane, MemoryReport, OpenOptions,
-    TransferOp,
+    self, Backend, BackendError, BackendKind, ChunkId, DeviceInfo, Lane, MappedMode, MemoryReport,
+    OpenOptions, TransferOp,
 };
 
 pub fn init_logging() {
@@ -41,7 +41,24 @@ pub fn backend_kinds() -> Vec<BackendKind> {
         .collect()
 }
 
+/// `mapped=` for the backends tests open: `VRAMSWAP_TEST_MAPPED`, else
+/// auto (mapped wherever the device allows, which includes lavapipe).
+pub fn test_mapped() -> MappedMode {
+    match std::env::var("VRAMSWAP_TEST_MAPPED") {
+        Ok(v) => v.parse().expect("VRAMSWAP_TEST_MAPPED: auto, on or off"),
+        Err(_) => MappedMode::Auto,
+    }
+}
+
 pub fn open_backend(kind: BackendKind, memory_limit: Option<u64>) -> Arc<dyn Backend> {
+    open_backend_mapped(kind, memory_limit, test_mapped())
+}
+
+pub fn open_backend_mapped(
+    kind: BackendKind,
+    memory_limit: Option<u64>,
+    mapped: MappedMode,
+) -> Arc<dyn Backend> {
     init_logging();
     let device = match std::env::var("VRAMSWAP_TEST_DEVICE") {
         Ok(d) => d.parse().expect("VRAMSWAP_TEST_DEVICE"),
@@ -52,6 +69,7 @@ pub fn open_backend(kind: BackendKind, memory_limit: Option<u64>) -> Arc<dyn Bac
         &OpenOptions {
             device,
             memory_limit,
+            mapped,
         },
     )
     .unwrap_or_else(|e| {

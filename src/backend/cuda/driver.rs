@@ -207,6 +207,8 @@ fn adapter(index: usize, free: FreeMemory) -> Result<Adapter, BackendError> {
                 total: total as u64,
                 available,
             },
+            // cuMemAlloc'd memory has no CPU mapping (without GDRCopy).
+            mappable: 0,
         },
     })
 }

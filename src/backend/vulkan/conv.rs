@@ -7,6 +7,14 @@ use crate::backend::{BackendError, DeviceKind, NVIDIA_VENDOR_ID};
 
 /// Maps a failed Vulkan call to the error callers must tell apart; the
 /// rest are reported with the call's name.
+/// The memory a mapped chunk lives in: VRAM the CPU can write through a
+/// mapping with no flush (resizable BAR; all of lavapipe's memory).
+pub(super) const MAPPED_VRAM: vk::MemoryPropertyFlags = vk::MemoryPropertyFlags::from_raw(
+    vk::MemoryPropertyFlags::DEVICE_LOCAL.as_raw()
+        | vk::MemoryPropertyFlags::HOST_VISIBLE.as_raw()
+        | vk::MemoryPropertyFlags::HOST_COHERENT.as_raw(),
+);
+
 pub(super) fn error(call: &'static str, result: vk::Result) -> BackendError {
     match result {
         vk::Result::ERROR_OUT_OF_DEVICE_MEMORY => BackendError::OutOfDeviceMemory,

@@ -15,11 +15,13 @@ use tracing::{debug, warn};
 
 use super::conv;
 use super::instance::{Adapter, Instance};
-use crate::backend::hostmem::LockedRegion;
+use crate::backend::hostmem::{LockedRegion, MappedChunks};
 use crate::backend::wait::{self, Naps, WaitPolicy};
 use crate::backend::{
-    admit_chunk, BackendError, ChunkId, DeviceKind, LostFlag, MemoryReport, CHUNK_SIZE,
+    admit_chunk, BackendError, ChunkId, DeviceKind, Fill, LostFlag, MappedMode, MemoryReport,
+    CHUNK_SIZE,
 };
+use crate::size::ByteSize;
 
 /// Queues of the transfer family used at once. NVIDIA exposes 2 transfer
 /// queues, AMD 1–2 SDMA queues; more lanes than queues share them.
@@ -78,6 +80,9 @@ pub(super) struct DeviceShared {
     /// Chunk id → `vk::Buffer` raw handle (0: none). Lanes read it without
     /// a lock; only allocation and free write it.
     buffers: Box<[AtomicU64]>,
+    /// Present when chunks live in CPU-mappable VRAM (`mapped=`): where
+    /// each one is mapped.
+    mapped: Option<MappedChunks>,
     memory: Mutex<Memory>,
     /// Declared last: dropped after `Drop::drop` destroyed the device.
     pub(super) instance: Instance,
@@ -102,7 +107,9 @@ impl DeviceShared {
         instance: Instance,
         adapter: Adapter,
         memory_limit: Option<u64>,
+        mapped: MappedMode,
     ) -> Result<Self, BackendError> {
+        let mapped = decide_mapped(&adapter.info, mapped)?;
         let queue_count = adapter.queue_count.min(MAX_QUEUES);
         let priorities = vec![1.0f32; queue_count as usize];
         let mut queue_info = vec![vk::DeviceQueueCreateInfo::default()
@@ -190,6 +197,7 @@ impl DeviceShared {
             memory_limit,
             host_import,
             buffers: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
+            mapped: mapped.then(|| MappedChunks::new(capacity)),
             memory: Mutex::new(Memory {
                 allocator: Some(allocator),
                 chunks: Vec::new(),
@@ -449,14 +457,27 @@ impl DeviceShared {
         self.check_alive()?;
         let mut memory = self.memory_lock();
         admit_chunk(memory.held, self.memory_limit)?;
+        // gpu-allocator falls back to host memory when CpuToGpu finds no
+        // mappable VRAM type: such a chunk is refused below, not used.
+        let location = match self.mapped {
+            Some(_) => MemoryLocation::CpuToGpu,
+            None => MemoryLocation::GpuOnly,
+        };
         let (buffer, allocation) = self
-            .create_buffer_locked(
-                &mut memory,
-                CHUNK_SIZE,
-                MemoryLocation::GpuOnly,
-                "vramswap chunk",
-            )
+            .create_buffer_locked(&mut memory, CHUNK_SIZE, location, "vramswap chunk")
             .map_err(|e| self.note(e))?;
+        let mapping = match &self.mapped {
+            None => None,
+            Some(_) => match allocation.mapped_ptr() {
+                Some(ptr) if allocation.memory_properties().contains(conv::MAPPED_VRAM) => {
+                    Some(ptr.cast::<u8>())
+                }
+                _ => {
+                    Self::destroy_buffer_locked(&self.raw, &mut memory, buffer, allocation);
+                    return Err(BackendError::OutOfDeviceMemory);
+                }
+            },
+        };
         let id = match memory.free_ids.pop() {
             Some(id) => id as usize,
             None => memory.chunks.len(),
@@ -471,6 +492,12 @@ impl DeviceShared {
         memory.chunks[id] = Some((buffer, allocation));
         memory.held += CHUNK_SIZE;
         self.buffers[id].store(buffer.as_raw(), Ordering::Release);
+        if let (Some(table), Some(ptr)) = (&self.mapped, mapping) {
+            // SAFETY: gpu-allocator keeps the block persistently mapped
+            // until the allocation is freed, which `free_chunk` does only
+            // after clearing this entry.
+            unsafe { table.set(id as u32, ptr) };
+        }
         Ok(ChunkId(id as u32))
     }
 
@@ -482,9 +509,29 @@ impl DeviceShared {
             return;
         };
         self.buffers[id].store(0, Ordering::Release);
+        if let Some(table) = &self.mapped {
+            table.clear(id as u32);
+        }
         memory.free_ids.push(id as u32);
         memory.held -= CHUNK_SIZE;
         Self::destroy_buffer_locked(&self.raw, &mut memory, buffer, allocation);
+    }
+
+    pub(super) fn is_mapped(&self) -> bool {
+        self.mapped.is_some()
+    }
+
+    pub(super) fn write_mapped(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        fill: Fill<'_>,
+    ) -> Result<(), BackendError> {
+        self.check_alive()?;
+        match &self.mapped {
+            Some(table) => table.write(chunk, offset, fill),
+            None => Err(BackendError::BadChunk(chunk)),
+        }
     }
 
     /// The buffer of a chunk, for recording a copy.
@@ -497,6 +544,28 @@ impl DeviceShared {
             Some(raw) if raw != 0 => Ok(vk::Buffer::from_raw(raw)),
             _ => Err(BackendError::BadChunk(chunk)),
         }
+    }
+}
+
+/// Whether chunks go to mappable VRAM: `auto` where the device maps (nearly)
+/// all of it, `on` only there.
+fn decide_mapped(
+    info: &crate::backend::DeviceInfo,
+    mode: MappedMode,
+) -> Result<bool, BackendError> {
+    match mode {
+        MappedMode::Off => Ok(false),
+        MappedMode::Auto => Ok(info.maps_all_memory()),
+        MappedMode::On if info.maps_all_memory() => Ok(true),
+        MappedMode::On => Err(BackendError::UnsupportedDevice {
+            device: info.name.clone(),
+            reason: format!(
+                "mapped=on needs CPU-mappable VRAM, but the CPU can map only {} of its {} \
+                 (enable resizable BAR, or use mapped=auto)",
+                ByteSize(info.mappable),
+                ByteSize(info.memory.total)
+            ),
+        }),
     }
 }
 

@@ -177,6 +177,7 @@ impl Instance {
                 pci_bus_id: has_pci.then(|| conv::pci_bus_id(&pci)),
                 dedicated_transfer_queue: dedicated.is_some(),
                 memory: MemoryReport::default(),
+                mappable: mappable_bytes(&memory),
             },
             queue_family: queue_family as u32,
             queue_count: families[queue_family].queue_count,
@@ -216,6 +217,18 @@ impl Instance {
         }
         MemoryReport { total, available }
     }
+}
+
+/// The size of the heap behind the device's `DEVICE_LOCAL | HOST_VISIBLE |
+/// HOST_COHERENT` memory type (0 where there is none): all of VRAM with
+/// resizable BAR, a 256 MiB window without.
+fn mappable_bytes(memory: &vk::PhysicalDeviceMemoryProperties) -> u64 {
+    memory.memory_types[..memory.memory_type_count as usize]
+        .iter()
+        .filter(|t| t.property_flags.contains(conv::MAPPED_VRAM))
+        .map(|t| memory.memory_heaps[t.heap_index as usize].size)
+        .max()
+        .unwrap_or(0)
 }
 
 impl Drop for Instance {

@@ -32,8 +32,8 @@ use self::instance::Instance;
 use self::lane::VulkanLane;
 use super::selftest::SelfTest;
 use super::{
-    select_adapter, Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, OpenError,
-    OpenOptions,
+    select_adapter, Backend, BackendError, ChunkId, DeviceInfo, Fill, Lane, MemoryReport,
+    OpenError, OpenOptions,
 };
 
 /// Lists the Vulkan devices that can serve, without opening them.
@@ -55,7 +55,12 @@ impl VulkanBackend {
     pub fn open(options: &OpenOptions) -> Result<Self, OpenError> {
         let instance = Instance::new()?;
         let adapter = select_adapter(instance.adapters()?, |a| &a.info, &options.device)?;
-        let shared = Arc::new(DeviceShared::open(instance, adapter, options.memory_limit)?);
+        let shared = Arc::new(DeviceShared::open(
+            instance,
+            adapter,
+            options.memory_limit,
+            options.mapped,
+        )?);
         Ok(VulkanBackend {
             self_test: shared
                 .compute_queue()
@@ -82,6 +87,19 @@ impl Backend for VulkanBackend {
 
     fn free_chunk(&self, chunk: ChunkId) {
         self.shared.free_chunk(chunk)
+    }
+
+    fn mapped(&self) -> bool {
+        self.shared.is_mapped()
+    }
+
+    fn write_mapped(
+        &self,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        fill: Fill<'_>,
+    ) -> Result<(), BackendError> {
+        self.shared.write_mapped(chunk, chunk_offset, fill)
     }
 
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
