@@ -7,8 +7,8 @@
 use thiserror::Error;
 
 use crate::backend::{self, BackendKind, DeviceInfo, MappedMode, OpenError};
-use crate::size::ByteSize;
 use crate::export::ExportConfig;
+use crate::size::ByteSize;
 use crate::store::{resolve_size, ResolvedSize, StoreError};
 
 /// Why an export cannot be served here, in one line that starts with the
@@ -198,7 +198,10 @@ mod tests {
         device.memory.total = 16 << 30;
         device.mappable = 256 << 20;
         let text = unmappable(BackendKind::Vulkan, &device);
-        assert!(text.starts_with("the CPU can map only 256 MiB of "), "{text}");
+        assert!(
+            text.starts_with("the CPU can map only 256 MiB of "),
+            "{text}"
+        );
         assert!(text.contains("resizable BAR"), "{text}");
         device.mappable = 0;
         let text = unmappable(BackendKind::Cuda, &device);

@@ -149,3 +149,33 @@ fn with_the_driver_every_device_is_described_as_vulkan_sees_it() {
         }
     }
 }
+
+/// `mapped=on` starts only where CUDA's chunks can be CPU-mapped, and
+/// elsewhere (the fake driver in CI, which cannot import Vulkan memory) is
+/// refused before anything is opened, in one line naming the key.
+#[test]
+fn mapped_on_is_refused_in_one_line_where_cuda_cannot_map_vram() {
+    if expected_unavailable().is_some() {
+        eprintln!("no usable CUDA driver here: see the test of missing drivers");
+        return;
+    }
+    let mut export = vramswap::ExportConfig::default();
+    for (key, value) in [("backend", "cuda"), ("mapped", "on"), ("size", "8M")] {
+        export.set(key, value).unwrap();
+    }
+    let first = backend::select_device(
+        &backend::enumerate(BackendKind::Cuda).unwrap(),
+        &export.device,
+    )
+    .unwrap()
+    .clone();
+    match vramswap::placement::place(&export) {
+        Ok(placed) => assert!(placed.device.maps_all_memory(), "{placed:?}"),
+        Err(err) => {
+            let text = err.to_string();
+            assert!(!first.maps_all_memory(), "{first:?}: {text}");
+            assert!(text.starts_with("mapped=on: "), "{text}");
+            assert!(!text.contains('\n'), "{text}");
+        }
+    }
+}

@@ -151,7 +151,15 @@ fn sequential_reads_come_from_read_ahead_windows_and_see_every_write() {
 
 #[test]
 fn qemu_io_unaligned_writes_and_reads_across_blocks_and_chunks() {
-    let server = serve(&["size=16M"]);
+    for mapped in ["mapped=on", "mapped=off"] {
+        let server = serve(&["size=16M", mapped]);
+        unaligned_writes_read_back(&server);
+        // The status file says which write path served.
+        server.status_when(|s| s["mapped"] == (mapped == "mapped=on"));
+    }
+}
+
+fn unaligned_writes_read_back(server: &Server) {
     // Offsets straddle a 64 KiB block and the 4 MiB chunk boundary.
     let commands = [
         "write -P 0x11 1 511",
@@ -341,6 +349,10 @@ fn bad_parameters_exit_non_zero_with_one_line_naming_key_and_value() {
         (vec!["backend=opencl"], "backend=opencl: unknown backend"),
         (vec!["size=1G", "reserve=1G"], "exclude each other"),
         (vec!["verify=maybe"], "verify=maybe: expected on or off"),
+        (
+            vec!["mapped=sometimes"],
+            "mapped=sometimes: 'sometimes' is not auto, on or off",
+        ),
         (
             vec!["size=0"],
             "size=0: size 0 B is smaller than one 4 MiB chunk",
@@ -607,13 +619,15 @@ attempt('read-healed', lambda: h.pread(65536, 65536) == b'3' * 65536 or 1 / 0)"
 
 #[test]
 fn a_lost_device_fails_every_later_request_and_the_status_file_says_so() {
+    // Batch 1 zeroes the eager chunks; batch 3 is the second write (whole
+    // blocks: one batch each, or one mapped write each).
     let mut server = serve(&["size=8M", "inject-lost-from-batch=3"]);
     let out = nbdsh(
         &server.uri(),
         &format!(
             "{TRY}
-attempt('before', lambda: h.pwrite(b'x' * 4096, 0))
-attempt('lost', lambda: h.pwrite(b'y' * 4096, 4096))
+attempt('before', lambda: h.pwrite(b'x' * 65536, 0))
+attempt('lost', lambda: h.pwrite(b'y' * 65536, 65536))
 attempt('read-written', lambda: h.pread(4096, 0))
 attempt('read-fresh', lambda: h.pread(4096, 1 << 20))
 attempt('trim', lambda: h.trim(65536, 0))"

@@ -220,15 +220,17 @@ fn a_full_gpu_fails_writes_with_enospc_and_recovers_after_trim() {
 fn a_lost_device_fails_every_later_request_with_eio() {
     use vramswap::backend::faulty::{FaultPlan, FaultyBackend};
     for_each_backend(|kind| {
-        // Batch 1 zeroes the eager chunks, batch 2 is the first write.
+        // Batch 1 zeroes the eager chunks, batch 2 is the first write (a
+        // whole block: one batch, or one mapped write).
         let plan = FaultPlan {
             lost_from_batch: Some(3),
             ..Default::default()
         };
         let backend = Arc::new(FaultyBackend::new(open_backend(kind, None), plan));
         let store = BlockStore::open(backend, &config(8 * MIB, AllocationPolicy::Eager)).unwrap();
-        store.write(&[1; 4096], 0).unwrap();
-        let err = store.write(&[2; 4096], 8192).unwrap_err();
+        let block = vec![1u8; BLOCK_SIZE as usize];
+        store.write(&block, 0).unwrap();
+        let err = store.write(&block, 2 * BLOCK_SIZE).unwrap_err();
         assert_eq!(err.errno(), libc::EIO, "{kind}: {err}");
         // Even reads of never-written blocks, which need no GPU, now fail:
         // the store cannot vouch for anything any more.

@@ -190,6 +190,26 @@ impl fmt::Display for Backend {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+pub enum Mapped {
+    /// Mapped where the device maps nearly all its VRAM.
+    Auto,
+    /// Mapped, or refuse to start.
+    On,
+    /// Writes by DMA through pinned staging.
+    Off,
+}
+
+impl fmt::Display for Mapped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mapped::Auto => "auto",
+            Mapped::On => "on",
+            Mapped::Off => "off",
+        })
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 pub enum Allocation {
     /// All VRAM at start: swap never finds the GPU full later.
     Eager,
@@ -233,6 +253,12 @@ pub struct StartArgs {
     /// When VRAM is taken [default: eager].
     #[arg(long, value_enum)]
     pub allocation: Option<Allocation>,
+    /// Keep the area in VRAM the CPU maps (resizable BAR), so swap-out is
+    /// CPU stores straight into VRAM with no staging copy or DMA; auto
+    /// where the mappable window covers nearly all VRAM, on refuses to
+    /// start without it (the plugin's mapped=) [default: auto].
+    #[arg(long, value_enum)]
+    pub mapped: Option<Mapped>,
     /// Swap priority: above disk swap (negative), below zram (100) [default: 50].
     #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i32>,

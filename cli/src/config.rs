@@ -46,6 +46,9 @@ pub struct Settings {
     pub reserve: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allocation: Option<String>,
+    /// The plugin's mapped=: "auto", "on" or "off".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapped: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -88,6 +91,7 @@ impl From<&StartArgs> for Settings {
             size: args.size.clone(),
             reserve: args.reserve.clone(),
             allocation: args.allocation.map(|a| a.to_string()),
+            mapped: args.mapped.map(|m| m.to_string()),
             priority: args.priority,
             nbd: args.nbd.clone(),
             connections: args.connections,
@@ -180,6 +184,7 @@ impl Settings {
             size: pick(&self.size, &over.size),
             reserve: pick(&self.reserve, &over.reserve),
             allocation: pick(&self.allocation, &over.allocation),
+            mapped: pick(&self.mapped, &over.mapped),
             priority: pick(&self.priority, &over.priority),
             nbd: pick(&self.nbd, &over.nbd),
             connections: pick(&self.connections, &over.connections),
@@ -211,6 +216,7 @@ impl Settings {
             ("size", &self.size),
             ("reserve", &self.reserve),
             ("allocation", &self.allocation),
+            ("mapped", &self.mapped),
             ("verify", &verify),
             ("scrub", &self.scrub),
         ] {

@@ -51,6 +51,10 @@ pub struct DeviceJson {
     pub memory_total: u64,
     pub memory_available: u64,
     pub dedicated_transfer_queue: bool,
+    /// Bytes of VRAM the CPU can map (the BAR window).
+    pub mappable: u64,
+    /// Whether `mapped=auto` keeps chunks there (writes by CPU stores).
+    pub mapped_writes: bool,
 }
 
 impl From<&DeviceInfo> for DeviceJson {
@@ -68,6 +72,8 @@ impl From<&DeviceInfo> for DeviceJson {
             memory_total: d.memory.total,
             memory_available: d.memory.available,
             dedicated_transfer_queue: d.dedicated_transfer_queue,
+            mappable: d.mappable,
+            mapped_writes: d.maps_all_memory(),
         }
     }
 }
@@ -123,12 +129,12 @@ pub fn run(gpus: &dyn Gpus, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<3} {:<7} {:<32} {:<8} {:<36} {:<13} {:>10} {:>10} DMA QUEUE",
-        "#", "BACKEND", "NAME", "VENDOR", "UUID", "PCI", "TOTAL", "AVAILABLE"
+        "{:<3} {:<7} {:<32} {:<8} {:<36} {:<13} {:>10} {:>10} {:<9} {:>10} MAPPED WRITES",
+        "#", "BACKEND", "NAME", "VENDOR", "UUID", "PCI", "TOTAL", "AVAILABLE", "DMA QUEUE", "BAR"
     );
     for d in &devices {
         println!(
-            "{:<3} {:<7} {:<32} {:<8} {:<36} {:<13} {:>10} {:>10} {}",
+            "{:<3} {:<7} {:<32} {:<8} {:<36} {:<13} {:>10} {:>10} {:<9} {:>10} {}",
             d.index,
             d.backend,
             truncate(&d.name, 32),
@@ -141,7 +147,13 @@ pub fn run(gpus: &dyn Gpus, json: bool) -> Result<()> {
                 "dedicated"
             } else {
                 "shared"
-            }
+            },
+            if d.mappable == 0 {
+                "-".to_string()
+            } else {
+                ByteSize(d.mappable).to_string()
+            },
+            if d.maps_all_memory() { "yes" } else { "no" }
         );
     }
     Ok(())

@@ -79,17 +79,20 @@ pub fn write(store: &RwLock<Option<Arc<BlockStore>>>) {
     // file last renamed holds the latest counts, and two writers never
     // share the temporary file.
     let _one = WRITING.lock().unwrap_or_else(PoisonError::into_inner);
-    let (failure, checksum_errors) = store
+    let (failure, checksum_errors, mapped) = store
         .read()
         .unwrap_or_else(PoisonError::into_inner)
         .as_ref()
-        .map_or((None, 0), |s| (s.failure(), s.checksum_errors()));
+        .map_or((None, 0, false), |s| {
+            (s.failure(), s.checksum_errors(), s.mapped())
+        });
     let report = serde_json::json!({
         "failure": failure,
         "failed_requests": FAILED.load(Ordering::Relaxed),
         "nospace_requests": NOSPACE.load(Ordering::Relaxed),
         "panics": PANICS.load(Ordering::Relaxed),
         "checksum_errors": checksum_errors,
+        "mapped": mapped,
         "warm_connections": crate::warmup::warm_connections(),
         "updated": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
     });

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use super::selftest::{SelfTest, StepResult, TestChunk, TestStep};
 use super::{
-    Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, TransferOp, CHUNK_SIZE,
+    Backend, BackendError, ChunkId, DeviceInfo, Fill, Lane, MemoryReport, TransferOp, CHUNK_SIZE,
 };
 
 /// Which faults to inject. `None` never fails.
@@ -47,13 +47,43 @@ struct Counters {
     lost: AtomicBool,
 }
 
+impl Counters {
+    /// Counts one more batch (a lane's, or a mapped write): the error it
+    /// completes with under `plan`, if any.
+    fn batch(&self, plan: &FaultPlan) -> Result<Option<BackendError>, BackendError> {
+        if self.lost.load(Ordering::Acquire) {
+            return Err(BackendError::DeviceLost);
+        }
+        let n = self.batches.fetch_add(1, Ordering::AcqRel) + 1;
+        Ok(if plan.lost_from_batch.is_some_and(|from| n >= from) {
+            // The batch may run or not, as on a GPU that resets mid-copy.
+            self.lost.store(true, Ordering::Release);
+            Some(BackendError::DeviceLost)
+        } else if plan.batch_fails_at == Some(n) {
+            Some(BackendError::Api {
+                call: "injected",
+                detail: format!("batch {n} failed"),
+            })
+        } else {
+            None
+        })
+    }
+
+    /// Counts one more upload: whether `plan` corrupts it.
+    fn upload(&self, plan: &FaultPlan) -> bool {
+        let n = self.uploads.fetch_add(1, Ordering::AcqRel) + 1;
+        plan.corrupt_upload_at == Some(n)
+    }
+}
+
 /// Wraps a real backend and injects the faults of a [`FaultPlan`].
 pub struct FaultyBackend {
     inner: Arc<dyn Backend>,
     plan: FaultPlan,
     counters: Arc<Counters>,
-    /// The lane that forces the stuck bit, made at its first use.
-    stuck_lane: Mutex<Option<Box<dyn Lane>>>,
+    /// The lane that forces the stuck bit and corrupts mapped writes,
+    /// made at its first use.
+    fault_lane: Mutex<Option<Box<dyn Lane>>>,
 }
 
 impl FaultyBackend {
@@ -67,8 +97,23 @@ impl FaultyBackend {
                 uploads: AtomicU64::new(0),
                 lost: AtomicBool::new(false),
             }),
-            stuck_lane: Mutex::new(None),
+            fault_lane: Mutex::new(None),
         }
+    }
+
+    /// Changes a word of device memory on the wrapper's own lane.
+    fn change_word(
+        &self,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        change: impl Fn(u32) -> u32,
+    ) -> Result<(), BackendError> {
+        let mut lane = self.fault_lane.lock().unwrap_or_else(|e| e.into_inner());
+        let lane = match &mut *lane {
+            Some(lane) => lane,
+            empty => empty.insert(self.inner.create_lane(64 << 10)?),
+        };
+        change_word(lane.as_mut(), chunk, chunk_offset, change)
     }
 }
 
@@ -126,6 +171,29 @@ impl Backend for FaultyBackend {
         self.inner.free_chunk(chunk)
     }
 
+    fn mapped(&self) -> bool {
+        self.inner.mapped()
+    }
+
+    /// A mapped write is one batch, and (with bytes) one upload, of the
+    /// plan: it fails, loses the device or lands corrupted as a lane's
+    /// batch would.
+    fn write_mapped(
+        &self,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        fill: Fill<'_>,
+    ) -> Result<(), BackendError> {
+        let fault = self.counters.batch(&self.plan)?;
+        let corrupt = matches!(fill, Fill::Bytes(_)) && self.counters.upload(&self.plan);
+        self.inner.write_mapped(chunk, chunk_offset, fill)?;
+        if corrupt {
+            let bit = 1u32 << (8 * (chunk_offset % 4));
+            self.change_word(chunk, chunk_offset - chunk_offset % 4, |v| v ^ bit)?;
+        }
+        fault.map_or(Ok(()), Err)
+    }
+
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
         Ok(Box::new(FaultyLane {
             inner: self.inner.create_lane(staging_bytes)?,
@@ -155,14 +223,9 @@ impl SelfTest for FaultyBackend {
             return Ok(result);
         };
         if step.op.writes() {
-            let mut lane = self.stuck_lane.lock().unwrap_or_else(|e| e.into_inner());
-            let lane = match &mut *lane {
-                Some(lane) => lane,
-                empty => empty.insert(self.inner.create_lane(64 << 10)?),
-            };
             let offset = at % CHUNK_SIZE;
             let bit = 1u32 << (8 * (offset % 4));
-            change_word(lane.as_mut(), test.chunk, offset - offset % 4, |v| v | bit)?;
+            self.change_word(test.chunk, offset - offset % 4, |v| v | bit)?;
         }
         Ok(result)
     }
@@ -189,22 +252,7 @@ impl Lane for FaultyLane {
     }
 
     fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
-        if self.counters.lost.load(Ordering::Acquire) {
-            return Err(BackendError::DeviceLost);
-        }
-        let n = self.counters.batches.fetch_add(1, Ordering::AcqRel) + 1;
-        self.fail_this = if self.plan.lost_from_batch.is_some_and(|from| n >= from) {
-            // The batch may run or not, as on a GPU that resets mid-copy.
-            self.counters.lost.store(true, Ordering::Release);
-            Some(BackendError::DeviceLost)
-        } else if self.plan.batch_fails_at == Some(n) {
-            Some(BackendError::Api {
-                call: "injected",
-                detail: format!("batch {n} failed"),
-            })
-        } else {
-            None
-        };
+        self.fail_this = self.counters.batch(&self.plan)?;
         self.corrupt_this = None;
         for op in ops {
             if let TransferOp::Upload {
@@ -213,8 +261,7 @@ impl Lane for FaultyLane {
                 ..
             } = *op
             {
-                let n = self.counters.uploads.fetch_add(1, Ordering::AcqRel) + 1;
-                if self.plan.corrupt_upload_at == Some(n) {
+                if self.counters.upload(&self.plan) {
                     self.corrupt_this = Some((chunk, chunk_offset));
                 }
             }

@@ -165,6 +165,7 @@ impl BlockStore {
             lanes = config.lanes,
             staging = %ByteSize(config.staging_bytes as u64),
             verify = config.verify,
+            mapped = store.backend.mapped(),
             readahead = store.readahead.as_ref().map_or(0, |r| r.stats().windows),
             "block store ready to allocate"
         );
@@ -327,6 +328,11 @@ impl BlockStore {
     /// About how many lane-sized pieces a request splits into.
     fn piece_count(&self, offset: u64, len: u64) -> usize {
         piece_count(offset, len, self.lanes.piece_bytes)
+    }
+
+    /// Whether writes go straight into mapped VRAM (`mapped=`).
+    pub fn mapped(&self) -> bool {
+        self.backend.mapped()
     }
 
     /// Reads of blocks that failed their checksum, since open.

@@ -31,7 +31,18 @@ impl ChunkSlot {
     pub(super) fn read_chunk(&self) -> RwLockReadGuard<'_, Option<ChunkId>> {
         self.chunk.read().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The chunk with its lock held shared, or `None` (and no lock) while
+    /// none is allocated.
+    pub(super) fn chunk_now(&self) -> Option<(ChunkGuard<'_>, ChunkId)> {
+        let guard = self.read_chunk();
+        let chunk = (*guard)?;
+        Some((guard, chunk))
+    }
 }
+
+/// A chunk's lock, held shared while its bytes are used.
+pub(super) type ChunkGuard<'a> = RwLockReadGuard<'a, Option<ChunkId>>;
 
 /// Counts the changes to one chunk's bytes: begun and finished. A
 /// read-ahead window remembers the count it was filled at and serves only

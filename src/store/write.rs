@@ -14,10 +14,10 @@ use arrayvec::ArrayVec;
 use super::config::AllocationPolicy;
 use super::error::StoreError;
 use super::lanes::Lanes;
-use super::slots::{pieces, segment, whole_blocks_mask, Piece, Segment};
+use super::slots::{pieces, segment, whole_blocks_mask, ChunkGuard, Piece, Segment};
 use super::BlockStore;
 use crate::backend::{
-    copy_to_staging, BackendError, ChunkId, Lane, TransferOp, BLOCKS_PER_CHUNK, BLOCK_SIZE,
+    copy_to_staging, BackendError, ChunkId, Fill, Lane, TransferOp, BLOCKS_PER_CHUNK, BLOCK_SIZE,
     CHUNK_SIZE,
 };
 use crate::checksum::{self, Checksums};
@@ -97,6 +97,9 @@ impl BlockStore {
         if len == 0 {
             return Ok(());
         }
+        if self.backend.mapped() {
+            return self.write_mapped_from(source, offset, len);
+        }
         let mut lanes = self.lanes.acquire(self.piece_count(offset, len));
         let mut done = 0u64;
         while done < len {
@@ -104,16 +107,7 @@ impl BlockStore {
             let slot = &self.slots[seg.slot];
             // Goes after the drain below: the change is done on the GPU.
             let _change = slot.changes.begin();
-            let (guard, chunk) = loop {
-                let guard = slot.read_chunk();
-                if let Some(chunk) = *guard {
-                    break (guard, chunk);
-                }
-                drop(guard);
-                // Lazy: the first write takes the chunk. It is allocated
-                // again if a trim gave it back between here and the lock.
-                self.allocate_slot(seg.slot, lanes.first())?;
-            };
+            let (guard, chunk) = self.chunk_for_write(seg.slot, lanes.first())?;
             let part = source.part(done as usize, seg.len as usize);
             let result = self.write_segment(&mut lanes, seg, chunk, part);
             let drained = lanes.drain();
@@ -122,6 +116,135 @@ impl BlockStore {
             done += seg.len;
         }
         Ok(())
+    }
+
+    /// [`BlockStore::write_from`] where chunks are mapped: each segment is
+    /// stored by CPU stores straight into VRAM, with no staging copy, no
+    /// batch and no wait. With `verify`, a segment that covers a block in
+    /// part still goes through a lane: its checksum needs that block's old
+    /// bytes, which the DMA engine reads far faster than the CPU can read
+    /// them back through the mapping.
+    fn write_mapped_from(
+        &self,
+        source: Source<'_>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), StoreError> {
+        let mut done = 0u64;
+        while done < len {
+            let seg = segment(offset + done, len - done);
+            let part = source.part(done as usize, seg.len as usize);
+            let whole = seg.start % BLOCK_SIZE == 0 && seg.len % BLOCK_SIZE == 0;
+            let slot = &self.slots[seg.slot];
+            let _change = slot.changes.begin();
+            if self.checksums.is_some() && !whole {
+                let mut lanes = self.lanes.acquire(self.piece_count(offset + done, seg.len));
+                let (guard, chunk) = self.chunk_for_write(seg.slot, lanes.first())?;
+                let result = self.write_segment(&mut lanes, seg, chunk, part);
+                let drained = lanes.drain();
+                drop(guard);
+                self.outcome(result.and(drained))?;
+            } else {
+                let (guard, chunk) = match slot.chunk_now() {
+                    Some(held) => held,
+                    None => self.chunk_for_write(seg.slot, self.lanes.one().first())?,
+                };
+                let result = self.write_segment_mapped(seg, chunk, part);
+                drop(guard);
+                self.outcome(result)?;
+            }
+            done += seg.len;
+        }
+        Ok(())
+    }
+
+    /// The slot's chunk, held shared for a write; a lazy store allocates it
+    /// (zeroed on `lane`) at its first write, again if a trim gave it back
+    /// between the allocation and the lock.
+    fn chunk_for_write(
+        &self,
+        slot_index: usize,
+        lane: &mut dyn Lane,
+    ) -> Result<(ChunkGuard<'_>, ChunkId), StoreError> {
+        loop {
+            if let Some(held) = self.slots[slot_index].chunk_now() {
+                return Ok(held);
+            }
+            self.allocate_slot(slot_index, lane)?;
+        }
+    }
+
+    /// Stores one segment through the chunk's mapping. A block the segment
+    /// covers only in part and that holds no data yet gets zeros around the
+    /// new bytes first, its busy bit held meanwhile (as a lane's write
+    /// zeroes it first in its batch).
+    fn write_segment_mapped(
+        &self,
+        seg: Segment,
+        chunk: ChunkId,
+        source: Source<'_>,
+    ) -> Result<(), BackendError> {
+        let piece = Piece {
+            slot: seg.slot,
+            start: seg.start,
+            len: seg.len,
+            buf: 0,
+        };
+        let whole = piece.whole_block_mask();
+        let mut busy_bits = 0u64;
+        let mut result = Ok(());
+        for block in [piece.first_block(), piece.last_block()] {
+            let bit = 1u64 << block;
+            if (whole | busy_bits) & bit != 0 || !self.claim_block_init(seg.slot, bit) {
+                continue;
+            }
+            busy_bits |= bit;
+            let (from, to) = piece.block_range(block);
+            let block_start = block as u64 * BLOCK_SIZE;
+            for (at, len) in [
+                (block_start, from - block_start),
+                (to, block_start + BLOCK_SIZE - to),
+            ] {
+                if len > 0 && result.is_ok() {
+                    result = self
+                        .backend
+                        .write_mapped(chunk, at, Fill::Zeros(len as usize));
+                }
+            }
+        }
+        let sums = self.block_sums(&piece, source.for_piece(&piece));
+        if let Some(checksums) = &self.checksums {
+            for block in piece.first_block()..=piece.last_block() {
+                checksums.begin_write(seg.slot * BLOCKS_PER_CHUNK + block);
+            }
+        }
+        if result.is_ok() {
+            let fill = match source {
+                Source::Bytes(bytes) => Fill::Bytes(bytes),
+                Source::Zeros => Fill::Zeros(seg.len as usize),
+            };
+            result = self.backend.write_mapped(chunk, seg.start, fill);
+        }
+        let slot = &self.slots[seg.slot];
+        if let Some(checksums) = &self.checksums {
+            let base = seg.slot * BLOCKS_PER_CHUNK;
+            let blocks = sums.iter().enumerate();
+            for (block, &sum) in blocks
+                .take(piece.last_block() + 1)
+                .skip(piece.first_block())
+            {
+                // Only whole blocks come here with `verify` (see above).
+                if result.is_ok() && whole & (1 << block) != 0 {
+                    checksums.set(base + block, sum);
+                }
+                checksums.end_write(base + block);
+            }
+        }
+        if result.is_ok() {
+            slot.data.fetch_or(whole | busy_bits, Ordering::AcqRel);
+        }
+        self.release_busy(seg.slot, busy_bits);
+        result
     }
 
     /// Makes `len` bytes at `offset` read as zeros (the range is checked
@@ -257,6 +380,25 @@ impl BlockStore {
                     sums.fill(checksums.zero_block());
                 }
             }
+        }
+        sums
+    }
+
+    /// With `verify`, the checksum of each block a piece covers whole, from
+    /// the caller's bytes (`None`: zeros).
+    fn block_sums(&self, piece: &Piece, src: Option<&[u8]>) -> [u32; BLOCKS_PER_CHUNK] {
+        let mut sums = [0; BLOCKS_PER_CHUNK];
+        let Some(checksums) = &self.checksums else {
+            return sums;
+        };
+        let whole = piece.whole_block_mask();
+        for (block, sum) in sums.iter_mut().enumerate() {
+            if whole & (1 << block) == 0 {
+                continue;
+            }
+            let (from, to) = piece.block_range(block);
+            let range = (from - piece.start) as usize..(to - piece.start) as usize;
+            *sum = src.map_or(checksums.zero_block(), |src| checksum::block(&src[range]));
         }
         sums
     }

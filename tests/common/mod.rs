@@ -41,17 +41,25 @@ pub fn backend_kinds() -> Vec<BackendKind> {
         .collect()
 }
 
-/// `mapped=` for the backends tests open: `VRAMSWAP_TEST_MAPPED`, else
-/// auto (mapped wherever the device allows, which includes lavapipe).
-pub fn test_mapped() -> MappedMode {
+/// The `mapped=` modes each test runs under: `VRAMSWAP_TEST_MAPPED`
+/// (auto, on or off), else both off and auto (mapped wherever the device
+/// allows, which includes lavapipe), so both write paths are tested.
+pub fn test_mapped_modes() -> Vec<MappedMode> {
     match std::env::var("VRAMSWAP_TEST_MAPPED") {
-        Ok(v) => v.parse().expect("VRAMSWAP_TEST_MAPPED: auto, on or off"),
-        Err(_) => MappedMode::Auto,
+        Ok(v) => vec![v.parse().expect("VRAMSWAP_TEST_MAPPED: auto, on or off")],
+        Err(_) => vec![MappedMode::Off, MappedMode::Auto],
     }
 }
 
+thread_local! {
+    /// The mode [`for_each_backend`] is running the test under.
+    static MAPPED: std::cell::Cell<MappedMode> = std::cell::Cell::new(test_mapped_modes()[0]);
+}
+
+/// Opens a backend the way the running test asks (see
+/// [`for_each_backend`]).
 pub fn open_backend(kind: BackendKind, memory_limit: Option<u64>) -> Arc<dyn Backend> {
-    open_backend_mapped(kind, memory_limit, test_mapped())
+    open_backend_mapped(kind, memory_limit, MAPPED.with(|m| m.get()))
 }
 
 pub fn open_backend_mapped(
@@ -77,11 +85,15 @@ pub fn open_backend_mapped(
     })
 }
 
-/// Runs `test` once per backend, saying which one failed.
+/// Runs `test` once per backend and `mapped=` mode (what
+/// [`open_backend`] opens), saying which one failed.
 pub fn for_each_backend(test: impl Fn(BackendKind)) {
     for kind in backend_kinds() {
-        eprintln!("--- backend {kind}");
-        test(kind);
+        for mapped in test_mapped_modes() {
+            eprintln!("--- backend {kind} mapped={mapped}");
+            MAPPED.with(|m| m.set(mapped));
+            test(kind);
+        }
     }
 }
 
