@@ -6,6 +6,9 @@
 //!   DMA ceiling;
 //! - `nbd-throughput.png`, `nbd-iops.png`, `nbd-latency.png` from
 //!   `nbd-compare.csv`: every server against nbdkit's memory plugin;
+//! - `nbd-vs-PEER.png` from `nbd-compare.csv`, one per peer of
+//!   `nbd-compare --peer` (nbd-vram, nbdkit-vram): every shape's ratio of
+//!   each vramswap server to that peer, from the same run;
 //! - `scaling.png` from `scaling.csv`: start-up time and server memory by
 //!   export size.
 //!
@@ -254,6 +257,189 @@ fn bars(
     Ok(Some(out.clone()))
 }
 
+/// Units of the shapes held against another server: throughput and IOPS
+/// (higher is better), latency and longest requests (lower is better).
+const HIGHER: [&str; 2] = ["GB/s", "IOPS"];
+const LOWER: [&str; 2] = ["us", "ms"];
+
+/// One `nbd-vs-PEER.png` per peer in `nbd-compare.csv`: for every shape,
+/// how each vramswap server compares with the peer from the same run, as a
+/// horizontal bar on a log scale around parity: ours / theirs for
+/// throughput and IOPS, theirs / ours for latency, so right of 1 is better
+/// for us either way. vramswap servers are the ones with lazy-export memory
+/// rows (`server-rss-lazy-*`), peers every other server but `memory`.
+fn versus(dir: &Path, rows: &[BTreeMap<String, String>]) -> Result<Vec<PathBuf>> {
+    let mut servers: Vec<String> = Vec::new();
+    let mut tests: Vec<(String, String)> = Vec::new();
+    for row in rows {
+        if !servers.contains(&row["server"]) {
+            servers.push(row["server"].clone());
+        }
+        if !tests.iter().any(|t| t.0 == row["test"]) {
+            tests.push((row["test"].clone(), row["unit"].clone()));
+        }
+    }
+    let ours: Vec<String> = servers
+        .iter()
+        .filter(|s| {
+            rows.iter()
+                .any(|r| &r["server"] == *s && r["test"].starts_with("server-rss-lazy-"))
+        })
+        .cloned()
+        .collect();
+    let peers: Vec<String> = servers
+        .iter()
+        .filter(|s| *s != "memory" && !ours.contains(s))
+        .cloned()
+        .collect();
+    let value = |test: &str, server: &str| -> Option<f64> {
+        rows.iter()
+            .find(|r| r["test"] == test && r["server"] == server)
+            .and_then(|r| r["value"].parse().ok())
+            .filter(|v: &f64| *v > 0.0)
+    };
+    let mut drawn = Vec::new();
+    if ours.is_empty() {
+        return Ok(drawn);
+    }
+    for peer in &peers {
+        // (shape, one ratio per server where both have a figure)
+        let shapes: Vec<(String, Vec<Option<f64>>)> = tests
+            .iter()
+            .filter(|(_, u)| HIGHER.contains(&u.as_str()) || LOWER.contains(&u.as_str()))
+            .filter_map(|(t, u)| {
+                let theirs = value(t, peer)?;
+                let ratios: Vec<Option<f64>> = ours
+                    .iter()
+                    .map(|s| {
+                        value(t, s).map(|v| {
+                            if HIGHER.contains(&u.as_str()) {
+                                v / theirs
+                            } else {
+                                theirs / v
+                            }
+                        })
+                    })
+                    .collect();
+                ratios
+                    .iter()
+                    .any(Option::is_some)
+                    .then(|| (t.clone(), ratios))
+            })
+            .collect();
+        if shapes.is_empty() {
+            continue;
+        }
+        let logs = shapes
+            .iter()
+            .flat_map(|s| s.1.iter().flatten().map(|r| r.log2()));
+        let (lo, hi) = logs.fold((-1f64, 1f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+        let (x0, x1) = ((lo - 0.4).max(-7.0), (hi + 0.4).min(7.0));
+        let out = dir.join(format!("nbd-vs-{peer}.png"));
+        let height = 140 + 26 * shapes.len() as u32 * ours.len().max(2) as u32 / 2;
+        let root = BitMapBackend::new(&out, (1200, height)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let n = shapes.len() as f64;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!(
+                    "vramswap vs {peer}, per shape, same run (right of 1x: better than {peer})"
+                ),
+                ("sans-serif", 24),
+            )
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(230)
+            .build_cartesian_2d(x0..x1, 0f64..n)?;
+        let names: Vec<String> = shapes.iter().map(|s| s.0.clone()).collect();
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_labels(shapes.len() * 2 + 1)
+            .y_label_formatter(&|y| {
+                // Shapes run top to bottom; a label at each row's middle.
+                let i = (n - y).floor() as usize;
+                if (y - y.floor() - 0.5).abs() < 0.01 && i < names.len() {
+                    names[i].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .x_desc(format!(
+                "ours / {peer}'s throughput or IOPS, {peer}'s / ours latency (log scale)"
+            ))
+            .x_label_formatter(&|x| {
+                let r = x.exp2();
+                if r >= 1.0 {
+                    format!("{r:.1}x")
+                } else if (1.0 / r - (1.0 / r).round()).abs() < 0.01 {
+                    format!("1/{:.0}x", 1.0 / r)
+                } else {
+                    format!("{r:.2}x")
+                }
+            })
+            .draw()?;
+        let height = 0.8 / ours.len() as f64;
+        for (k, server) in ours.iter().enumerate() {
+            let color = PALETTE[k % PALETTE.len()];
+            let bars: Vec<Rectangle<(f64, f64)>> = shapes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (_, ratios))| {
+                    let x = ratios[k]?.log2().clamp(x0, x1);
+                    let top = n - i as f64 - 0.1 - height * k as f64;
+                    Some(Rectangle::new(
+                        [(0.0, top), (x, top - height * 0.9)],
+                        color.filled(),
+                    ))
+                })
+                .collect();
+            chart
+                .draw_series(bars)?
+                .label(server.clone())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled())
+                });
+            let labels: Vec<Text<(f64, f64), String>> = shapes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (_, ratios))| {
+                    let r = ratios[k]?;
+                    let x = r.log2().clamp(x0, x1);
+                    let y = n - i as f64 - 0.1 - height * k as f64 - height * 0.1;
+                    let at = if x >= 0.0 {
+                        x + 0.03
+                    } else {
+                        // Left of a bar that goes left; inside one cut
+                        // off at the left edge.
+                        (x - 0.03 - 0.048 * (x1 - x0)).max(x0 + 0.02)
+                    };
+                    let text = if r < 0.1 {
+                        format!("{r:.3}x")
+                    } else {
+                        format!("{r:.2}x")
+                    };
+                    Some(Text::new(text, (at, y), ("sans-serif", 13).into_font()))
+                })
+                .collect();
+            chart.draw_series(labels)?;
+        }
+        chart.draw_series(std::iter::once(PathElement::new(
+            [(0.0, 0.0), (0.0, n)],
+            BLACK.stroke_width(2),
+        )))?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        drawn.push(out.clone());
+    }
+    Ok(drawn)
+}
+
 /// Start-up time and server memory against export size, per backend.
 fn scaling(dir: &Path) -> Result<Option<PathBuf>> {
     let path = dir.join("scaling.csv");
@@ -372,6 +558,7 @@ fn main() -> Result<()> {
                 "randwrite-4k-qd1-p99",
             ],
         )?);
+        drawn.extend(versus(&dir, &rows)?);
     }
     drawn.extend(scaling(&dir)?);
     if drawn.is_empty() {
