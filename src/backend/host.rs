@@ -170,6 +170,32 @@ impl Backend for HostBackend {
         Ok(())
     }
 
+    fn read_mapped(
+        &self,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        let len = dst.len() as u64;
+        let fits = len > 0
+            && chunk_offset
+                .checked_add(len)
+                .is_some_and(|e| e <= CHUNK_SIZE);
+        if !self.shared.mapped || !fits {
+            return Err(BackendError::OutOfBounds(format!(
+                "mapped read of {len} bytes at chunk offset {chunk_offset}"
+            )));
+        }
+        let chunks = self.shared.lock();
+        let data = chunks
+            .slots
+            .get(chunk.0 as usize)
+            .and_then(Option::as_ref)
+            .ok_or(BackendError::BadChunk(chunk))?;
+        dst.copy_from_slice(&data[span(chunk_offset, len)]);
+        Ok(())
+    }
+
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
         Ok(Box::new(HostLane {
             shared: self.shared.clone(),

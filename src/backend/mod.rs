@@ -545,6 +545,26 @@ pub trait Backend: Send + Sync {
         })
     }
 
+    /// Copies `dst.len()` bytes at `chunk_offset` of a chunk into `dst` by
+    /// CPU loads through its mapping (streaming loads where the CPU has
+    /// them): no staging, no queue, no wait. It sees every
+    /// [`Backend::write_mapped`] that returned, and every batch whose
+    /// [`Lane::wait`] returned, before it was called (by any thread that
+    /// has seen that return). The caller keeps the chunk allocated
+    /// meanwhile. Only where [`Backend::mapped`].
+    fn read_mapped(
+        &self,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        let _ = (chunk, chunk_offset, dst);
+        Err(BackendError::UnsupportedDevice {
+            device: self.device().name.clone(),
+            reason: "chunks are not mapped (mapped=off)".into(),
+        })
+    }
+
     /// Compute on chunks, for the VRAM self-test; `None` where the backend
     /// has none (CUDA: test the same GPU through Vulkan).
     fn self_test(&self) -> Option<&dyn selftest::SelfTest> {

@@ -534,6 +534,19 @@ impl DeviceShared {
         }
     }
 
+    pub(super) fn read_mapped(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        self.check_alive()?;
+        match &self.mapped {
+            Some(table) => table.read(chunk, offset, dst),
+            None => Err(BackendError::BadChunk(chunk)),
+        }
+    }
+
     /// The buffer of a chunk, for recording a copy.
     pub(super) fn chunk_buffer(&self, chunk: ChunkId) -> Result<vk::Buffer, BackendError> {
         match self

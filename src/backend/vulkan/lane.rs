@@ -79,6 +79,7 @@ impl VulkanLane {
         unsafe { device.begin_command_buffer(cmd, &begin) }
             .map_err(|e| conv::error("vkBeginCommandBuffer", e))?;
         let mut downloads = false;
+        let mut chunk_writes = false;
         // What the steps since the last barrier did to chunks: a later
         // step that touches the same kind of bytes waits for them (copies
         // in one command buffer may otherwise run in any order).
@@ -94,6 +95,7 @@ impl VulkanLane {
             }
             if writes_chunk {
                 written = true;
+                chunk_writes = true;
             } else {
                 read = true;
             }
@@ -143,8 +145,11 @@ impl VulkanLane {
                 }
             }
         }
-        if downloads {
-            // Makes the copied bytes visible to the CPU once the fence signals.
+        // Makes the copied bytes visible to the CPU once the fence signals:
+        // the staging a download wrote, and where chunks are mapped, the
+        // chunk bytes an upload or a zero wrote, which reads through the
+        // mapping (`Backend::read_mapped`) then see.
+        if downloads || (chunk_writes && self.shared.is_mapped()) {
             self.barrier(vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ);
         }
         // SAFETY: the command buffer is recording.

@@ -102,6 +102,15 @@ impl Backend for VulkanBackend {
         self.shared.write_mapped(chunk, chunk_offset, fill)
     }
 
+    fn read_mapped(
+        &self,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        self.shared.read_mapped(chunk, chunk_offset, dst)
+    }
+
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
         let queue = self.next_queue.fetch_add(1, Ordering::Relaxed);
         Ok(Box::new(VulkanLane::new(
