@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
-use vramswap::backend::{BackendKind, BLOCK_SIZE, CHUNK_SIZE};
+use vramswap::backend::{Backend, BackendKind, BLOCK_SIZE, CHUNK_SIZE};
 use vramswap::{AllocationPolicy, BlockStore, SizeSpec, StoreConfig, StoreError};
 
 use common::{for_each_backend, open_backend, Counting};
@@ -578,6 +578,83 @@ fn streams_racing_writes_never_read_bytes_older_than_a_finished_write() {
 /// lanes, and far more than queues, so threads wait for lanes and their
 /// batches wait behind each other's on a queue. Every thread must be woken
 /// for its own batch (a lost wake-up hangs here) and find its own bytes.
+/// Where chunks are mapped (`VRAMSWAP_TEST_MAPPED`, auto: host model and
+/// lavapipe), reads of up to 8 KiB without `verify` are CPU loads through
+/// the mapping, with no lane; they see what DMA writes and zeroes left, as
+/// a DMA read does. Larger reads, and every read with `verify`, still go
+/// through the lanes. Unmapped, every read does.
+#[test]
+fn small_reads_of_mapped_chunks_load_through_the_mapping() {
+    for_each_backend(|kind| {
+        for verify in [false, true] {
+            let counting = Arc::new(Counting::new(open_backend(kind, None)));
+            let mapped = counting.mapped();
+            let config = StoreConfig {
+                verify,
+                ..config(12 * MIB, AllocationPolicy::Lazy)
+            };
+            let store = BlockStore::open(counting.clone(), &config).unwrap();
+            let size = 12 * MIB as usize;
+            let mut model = vec![0u8; size];
+            // Whole chunks, partial blocks into fresh and written blocks,
+            // and zeroed ranges, all by DMA.
+            for (seed, offset, len) in [
+                (1, 0, 2 * MIB as usize),
+                (2, 5 * MIB as usize + 100, 3000),
+                (3, 3 * MIB as usize - 70_000, 140_000),
+                (4, 8 * MIB as usize + 4096, 4096),
+            ] {
+                let data = pattern(seed, len);
+                store.write(&data, offset as u64).unwrap();
+                model[offset..offset + len].copy_from_slice(&data);
+            }
+            for (offset, len) in [(10_000, 50_000), (MIB as usize, 65_536 + 17)] {
+                store.zero(offset as u64, len as u64).unwrap();
+                model[offset..offset + len].fill(0);
+            }
+            let dma_before = counting.downloads.load(Ordering::Relaxed);
+            let small: &[(usize, usize)] = &[
+                (0, 4096),
+                (4096 * 3, 4096),
+                (1, 1),
+                (65_536 - 3, 6),
+                (65_536 - 4096, 8192),
+                (9_000, 8192),
+                (MIB as usize + 65_536 - 10, 8192),
+                (2 * MIB as usize - 2048, 4096),
+                (3 * MIB as usize - 70_000, 8192),
+                (4 * MIB as usize - 100, 200),
+                (5 * MIB as usize, 4096),
+                (8 * MIB as usize + 4096, 4096),
+                (11 * MIB as usize, 4096),
+            ];
+            for &(offset, len) in small {
+                let mut buf = vec![0xeeu8; len];
+                store.read(&mut buf, offset as u64).unwrap();
+                assert!(buf == model[offset..offset + len], "{kind}: {offset}+{len}");
+            }
+            let loads = counting.mapped_reads.load(Ordering::Relaxed);
+            let dma = counting.downloads.load(Ordering::Relaxed) - dma_before;
+            if mapped && !verify {
+                assert!(loads > 0, "{kind}: no read went through the mapping");
+                assert_eq!(dma, 0, "{kind}: a small read took a lane");
+            } else {
+                assert_eq!(
+                    loads, 0,
+                    "{kind} (verify {verify}): read through the mapping"
+                );
+                assert!(dma > 0, "{kind}: no read was downloaded");
+            }
+            // One byte past the limit: by DMA again.
+            let mut buf = vec![0u8; 8193];
+            store.read(&mut buf, 60_000).unwrap();
+            assert!(buf == model[60_000..68_193], "{kind}: a larger read");
+            assert!(counting.downloads.load(Ordering::Relaxed) > dma_before + dma);
+            assert_eq!(counting.mapped_reads.load(Ordering::Relaxed), loads);
+        }
+    });
+}
+
 #[test]
 fn many_threads_of_small_requests_each_get_their_own_bytes() {
     const THREADS: usize = 24;

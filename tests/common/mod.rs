@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 
 use vramswap::backend::{
-    self, Backend, BackendError, BackendKind, ChunkId, DeviceInfo, Lane, MappedMode, MemoryReport,
-    OpenOptions, TransferOp,
+    self, Backend, BackendError, BackendKind, ChunkId, DeviceInfo, Fill, Lane, MappedMode,
+    MemoryReport, OpenOptions, TransferOp,
 };
 
 pub fn init_logging() {
@@ -106,6 +106,8 @@ pub struct Counting {
     pub downloads: Arc<AtomicU64>,
     pub zeroes: Arc<AtomicU64>,
     pub allocations: AtomicU64,
+    /// Reads through the chunks' mapping ([`Backend::read_mapped`]).
+    pub mapped_reads: AtomicU64,
 }
 
 impl Counting {
@@ -117,6 +119,7 @@ impl Counting {
             downloads: Default::default(),
             zeroes: Default::default(),
             allocations: Default::default(),
+            mapped_reads: Default::default(),
         }
     }
 }
@@ -136,6 +139,21 @@ impl Backend for Counting {
     }
     fn free_chunk(&self, chunk: ChunkId) {
         self.inner.free_chunk(chunk)
+    }
+    fn mapped(&self) -> bool {
+        self.inner.mapped()
+    }
+    fn write_mapped(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        fill: Fill<'_>,
+    ) -> Result<(), BackendError> {
+        self.inner.write_mapped(chunk, offset, fill)
+    }
+    fn read_mapped(&self, chunk: ChunkId, offset: u64, dst: &mut [u8]) -> Result<(), BackendError> {
+        self.mapped_reads.fetch_add(1, Ordering::Relaxed);
+        self.inner.read_mapped(chunk, offset, dst)
     }
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
         Ok(Box::new(CountingLane {
