@@ -33,7 +33,8 @@ allocation=eager|lazy    take all VRAM at start (default; swap never finds
                          the GPU full) or a 4M chunk at its first write
 mapped=auto|on|off       keep VRAM in memory the CPU maps (resizable BAR), so
                          writes are CPU stores straight into VRAM with no
-                         staging copy or DMA; reads stay DMA. auto (default)
+                         staging copy or DMA; reads of up to 8K are CPU
+                         loads from it, larger ones DMA. auto (default)
                          where the mappable window covers nearly all VRAM;
                          on refuses to start without it
 lanes=N                  pinned staging buffers (default 64)
