@@ -9,11 +9,15 @@
 #   OLD=.devbin/base.so NEW=.devbin/small.so \
 #     bash docs/bench/h200-2026-12-04-speed/scripts/small.sh
 #
+# (From /work/main, whose tree the device tool sends, the two builds lie in
+# .devbin/small/: OLD=.devbin/small/base.so NEW=.devbin/small/small.so,
+# carry .devdebs and .devbin/small.)
 # base.so: main at 0ee13b1 (mapped chunks, reads by DMA); small.so: branch
 # small (reads of up to 8 KiB through the mapping where chunks are mapped:
 # Vulkan with mapped=auto on resizable BAR; CUDA is unchanged). Writes
 # $OUT/small-nbd.csv (server,shape,IOPS,p50 us,p99 us,p99.9 us,max ms) and
-# $OUT/small-nbd.txt.
+# $OUT/small-nbd.txt. BACKENDS (default "vulkan cuda"), SIZE (2G) and
+# SECONDS_PER (3, after a 1 s ramp) change the run.
 set -u
 source .devdebs/setup.sh >/dev/null 2>&1
 export XDG_RUNTIME_DIR=/tmp
@@ -26,9 +30,17 @@ SECONDS_PER=${SECONDS_PER:-3}
 mkdir -p "$OUT"
 work=$(mktemp -d)
 pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; rm -rf "$work"' EXIT
-servers=("vk-old $OLD backend=vulkan" "vk-new $NEW backend=vulkan"
-         "cuda-old $OLD backend=cuda" "cuda-new $NEW backend=cuda")
+cleanup() {
+    local p
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+BACKENDS=${BACKENDS:-vulkan cuda}
+servers=()
+for b in $BACKENDS; do
+    servers+=("$b-old $OLD backend=$b" "$b-new $NEW backend=$b")
+done
 for s in "${servers[@]}"; do
     read -r name so keys <<<"$s"
     rm -f "$work/$name.sock"
@@ -66,4 +78,4 @@ PY
     done
     round=$((round + 1))
 done
-column -s, -t "$csv" | tee "$OUT/small-nbd.txt"
+python3 -c "import csv,sys; [print('  '.join(f'{c:>10}' for c in r)) for r in csv.reader(open(sys.argv[1]))]" "$csv" | tee "$OUT/small-nbd.txt"
