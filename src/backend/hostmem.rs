@@ -179,7 +179,8 @@ fn zero_streaming(dst: &mut [u8]) {
 /// [`Backend::read_mapped`](super::Backend::read_mapped) reads through.
 /// Writes are streaming stores and a fence: mapped device memory is
 /// write-combined, and a store that read each line first would cross PCIe
-/// twice. Reads are streaming loads (see `copy_from_mapped`).
+/// twice. Reads are streaming loads (see `copy_from_mapped`). Used by the
+/// backends that map chunks: Vulkan, and CUDA through Vulkan.
 #[cfg_attr(not(feature = "vulkan"), allow(dead_code))]
 pub(crate) struct MappedChunks {
     /// Chunk id → address of its first byte (0: not mapped).

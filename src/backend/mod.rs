@@ -75,6 +75,27 @@ pub(crate) fn admit_chunk(held: u64, limit: Option<u64>) -> Result<(), BackendEr
     }
 }
 
+/// Whether chunks go to mappable VRAM: `auto` where the device maps (nearly)
+/// all of it, `on` only there (else the error names what is missing). The
+/// backends that map chunks: Vulkan, and CUDA through Vulkan.
+#[cfg(feature = "vulkan")]
+pub(crate) fn decide_mapped(info: &DeviceInfo, mode: MappedMode) -> Result<bool, BackendError> {
+    match mode {
+        MappedMode::Off => Ok(false),
+        MappedMode::Auto => Ok(info.maps_all_memory()),
+        MappedMode::On if info.maps_all_memory() => Ok(true),
+        MappedMode::On => Err(BackendError::UnsupportedDevice {
+            device: info.name.clone(),
+            reason: format!(
+                "mapped=on needs CPU-mappable VRAM, but the CPU can map only {} of its {} \
+                 (enable resizable BAR, or use mapped=auto)",
+                crate::size::ByteSize(info.mappable),
+                crate::size::ByteSize(info.memory.total)
+            ),
+        }),
+    }
+}
+
 /// A driver's fixed-size, NUL-terminated name buffer as a Rust string.
 #[cfg(any(feature = "vulkan", feature = "cuda"))]
 pub(crate) fn c_chars(chars: &[std::ffi::c_char]) -> String {

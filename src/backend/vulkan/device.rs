@@ -18,10 +18,9 @@ use super::instance::{Adapter, Instance};
 use crate::backend::hostmem::{LockedRegion, MappedChunks};
 use crate::backend::wait::{self, Naps, WaitPolicy};
 use crate::backend::{
-    admit_chunk, BackendError, ChunkId, DeviceKind, Fill, LostFlag, MappedMode, MemoryReport,
-    CHUNK_SIZE,
+    admit_chunk, decide_mapped, BackendError, ChunkId, DeviceKind, Fill, LostFlag, MappedMode,
+    MemoryReport, CHUNK_SIZE,
 };
-use crate::size::ByteSize;
 
 /// Queues of the transfer family used at once. NVIDIA exposes 2 transfer
 /// queues, AMD 1–2 SDMA queues; more lanes than queues share them.
@@ -557,28 +556,6 @@ impl DeviceShared {
             Some(raw) if raw != 0 => Ok(vk::Buffer::from_raw(raw)),
             _ => Err(BackendError::BadChunk(chunk)),
         }
-    }
-}
-
-/// Whether chunks go to mappable VRAM: `auto` where the device maps (nearly)
-/// all of it, `on` only there.
-fn decide_mapped(
-    info: &crate::backend::DeviceInfo,
-    mode: MappedMode,
-) -> Result<bool, BackendError> {
-    match mode {
-        MappedMode::Off => Ok(false),
-        MappedMode::Auto => Ok(info.maps_all_memory()),
-        MappedMode::On if info.maps_all_memory() => Ok(true),
-        MappedMode::On => Err(BackendError::UnsupportedDevice {
-            device: info.name.clone(),
-            reason: format!(
-                "mapped=on needs CPU-mappable VRAM, but the CPU can map only {} of its {} \
-                 (enable resizable BAR, or use mapped=auto)",
-                ByteSize(info.mappable),
-                ByteSize(info.memory.total)
-            ),
-        }),
     }
 }
 
