@@ -9,9 +9,12 @@ use tracing::{debug, warn};
 
 use super::conv;
 use super::driver::Adapter;
+#[cfg(feature = "vulkan")]
+use super::vkmem::Interop;
 use crate::backend::wait::{Naps, WaitPolicy, SPIN};
 use crate::backend::{
-    admit_chunk, BackendError, ChunkId, DeviceInfo, LostFlag, MemoryReport, CHUNK_SIZE,
+    admit_chunk, BackendError, ChunkId, DeviceInfo, Fill, LostFlag, MappedMode, MemoryReport,
+    CHUNK_SIZE,
 };
 
 /// State every lane and chunk of one device shares. Dropped when the last
@@ -32,6 +35,11 @@ pub(super) struct DeviceShared {
     /// only allocation and free write it, under `memory`.
     chunks: Box<[AtomicU64]>,
     memory: Mutex<Memory>,
+    /// Present when chunks live in Vulkan-exported VRAM the CPU writes
+    /// through a mapping (`mapped=`, `vkmem.rs`); else they are
+    /// `cuMemAlloc`'d.
+    #[cfg(feature = "vulkan")]
+    interop: Option<Interop>,
 }
 
 // SAFETY: the context handle is only passed to the driver, whose API is
@@ -49,7 +57,11 @@ struct Memory {
 }
 
 impl DeviceShared {
-    pub(super) fn open(adapter: Adapter, memory_limit: Option<u64>) -> Result<Self, BackendError> {
+    pub(super) fn open(
+        adapter: Adapter,
+        memory_limit: Option<u64>,
+        mapped: MappedMode,
+    ) -> Result<Self, BackendError> {
         let Adapter { device, info } = adapter;
         let mut ctx: sys::CUcontext = std::ptr::null_mut();
         // SAFETY: a device from `cuDeviceGet`; the out-pointer is valid. The
@@ -71,9 +83,12 @@ impl DeviceShared {
                 next_id: 0,
                 held: 0,
             }),
+            #[cfg(feature = "vulkan")]
+            interop: None,
         };
         shared.bind()?;
         shared.info.memory.available = shared.free_memory()?;
+        shared.open_mapped(mapped, capacity)?;
         debug!(
             device = %shared.info.name,
             bus = shared.info.pci_bus_id.as_deref().unwrap_or("?"),
@@ -81,6 +96,104 @@ impl DeviceShared {
             "CUDA device open"
         );
         Ok(shared)
+    }
+
+    /// Decides where chunks live (`mapped=`): in Vulkan-exported VRAM
+    /// where that works and covers the device's memory, else (`auto`) in
+    /// `cuMemAlloc`'d memory; `on` fails naming what is missing. Sets
+    /// `info.mappable` to what was found. The context is current.
+    #[cfg(feature = "vulkan")]
+    fn open_mapped(&mut self, mode: MappedMode, capacity: usize) -> Result<(), BackendError> {
+        if mode == MappedMode::Off {
+            return Ok(());
+        }
+        let opened = if super::driver::has_interop() {
+            Interop::open(&self.info.uuid, &self.info.name, capacity)
+        } else {
+            Err(BackendError::UnsupportedDevice {
+                device: self.info.name.clone(),
+                reason: "the CUDA driver cannot import Vulkan memory \
+                         (no cuImportExternalMemory)"
+                    .into(),
+            })
+        };
+        let (interop, mappable) = match opened {
+            Ok(opened) => opened,
+            Err(err) if mode == MappedMode::On => {
+                return Err(match err {
+                    BackendError::UnsupportedDevice { device, reason } => {
+                        BackendError::UnsupportedDevice {
+                            device,
+                            reason: format!("mapped=on: {reason}"),
+                        }
+                    }
+                    other => other,
+                })
+            }
+            Err(err) => {
+                debug!("{}: chunks not mapped: {err}", self.info.name);
+                return Ok(());
+            }
+        };
+        self.info.mappable = mappable;
+        if crate::backend::decide_mapped(&self.info, mode)? {
+            self.interop = Some(interop);
+        }
+        Ok(())
+    }
+
+    /// Without the Vulkan backend nothing can map CUDA's memory.
+    #[cfg(not(feature = "vulkan"))]
+    fn open_mapped(&mut self, mode: MappedMode, _capacity: usize) -> Result<(), BackendError> {
+        match mode {
+            MappedMode::On => Err(BackendError::UnsupportedDevice {
+                device: self.info.name.clone(),
+                reason: "mapped=on: CUDA's VRAM is mapped for the CPU through Vulkan, \
+                         and this build has no vulkan backend"
+                    .into(),
+            }),
+            MappedMode::Auto | MappedMode::Off => Ok(()),
+        }
+    }
+
+    /// Whether chunks are mapped for the CPU ([`Self::write_mapped`]).
+    pub(super) fn is_mapped(&self) -> bool {
+        #[cfg(feature = "vulkan")]
+        return self.interop.is_some();
+        #[cfg(not(feature = "vulkan"))]
+        false
+    }
+
+    pub(super) fn write_mapped(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        fill: Fill<'_>,
+    ) -> Result<(), BackendError> {
+        self.check_alive()?;
+        #[cfg(feature = "vulkan")]
+        if let Some(interop) = &self.interop {
+            return interop.write(chunk, offset, fill);
+        }
+        let _ = (offset, fill);
+        Err(BackendError::BadChunk(chunk))
+    }
+
+    /// A chunk's memory: a slot of a mapped block, or its own
+    /// `cuMemAlloc`. The context is current.
+    fn take_memory(&self, id: u32) -> Result<sys::CUdeviceptr, BackendError> {
+        #[cfg(feature = "vulkan")]
+        if let Some(interop) = &self.interop {
+            return interop.allocate(id);
+        }
+        let _ = id;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: the context is current; the out-pointer is valid. The
+        // allocation is freed by `free_chunk` or `Drop`.
+        conv::check("cuMemAlloc_v2", unsafe {
+            sys::cuMemAlloc_v2(&mut ptr, CHUNK_SIZE as usize)
+        })?;
+        Ok(ptr)
     }
 
     fn memory_lock(&self) -> MutexGuard<'_, Memory> {
@@ -155,13 +268,7 @@ impl DeviceShared {
         if id as usize >= self.chunks.len() {
             return Err(BackendError::OutOfDeviceMemory);
         }
-        let mut ptr: sys::CUdeviceptr = 0;
-        // SAFETY: the context is current; the out-pointer is valid. The
-        // allocation is freed by `free_chunk` or `Drop`.
-        conv::check("cuMemAlloc_v2", unsafe {
-            sys::cuMemAlloc_v2(&mut ptr, CHUNK_SIZE as usize)
-        })
-        .map_err(|e| self.note(e))?;
+        let ptr = self.take_memory(id).map_err(|e| self.note(e))?;
         if memory.free_ids.pop().is_none() {
             memory.next_id += 1;
         }
@@ -187,8 +294,14 @@ impl DeviceShared {
         }
         memory.free_ids.push(chunk.0);
         memory.held -= CHUNK_SIZE;
+        let bound = self.bind().is_ok();
+        #[cfg(feature = "vulkan")]
+        if let Some(interop) = &self.interop {
+            interop.free(chunk.0, bound);
+            return;
+        }
         // A lost device's memory goes back with its context, in `Drop`.
-        if self.bind().is_ok() {
+        if bound {
             // SAFETY: `ptr` came from `cuMemAlloc_v2` in this context and
             // was just taken out of the table, so it is freed once.
             let freed = conv::check("cuMemFree_v2", unsafe { sys::cuMemFree_v2(ptr) });
@@ -220,6 +333,15 @@ impl Drop for DeviceShared {
             let synced = unsafe { sys::cuCtxSynchronize() };
             if synced != sys::CUresult::CUDA_SUCCESS {
                 debug!("{}: cuCtxSynchronize at close: {synced:?}", self.info.name);
+            }
+            #[cfg(feature = "vulkan")]
+            if let Some(interop) = &self.interop {
+                // Chunks are slots of mapped blocks: the blocks go back
+                // whole, CUDA's import before Vulkan's memory.
+                self.chunks
+                    .iter()
+                    .for_each(|slot| slot.store(0, Ordering::Release));
+                interop.release_all();
             }
             for slot in self.chunks.iter() {
                 let ptr = slot.swap(0, Ordering::AcqRel);

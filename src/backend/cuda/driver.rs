@@ -62,6 +62,37 @@ const ENTRY_POINTS: &[&CStr] = &[
     c"cuEventDestroy_v2",
 ];
 
+/// The driver functions chunks in Vulkan-exported memory need
+/// (`vkmem.rs`, `mapped=`). Optional: a driver without them (the fake one
+/// the tests use) still serves, with `cuMemAlloc`'d chunks.
+pub(super) const INTEROP_ENTRY_POINTS: &[&CStr] = &[
+    c"cuImportExternalMemory",
+    c"cuExternalMemoryGetMappedBuffer",
+    c"cuDestroyExternalMemory",
+];
+
+/// Whether the driver [`init`] loaded has every [`INTEROP_ENTRY_POINTS`]
+/// function, so they may be called without cudarc panicking on a missing
+/// symbol. [`init`] must have succeeded.
+#[cfg_attr(not(feature = "vulkan"), allow(dead_code))]
+pub(super) fn has_interop() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        // SAFETY: `init` succeeded, so `culib` finds the library it loaded
+        // rather than panicking.
+        let lib = unsafe { sys::culib() };
+        INTEROP_ENTRY_POINTS.iter().all(|name| {
+            // SAFETY: only looks the symbol up; the pointer is never called
+            // through this type.
+            let found = unsafe { lib.get::<unsafe extern "C" fn()>(*name) };
+            if let Err(err) = &found {
+                debug!("no mapped CUDA chunks: {err}");
+            }
+            found.is_ok()
+        })
+    })
+}
+
 /// Loads and initialises the driver, once per process, and returns how
 /// many devices it has. Later calls return the first answer: neither a
 /// missing library nor a failed `cuInit` changes within a process.
@@ -276,12 +307,17 @@ mod tests {
             include_str!("device.rs"),
             include_str!("lane.rs"),
             include_str!("conv.rs"),
+            include_str!("vkmem.rs"),
         ];
         let called: BTreeSet<String> = sources.iter().flat_map(|s| calls_in(s)).collect();
-        let listed: BTreeSet<String> = ENTRY_POINTS
-            .iter()
-            .map(|n| n.to_string_lossy().into_owned())
-            .collect();
+        let names = |list: &[&CStr]| -> BTreeSet<String> {
+            list.iter()
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect()
+        };
+        let optional = names(INTEROP_ENTRY_POINTS);
+        assert!(names(ENTRY_POINTS).is_disjoint(&optional));
+        let listed: BTreeSet<String> = names(ENTRY_POINTS).union(&optional).cloned().collect();
         assert!(called.contains("cuInit") && called.contains("cuMemAlloc_v2"));
         assert_eq!(
             called.difference(&listed).collect::<Vec<_>>(),

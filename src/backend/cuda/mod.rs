@@ -1,7 +1,17 @@
 //! The CUDA backend: the driver API through cudarc's raw bindings.
 //!
 //! Chunks are 4 MiB `cuMemAlloc` allocations in the device's primary
-//! context. Each lane has its own non-blocking stream, on which a batch's
+//! context, or, with `mapped=auto|on` in a build that has the Vulkan
+//! backend too, 4 MiB slots of 64 MiB blocks of VRAM the CPU can map:
+//! Vulkan (on the GPU whose `deviceUUID` is CUDA's UUID) allocates each
+//! block from its `DEVICE_LOCAL | HOST_VISIBLE | HOST_COHERENT` type
+//! (resizable BAR), maps it and exports it as a file descriptor, and CUDA
+//! imports it (`cuImportExternalMemory`), so that lanes copy it by DMA as
+//! before and [`Backend::write_mapped`] stores into it through the Vulkan
+//! mapping (`vkmem.rs`, `vulkan/export.rs`). `auto` keeps `cuMemAlloc`
+//! where that path is missing (no Vulkan, no matching device, no export,
+//! a driver without the import, a 256 MiB BAR); `on` fails, saying which.
+//! Each lane has its own non-blocking stream, on which a batch's
 //! steps are queued in order (`cuMemcpyHtoDAsync`, `cuMemcpyDtoHAsync`,
 //! `cuMemsetD32Async`), and an event recorded after them; the copy engines
 //! run them by DMA between VRAM and pinned staging memory. `libcuda.so.1`
@@ -14,15 +24,18 @@
 //! what its failure means, in view here.
 //!
 //! Files split by lifetime: `driver` loads the library and describes
-//! devices, `device` opens one and owns its memory, `lane` queues and waits
-//! for copies, `conv` holds every conversion between the driver's values
-//! and ours.
+//! devices, `device` opens one and owns its memory, `vkmem` imports mapped
+//! blocks from Vulkan and carves chunks out of them, `lane` queues and
+//! waits for copies, `conv` holds every conversion between the driver's
+//! values and ours.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 mod conv;
 mod device;
 mod driver;
 mod lane;
+#[cfg(feature = "vulkan")]
+mod vkmem;
 
 use std::sync::Arc;
 
@@ -30,19 +43,45 @@ use self::device::DeviceShared;
 use self::driver::FreeMemory;
 use self::lane::CudaLane;
 use super::{
-    select_adapter, Backend, BackendError, ChunkId, DeviceInfo, Lane, MemoryReport, OpenError,
-    OpenOptions,
+    select_adapter, Backend, BackendError, ChunkId, DeviceInfo, Fill, Lane, MemoryReport,
+    OpenError, OpenOptions,
 };
 
 /// Lists the CUDA devices, without opening them. Measuring each one's
 /// free memory makes (and drops) its primary context if no one holds it.
 pub fn enumerate() -> Result<Vec<DeviceInfo>, OpenError> {
     let count = driver::init()?;
-    Ok(driver::adapters(count, FreeMemory::Measure)?
+    let mut infos: Vec<DeviceInfo> = driver::adapters(count, FreeMemory::Measure)?
         .into_iter()
         .map(|a| a.info)
-        .collect())
+        .collect();
+    set_mappable(&mut infos);
+    Ok(infos)
 }
+
+/// Fills in `mappable` (0 from the driver): the VRAM Vulkan maps for the
+/// CPU on the same GPU, where it can export that memory to CUDA and the
+/// driver can import it (`vkmem.rs`), so that placement refuses
+/// `mapped=on` before the backend opens.
+#[cfg(feature = "vulkan")]
+fn set_mappable(infos: &mut [DeviceInfo]) {
+    if infos.is_empty() || !driver::has_interop() {
+        return;
+    }
+    let uuids: Vec<[u8; 16]> = infos.iter().map(|i| i.uuid).collect();
+    for (info, answer) in infos
+        .iter_mut()
+        .zip(super::vulkan::export::exportable(&uuids))
+    {
+        match answer {
+            Ok(bytes) => info.mappable = bytes,
+            Err(reason) => tracing::debug!("{}: VRAM not mappable: {reason}", info.name),
+        }
+    }
+}
+
+#[cfg(not(feature = "vulkan"))]
+fn set_mappable(_: &mut [DeviceInfo]) {}
 
 /// One open CUDA device lending its VRAM.
 pub struct CudaBackend {
@@ -57,7 +96,7 @@ impl CudaBackend {
         // make a context on every GPU of the machine.
         let adapters = driver::adapters(count, FreeMemory::Skip)?;
         let adapter = select_adapter(adapters, |a| &a.info, &options.device)?;
-        let shared = DeviceShared::open(adapter, options.memory_limit)?;
+        let shared = DeviceShared::open(adapter, options.memory_limit, options.mapped)?;
         Ok(CudaBackend {
             shared: Arc::new(shared),
         })
@@ -83,5 +122,18 @@ impl Backend for CudaBackend {
 
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
         Ok(Box::new(CudaLane::new(self.shared.clone(), staging_bytes)?))
+    }
+
+    fn mapped(&self) -> bool {
+        self.shared.is_mapped()
+    }
+
+    fn write_mapped(
+        &self,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        fill: Fill<'_>,
+    ) -> Result<(), BackendError> {
+        self.shared.write_mapped(chunk, chunk_offset, fill)
     }
 }

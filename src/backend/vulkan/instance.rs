@@ -35,6 +35,9 @@ pub(super) struct Adapter {
     /// `minImportedHostPointerAlignment` where the device can use host
     /// memory we allocate (`VK_EXT_external_memory_host`).
     pub(super) host_import_alignment: Option<u64>,
+    /// Whether the device can export memory as a file descriptor
+    /// (`VK_KHR_external_memory_fd`), for the CUDA backend's mapped chunks.
+    pub(super) has_external_memory_fd: bool,
 }
 
 impl Instance {
@@ -105,6 +108,7 @@ impl Instance {
         let has_pci = has(ash::ext::pci_bus_info::NAME);
         let has_memory_budget = has(ash::ext::memory_budget::NAME);
         let has_host_import = has(ash::ext::external_memory_host::NAME);
+        let has_external_memory_fd = has(ash::khr::external_memory_fd::NAME);
 
         let mut id = vk::PhysicalDeviceIDProperties::default();
         let mut pci = vk::PhysicalDevicePCIBusInfoPropertiesEXT::default();
@@ -186,6 +190,7 @@ impl Instance {
             has_memory_budget,
             host_import_alignment: has_host_import
                 .then_some(host.min_imported_host_pointer_alignment),
+            has_external_memory_fd,
         };
         adapter.info.memory = self.memory(&adapter, 0, None);
         Ok(Some(adapter))
@@ -223,12 +228,18 @@ impl Instance {
 /// HOST_COHERENT` memory type (0 where there is none): all of VRAM with
 /// resizable BAR, a 256 MiB window without.
 fn mappable_bytes(memory: &vk::PhysicalDeviceMemoryProperties) -> u64 {
+    mappable_type(memory).map_or(0, |(_, size)| size)
+}
+
+/// The `DEVICE_LOCAL | HOST_VISIBLE | HOST_COHERENT` memory type on the
+/// largest heap, and that heap's size.
+pub(super) fn mappable_type(memory: &vk::PhysicalDeviceMemoryProperties) -> Option<(u32, u64)> {
     memory.memory_types[..memory.memory_type_count as usize]
         .iter()
-        .filter(|t| t.property_flags.contains(conv::MAPPED_VRAM))
-        .map(|t| memory.memory_heaps[t.heap_index as usize].size)
-        .max()
-        .unwrap_or(0)
+        .enumerate()
+        .filter(|(_, t)| t.property_flags.contains(conv::MAPPED_VRAM))
+        .map(|(i, t)| (i as u32, memory.memory_heaps[t.heap_index as usize].size))
+        .max_by_key(|(i, size)| (*size, std::cmp::Reverse(*i)))
 }
 
 impl Drop for Instance {

@@ -20,6 +20,8 @@
 mod compute;
 mod conv;
 mod device;
+#[cfg(feature = "cuda")]
+pub(crate) mod export;
 mod instance;
 mod lane;
 
