@@ -17,7 +17,7 @@ use tracing::debug;
 
 use super::conv;
 use super::instance::{mappable_type, Adapter, Instance};
-use crate::backend::{BackendError, OpenError};
+use crate::backend::{BackendError, OpenError, CHUNK_SIZE};
 
 /// The handle type both APIs agree on for Linux: a file descriptor only
 /// the same driver understands.
@@ -100,6 +100,11 @@ pub(crate) struct ExportingDevice {
     raw: ash::Device,
     fd: ash::khr::external_memory_fd::Device,
     support: Support,
+    /// Whether an exportable buffer may be bound to the mappable memory
+    /// (its memory type bits say so). NVIDIA's driver (580, H200) says
+    /// not; then blocks are memory objects with no Vulkan buffer: nothing
+    /// in Vulkan uses them, CUDA maps its own buffer over the import.
+    bind_buffer: bool,
     /// Declared last: dropped after `Drop::drop` destroyed the device.
     _instance: Instance,
 }
@@ -108,7 +113,9 @@ pub(crate) struct ExportingDevice {
 /// [`ExportingDevice::free`]; dropped otherwise, its memory stays with the
 /// device until the device is destroyed.
 pub(crate) struct ExportedBlock {
-    buffer: vk::Buffer,
+    /// The buffer the memory is bound to, where exportable buffers may
+    /// live in mappable VRAM (`ExportingDevice::bind_buffer`).
+    buffer: Option<vk::Buffer>,
     memory: vk::DeviceMemory,
     ptr: NonNull<u8>,
     size: u64,
@@ -165,21 +172,53 @@ impl ExportingDevice {
             .map_err(|e| conv::error("vkCreateDevice", e))?;
         let fd = ash::khr::external_memory_fd::Device::new(&instance.raw, &raw);
         let heap_size = support.heap_size;
+        let mut device = ExportingDevice {
+            raw,
+            fd,
+            support,
+            bind_buffer: false,
+            _instance: instance,
+        };
+        let (probe, requirements) = device.external_buffer(CHUNK_SIZE)?;
+        // SAFETY: the probe is unbound and unused.
+        unsafe { device.raw.destroy_buffer(probe, None) };
+        device.bind_buffer = requirements.memory_type_bits & (1 << device.support.type_index) != 0;
+        if !device.bind_buffer && device.support.dedicated_only {
+            return Err(unsupported(
+                "its Vulkan driver exports only memory dedicated to a buffer, and no \
+                 exportable buffer may live in CPU-mappable VRAM"
+                    .into(),
+            ));
+        }
         debug!(
             device = %adapter.info.name,
-            memory_type = support.type_index,
-            dedicated_only = support.dedicated_only,
+            memory_type = device.support.type_index,
+            buffer_types = format_args!("{:#x}", requirements.memory_type_bits),
+            bind_buffer = device.bind_buffer,
+            dedicated_only = device.support.dedicated_only,
             "Vulkan device open to export mapped VRAM"
         );
-        Ok((
-            ExportingDevice {
-                raw,
-                fd,
-                support,
-                _instance: instance,
-            },
-            heap_size,
-        ))
+        Ok((device, heap_size))
+    }
+
+    /// An exportable buffer of `size` bytes, unbound, and what memory it
+    /// takes. The caller destroys it.
+    fn external_buffer(
+        &self,
+        size: u64,
+    ) -> Result<(vk::Buffer, vk::MemoryRequirements), BackendError> {
+        let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(HANDLE_TYPE);
+        let info = vk::BufferCreateInfo::default()
+            .size(size)
+            .usage(USAGE)
+            .sharing_mode(vk::SharingMode::EXCLUSIVE)
+            .push_next(&mut external);
+        // SAFETY: valid create info; the caller destroys the buffer.
+        let buffer = unsafe { self.raw.create_buffer(&info, None) }
+            .map_err(|e| conv::error("vkCreateBuffer", e))?;
+        // SAFETY: `buffer` was just made from this device.
+        let requirements = unsafe { self.raw.get_buffer_memory_requirements(buffer) };
+        Ok((buffer, requirements))
     }
 
     /// Whether an importer must be told the memory is dedicated to one
@@ -192,37 +231,27 @@ impl ExportingDevice {
     /// exports it: the descriptor is the caller's, to hand to the importer
     /// (or to drop, which closes it).
     pub(crate) fn allocate(&self, size: u64) -> Result<(ExportedBlock, OwnedFd), BackendError> {
-        let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(HANDLE_TYPE);
-        let info = vk::BufferCreateInfo::default()
-            .size(size)
-            .usage(USAGE)
-            .sharing_mode(vk::SharingMode::EXCLUSIVE)
-            .push_next(&mut external);
-        // SAFETY: valid create info; destroyed on every error path below
-        // and by `free`.
-        let buffer = unsafe { self.raw.create_buffer(&info, None) }
-            .map_err(|e| conv::error("vkCreateBuffer", e))?;
-        let destroy_buffer = || {
-            // SAFETY: the buffer is unused by any queue (this device
-            // submits nothing) and freed once, on this error path.
-            unsafe { self.raw.destroy_buffer(buffer, None) }
+        let buffer = match self.bind_buffer {
+            true => Some(self.external_buffer(size)?),
+            false => None,
         };
-        // SAFETY: `buffer` was just made from this device.
-        let requirements = unsafe { self.raw.get_buffer_memory_requirements(buffer) };
-        if requirements.memory_type_bits & (1 << self.support.type_index) == 0 {
-            destroy_buffer();
-            return Err(BackendError::Api {
-                call: "vkGetBufferMemoryRequirements",
-                detail: "an exportable buffer cannot live in CPU-mappable VRAM".into(),
-            });
-        }
+        let allocation_size = buffer.map_or(size, |(_, requirements)| requirements.size);
+        let buffer = buffer.map(|(buffer, _)| buffer);
+        let destroy_buffer = || {
+            if let Some(buffer) = buffer {
+                // SAFETY: the buffer is unused by any queue (this device
+                // submits nothing) and freed once, on this error path.
+                unsafe { self.raw.destroy_buffer(buffer, None) }
+            }
+        };
         let mut export = vk::ExportMemoryAllocateInfo::default().handle_types(HANDLE_TYPE);
-        let mut dedicated = vk::MemoryDedicatedAllocateInfo::default().buffer(buffer);
+        let mut dedicated =
+            vk::MemoryDedicatedAllocateInfo::default().buffer(buffer.unwrap_or_default());
         let mut allocate = vk::MemoryAllocateInfo::default()
-            .allocation_size(requirements.size)
+            .allocation_size(allocation_size)
             .memory_type_index(self.support.type_index)
             .push_next(&mut export);
-        if self.support.dedicated_only {
+        if self.support.dedicated_only && buffer.is_some() {
             allocate = allocate.push_next(&mut dedicated);
         }
         // SAFETY: valid allocate info whose chain lives across the call;
@@ -242,10 +271,12 @@ impl ExportingDevice {
             unsafe { self.raw.free_memory(memory, None) };
             err
         };
-        // SAFETY: new buffer and memory, bound once before any use; the
-        // memory meets the buffer's requirements (size, type).
-        if let Err(e) = unsafe { self.raw.bind_buffer_memory(buffer, memory, 0) } {
-            return Err(fail(conv::error("vkBindBufferMemory", e)));
+        if let Some(buffer) = buffer {
+            // SAFETY: new buffer and memory, bound once before any use;
+            // the memory meets the buffer's requirements (size, type).
+            if let Err(e) = unsafe { self.raw.bind_buffer_memory(buffer, memory, 0) } {
+                return Err(fail(conv::error("vkBindBufferMemory", e)));
+            }
         }
         // SAFETY: host-visible memory, mapped once, whole, until `free`.
         let mapped = unsafe {
@@ -285,7 +316,7 @@ impl ExportingDevice {
                 buffer,
                 memory,
                 ptr,
-                size: requirements.size,
+                size: allocation_size,
             },
             fd,
         ))
@@ -299,7 +330,9 @@ impl ExportingDevice {
         // once (taken by value), and no queue uses it (none is submitted).
         unsafe {
             self.raw.unmap_memory(block.memory);
-            self.raw.destroy_buffer(block.buffer, None);
+            if let Some(buffer) = block.buffer {
+                self.raw.destroy_buffer(buffer, None);
+            }
             self.raw.free_memory(block.memory, None);
         }
     }
@@ -311,5 +344,54 @@ impl Drop for ExportingDevice {
         // every block (`Interop`'s drop frees what `release_all` could
         // not). The instance outlives this call (field order).
         unsafe { self.raw.destroy_device(None) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Vulkan half on whatever device is here (lavapipe in CI): a block
+    /// allocated, written through its mapping, exported and freed.
+    #[test]
+    fn blocks_are_mapped_exported_and_freed() {
+        let Ok(devices) = super::super::enumerate() else {
+            eprintln!("no Vulkan here; nothing to check");
+            return;
+        };
+        let uuids: Vec<[u8; 16]> = devices.iter().map(|d| d.uuid).collect();
+        let answers = exportable(&uuids);
+        assert_eq!(answers.len(), uuids.len());
+        let Some((device, _)) = devices.iter().zip(&answers).find(|(_, a)| a.is_ok()) else {
+            eprintln!("no Vulkan device here exports mapped VRAM: {answers:?}");
+            return;
+        };
+        let opened = ExportingDevice::open(&device.uuid, &device.name);
+        let Ok((vk, mappable)) = opened else {
+            panic!("{}: {:?}", device.name, opened.err());
+        };
+        assert_eq!(mappable, device.mappable);
+        let allocated = vk.allocate(CHUNK_SIZE);
+        let Ok((block, fd)) = allocated else {
+            panic!("{}: {:?}", device.name, allocated.err());
+        };
+        assert!(block.size() >= CHUNK_SIZE);
+        // SAFETY: the block maps at least CHUNK_SIZE bytes until `free`.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(block.ptr().as_ptr(), CHUNK_SIZE as usize) };
+        bytes.fill(0x5a);
+        assert!(bytes.iter().all(|b| *b == 0x5a));
+        let stat = is_open(&fd);
+        assert!(stat, "the exported descriptor is open");
+        drop(fd);
+        vk.free(block);
+        let unknown = exportable(&[[0xee; 16]]);
+        assert!(unknown[0].is_err(), "{unknown:?}");
+    }
+
+    fn is_open(fd: &OwnedFd) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl(F_GETFD) on a descriptor we own only reads flags.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) >= 0 }
     }
 }
