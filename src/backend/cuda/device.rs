@@ -17,6 +17,16 @@ use crate::backend::{
     CHUNK_SIZE,
 };
 
+/// Whether `mapped=auto` takes the Vulkan-exported path (`vkmem.rs`) where
+/// it works, as Vulkan's own backend does. Not yet: on the H200 (driver
+/// 580) mapped chunks ran out at 69 GiB of its 140 (`out of device
+/// memory`, 2026-12-04), so an eager store sized to the free memory, the
+/// default, would fail at open; and a process that had opened and closed
+/// it many times once failed to make another Vulkan instance. Until both
+/// are understood only `mapped=on` uses it.
+#[cfg(feature = "vulkan")]
+const AUTO_MAPS: bool = false;
+
 /// State every lane and chunk of one device shares. Dropped when the last
 /// of them is gone: chunks are freed, then the primary context released.
 pub(super) struct DeviceShared {
@@ -104,7 +114,7 @@ impl DeviceShared {
     /// `info.mappable` to what was found. The context is current.
     #[cfg(feature = "vulkan")]
     fn open_mapped(&mut self, mode: MappedMode, capacity: usize) -> Result<(), BackendError> {
-        if mode == MappedMode::Off {
+        if mode == MappedMode::Off || (mode == MappedMode::Auto && !AUTO_MAPS) {
             return Ok(());
         }
         let opened = if super::driver::has_interop() {

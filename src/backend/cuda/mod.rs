@@ -1,16 +1,18 @@
 //! The CUDA backend: the driver API through cudarc's raw bindings.
 //!
 //! Chunks are 4 MiB `cuMemAlloc` allocations in the device's primary
-//! context, or, with `mapped=auto|on` in a build that has the Vulkan
-//! backend too, 4 MiB slots of 64 MiB blocks of VRAM the CPU can map:
+//! context, or, with `mapped=on` in a build that has the Vulkan backend
+//! too, 4 MiB slots of 64 MiB blocks of VRAM the CPU can map:
 //! Vulkan (on the GPU whose `deviceUUID` is CUDA's UUID) allocates each
 //! block from its `DEVICE_LOCAL | HOST_VISIBLE | HOST_COHERENT` type
 //! (resizable BAR), maps it and exports it as a file descriptor, and CUDA
 //! imports it (`cuImportExternalMemory`), so that lanes copy it by DMA as
 //! before and [`Backend::write_mapped`] stores into it through the Vulkan
-//! mapping (`vkmem.rs`, `vulkan/export.rs`). `auto` keeps `cuMemAlloc`
+//! mapping (`vkmem.rs`, `vulkan/export.rs`). `on` fails, saying why,
 //! where that path is missing (no Vulkan, no matching device, no export,
-//! a driver without the import, a 256 MiB BAR); `on` fails, saying which.
+//! a driver without the import, a 256 MiB BAR). `auto` keeps `cuMemAlloc`
+//! for now: on the H200 the mapped chunks ran out at half its VRAM
+//! (`device::AUTO_MAPS`).
 //! Each lane has its own non-blocking stream, on which a batch's
 //! steps are queued in order (`cuMemcpyHtoDAsync`, `cuMemcpyDtoHAsync`,
 //! `cuMemsetD32Async`), and an event recorded after them; the copy engines
