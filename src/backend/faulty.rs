@@ -194,6 +194,19 @@ impl Backend for FaultyBackend {
         fault.map_or(Ok(()), Err)
     }
 
+    /// A mapped read fails as every call does once the device is lost.
+    fn read_mapped(
+        &self,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        if self.counters.lost.load(Ordering::Acquire) {
+            return Err(BackendError::DeviceLost);
+        }
+        self.inner.read_mapped(chunk, chunk_offset, dst)
+    }
+
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
         Ok(Box::new(FaultyLane {
             inner: self.inner.create_lane(staging_bytes)?,

@@ -189,6 +189,21 @@ impl DeviceShared {
         Err(BackendError::BadChunk(chunk))
     }
 
+    pub(super) fn read_mapped(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        self.check_alive()?;
+        #[cfg(feature = "vulkan")]
+        if let Some(interop) = &self.interop {
+            return interop.read(chunk, offset, dst);
+        }
+        let _ = (offset, dst);
+        Err(BackendError::BadChunk(chunk))
+    }
+
     /// A chunk's memory: a slot of a mapped block, or its own
     /// `cuMemAlloc`. The context is current.
     fn take_memory(&self, id: u32) -> Result<sys::CUdeviceptr, BackendError> {

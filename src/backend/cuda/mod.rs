@@ -138,4 +138,13 @@ impl Backend for CudaBackend {
     ) -> Result<(), BackendError> {
         self.shared.write_mapped(chunk, chunk_offset, fill)
     }
+
+    fn read_mapped(
+        &self,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        self.shared.read_mapped(chunk, chunk_offset, dst)
+    }
 }

@@ -276,6 +276,16 @@ impl Interop {
         self.mapped.write(chunk, offset, fill)
     }
 
+    /// Loads `dst.len()` bytes of chunk `chunk` through its mapping.
+    pub(super) fn read(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        dst: &mut [u8],
+    ) -> Result<(), BackendError> {
+        self.mapped.read(chunk, offset, dst)
+    }
+
     /// Gives every block back, at close: the context is current and
     /// synchronised, so no copy uses any of them.
     pub(super) fn release_all(&self) {
