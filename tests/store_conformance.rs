@@ -326,6 +326,59 @@ fn randomized_single_thread_model_with_large_requests() {
     });
 }
 
+/// Where the driver gives only part of the VRAM as mappable memory (the
+/// H200's gives half), the store holds mapped and unmapped chunks at once:
+/// writes and small reads of the first go through the mapping, the rest
+/// by DMA, and the model cannot tell them apart. The host model maps the
+/// first 8 MiB of chunks it lends.
+#[test]
+fn a_store_part_mapped_part_not_matches_the_model() {
+    use vramswap::backend::host::HostBackend;
+    for (allocation, verify) in [
+        (AllocationPolicy::Eager, false),
+        (AllocationPolicy::Lazy, false),
+        (AllocationPolicy::Eager, true),
+    ] {
+        let counting = Arc::new(Counting::new(Arc::new(HostBackend::with_mappable(
+            None,
+            8 * MIB,
+        ))));
+        let size = 24 * MIB;
+        let config = StoreConfig {
+            verify,
+            ..config(size, allocation)
+        };
+        let store = BlockStore::open(counting.clone(), &config).unwrap();
+        let mut model = vec![0u8; size as usize];
+        let mut rng = SmallRng::seed_from_u64(7);
+        for _ in 0..400 {
+            let (offset, len) = random_op(&mut rng, &store, &mut model, 0, size, 5 * MIB);
+            check_range(&store, &model, 0, offset, len);
+            let probe = rng.gen_range(0..size - 8192);
+            check_range(&store, &model, 0, probe, rng.gen_range(1..=8192));
+        }
+        check_range(&store, &model, 0, 0, size);
+        let mut chunks = counting.chunks.lock().unwrap().clone();
+        chunks.sort_by_key(|c| c.0);
+        chunks.dedup();
+        let mapped = chunks.iter().filter(|&&c| counting.chunk_mapped(c)).count();
+        assert!(mapped <= 2, "{allocation:?}: {mapped} mapped chunks");
+        if allocation == AllocationPolicy::Eager {
+            assert_eq!((mapped, chunks.len()), (2, 6), "{allocation:?}");
+        }
+        if !verify {
+            assert!(
+                counting.mapped_reads.load(Ordering::Relaxed) > 0,
+                "{allocation:?}"
+            );
+        }
+        assert!(
+            counting.downloads.load(Ordering::Relaxed) > 0,
+            "{allocation:?}"
+        );
+    }
+}
+
 #[test]
 fn randomized_multi_thread_model() {
     for_each_backend(|kind| {

@@ -175,6 +175,10 @@ impl Backend for FaultyBackend {
         self.inner.mapped()
     }
 
+    fn chunk_mapped(&self, chunk: ChunkId) -> bool {
+        self.inner.chunk_mapped(chunk)
+    }
+
     /// A mapped write is one batch, and (with bytes) one upload, of the
     /// plan: it fails, loses the device or lands corrupted as a lane's
     /// batch would.

@@ -23,16 +23,22 @@ const HEAP: u64 = 1 << 40;
 
 struct Chunks {
     slots: Vec<Option<Box<[u8]>>>,
+    /// Which chunks are "mapped" (written and read in place).
+    mapped: Vec<bool>,
     free: Vec<u32>,
     allocated: u64,
+    /// Bytes of mapped chunks held.
+    mapped_held: u64,
 }
 
 struct Shared {
     chunks: Mutex<Chunks>,
     limit: u64,
-    /// Whether writes may go straight into chunks ([`Backend::write_mapped`]),
-    /// as into mapped VRAM.
-    mapped: bool,
+    /// Bytes of chunks that may be "mapped", written and read in place
+    /// ([`Backend::write_mapped`]) as mapped VRAM is; 0: none. Past it,
+    /// chunks are reached by copies only, as on a driver that gives a
+    /// process only part of its VRAM as mappable memory.
+    mappable: u64,
     info: DeviceInfo,
 }
 
@@ -51,16 +57,24 @@ impl HostBackend {
     /// [`HostBackend::new`], with chunks written in place when `mapped`
     /// (the model of a GPU with CPU-mappable VRAM).
     pub fn with_mapping(memory_limit: Option<u64>, mapped: bool) -> Self {
+        Self::with_mappable(memory_limit, if mapped { HEAP } else { 0 })
+    }
+
+    /// [`HostBackend::new`] where the first `mappable` bytes of chunks held
+    /// at once are mapped and the rest are not.
+    pub fn with_mappable(memory_limit: Option<u64>, mappable: u64) -> Self {
         let limit = memory_limit.unwrap_or(HEAP).min(HEAP);
         HostBackend {
             shared: Arc::new(Shared {
                 chunks: Mutex::new(Chunks {
                     slots: Vec::new(),
+                    mapped: Vec::new(),
                     free: Vec::new(),
                     allocated: 0,
+                    mapped_held: 0,
                 }),
                 limit,
-                mapped,
+                mappable,
                 info: Self::device_info(limit),
             }),
         }
@@ -119,9 +133,15 @@ impl Backend for HostBackend {
             }
             None => {
                 chunks.slots.push(Some(data));
+                chunks.mapped.push(false);
                 (chunks.slots.len() - 1) as u32
             }
         };
+        let mapped = chunks.mapped_held + CHUNK_SIZE <= self.shared.mappable;
+        chunks.mapped[id as usize] = mapped;
+        if mapped {
+            chunks.mapped_held += CHUNK_SIZE;
+        }
         chunks.allocated += CHUNK_SIZE;
         Ok(ChunkId(id))
     }
@@ -132,12 +152,24 @@ impl Backend for HostBackend {
             if slot.take().is_some() {
                 chunks.free.push(chunk.0);
                 chunks.allocated -= CHUNK_SIZE;
+                if std::mem::take(&mut chunks.mapped[chunk.0 as usize]) {
+                    chunks.mapped_held -= CHUNK_SIZE;
+                }
             }
         }
     }
 
     fn mapped(&self) -> bool {
-        self.shared.mapped
+        self.shared.mappable > 0
+    }
+
+    fn chunk_mapped(&self, chunk: ChunkId) -> bool {
+        let chunks = self.shared.lock();
+        chunks
+            .mapped
+            .get(chunk.0 as usize)
+            .copied()
+            .unwrap_or(false)
     }
 
     fn write_mapped(
@@ -151,12 +183,20 @@ impl Backend for HostBackend {
             && chunk_offset
                 .checked_add(len)
                 .is_some_and(|e| e <= CHUNK_SIZE);
-        if !self.shared.mapped || !fits {
+        if !fits {
             return Err(BackendError::OutOfBounds(format!(
                 "mapped write of {len} bytes at chunk offset {chunk_offset}"
             )));
         }
         let mut chunks = self.shared.lock();
+        if !chunks
+            .mapped
+            .get(chunk.0 as usize)
+            .copied()
+            .unwrap_or(false)
+        {
+            return Err(BackendError::BadChunk(chunk));
+        }
         let data = chunks
             .slots
             .get_mut(chunk.0 as usize)
@@ -181,12 +221,20 @@ impl Backend for HostBackend {
             && chunk_offset
                 .checked_add(len)
                 .is_some_and(|e| e <= CHUNK_SIZE);
-        if !self.shared.mapped || !fits {
+        if !fits {
             return Err(BackendError::OutOfBounds(format!(
                 "mapped read of {len} bytes at chunk offset {chunk_offset}"
             )));
         }
         let chunks = self.shared.lock();
+        if !chunks
+            .mapped
+            .get(chunk.0 as usize)
+            .copied()
+            .unwrap_or(false)
+        {
+            return Err(BackendError::BadChunk(chunk));
+        }
         let data = chunks
             .slots
             .get(chunk.0 as usize)

@@ -210,6 +210,13 @@ impl MappedChunks {
         }
     }
 
+    /// Whether chunk `id` is mapped.
+    pub(crate) fn contains(&self, id: u32) -> bool {
+        self.ptrs
+            .get(id as usize)
+            .is_some_and(|p| p.load(std::sync::atomic::Ordering::Acquire) != 0)
+    }
+
     /// Forgets chunk `id`'s mapping, before its memory is freed.
     pub(crate) fn clear(&self, id: u32) {
         if let Some(slot) = self.ptrs.get(id as usize) {

@@ -549,6 +549,13 @@ pub trait Backend: Send + Sync {
         false
     }
 
+    /// Whether this chunk is mapped: with `mapped=auto`, chunks the driver
+    /// would not give as mappable VRAM are not, and their bytes move by DMA.
+    fn chunk_mapped(&self, chunk: ChunkId) -> bool {
+        let _ = chunk;
+        false
+    }
+
     /// Stores `fill` at `chunk_offset` of a chunk by CPU stores through its
     /// mapping: no staging, no queue. When it returns the bytes are fenced,
     /// so every batch submitted afterwards (by any thread that has seen

@@ -58,8 +58,12 @@ impl BlockStore {
     /// Reads `buf` at `offset` from VRAM (the range is checked already).
     pub(super) fn read_from_vram(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
         // With `verify`, a block's checksum needs the whole block: DMA it.
-        if buf.len() <= MAPPED_READ_MAX && self.checksums.is_none() && self.backend.mapped() {
-            return self.read_through_mapping(buf, offset);
+        if buf.len() <= MAPPED_READ_MAX
+            && self.checksums.is_none()
+            && self.backend.mapped()
+            && self.read_through_mapping(buf, offset)?
+        {
+            return Ok(());
         }
         let mut lanes = self
             .lanes
@@ -105,8 +109,9 @@ impl BlockStore {
     /// lane, no batch. Each chunk's lock is held shared across its loads,
     /// as across a DMA, so the chunk is not freed under them; a block's
     /// `data` bit is set only once its write is done (`finish_write`), so a
-    /// read that follows a finished write sees it.
-    fn read_through_mapping(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+    /// read that follows a finished write sees it. Returns false, for the
+    /// DMA path to read it all, where a chunk is not mapped.
+    fn read_through_mapping(&self, buf: &mut [u8], offset: u64) -> Result<bool, StoreError> {
         let mut done = 0usize;
         while done < buf.len() {
             let seg = segment(offset + done as u64, (buf.len() - done) as u64);
@@ -118,6 +123,7 @@ impl BlockStore {
                     out.fill(0);
                     Ok(())
                 }
+                Some(chunk) if !self.backend.chunk_mapped(chunk) => return Ok(false),
                 Some(chunk) => {
                     let bits = slot.data.load(Ordering::Acquire);
                     read_runs(seg, bits, out, |from, dst| {
@@ -129,7 +135,7 @@ impl BlockStore {
             self.outcome(result)?;
             done += seg.len as usize;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Reads one chunk's part of a request; with `verify`, says whether

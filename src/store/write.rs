@@ -120,10 +120,11 @@ impl BlockStore {
 
     /// [`BlockStore::write_from`] where chunks are mapped: each segment is
     /// stored by CPU stores straight into VRAM, with no staging copy, no
-    /// batch and no wait. With `verify`, a segment that covers a block in
-    /// part still goes through a lane: its checksum needs that block's old
-    /// bytes, which the DMA engine reads far faster than the CPU can read
-    /// them back through the mapping.
+    /// batch and no wait. A segment still goes through a lane where its
+    /// chunk is not mapped (the driver gave no more mappable VRAM), or with
+    /// `verify` where it covers a block in part: its checksum needs that
+    /// block's old bytes, which the DMA engine reads far faster than the CPU
+    /// can read them back through the mapping.
     fn write_mapped_from(
         &self,
         source: Source<'_>,
@@ -137,21 +138,27 @@ impl BlockStore {
             let whole = seg.start % BLOCK_SIZE == 0 && seg.len % BLOCK_SIZE == 0;
             let slot = &self.slots[seg.slot];
             let _change = slot.changes.begin();
-            if self.checksums.is_some() && !whole {
+            let mut by_lane = self.checksums.is_some() && !whole;
+            if !by_lane {
+                let (guard, chunk) = match slot.chunk_now() {
+                    Some(held) => held,
+                    None => self.chunk_for_write(seg.slot, self.lanes.one().first())?,
+                };
+                // A chunk the driver gave as unmapped memory goes by DMA.
+                by_lane = !self.backend.chunk_mapped(chunk);
+                if !by_lane {
+                    let result = self.write_segment_mapped(seg, chunk, part);
+                    drop(guard);
+                    self.outcome(result)?;
+                }
+            }
+            if by_lane {
                 let mut lanes = self.lanes.acquire(self.piece_count(offset + done, seg.len));
                 let (guard, chunk) = self.chunk_for_write(seg.slot, lanes.first())?;
                 let result = self.write_segment(&mut lanes, seg, chunk, part);
                 let drained = lanes.drain();
                 drop(guard);
                 self.outcome(result.and(drained))?;
-            } else {
-                let (guard, chunk) = match slot.chunk_now() {
-                    Some(held) => held,
-                    None => self.chunk_for_write(seg.slot, self.lanes.one().first())?,
-                };
-                let result = self.write_segment_mapped(seg, chunk, part);
-                drop(guard);
-                self.outcome(result)?;
             }
             done += seg.len;
         }

@@ -143,6 +143,10 @@ impl Backend for Counting {
     fn mapped(&self) -> bool {
         self.inner.mapped()
     }
+    fn chunk_mapped(&self, chunk: ChunkId) -> bool {
+        self.inner.chunk_mapped(chunk)
+    }
+
     fn write_mapped(
         &self,
         chunk: ChunkId,

@@ -174,6 +174,16 @@ impl DeviceShared {
         false
     }
 
+    pub(super) fn chunk_mapped(&self, chunk: ChunkId) -> bool {
+        #[cfg(feature = "vulkan")]
+        return self.interop.as_ref().is_some_and(|i| i.contains(chunk));
+        #[cfg(not(feature = "vulkan"))]
+        {
+            let _ = chunk;
+            false
+        }
+    }
+
     pub(super) fn write_mapped(
         &self,
         chunk: ChunkId,

@@ -130,6 +130,10 @@ impl Backend for CudaBackend {
         self.shared.is_mapped()
     }
 
+    fn chunk_mapped(&self, chunk: ChunkId) -> bool {
+        self.shared.chunk_mapped(chunk)
+    }
+
     fn write_mapped(
         &self,
         chunk: ChunkId,

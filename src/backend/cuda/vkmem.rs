@@ -276,6 +276,11 @@ impl Interop {
         self.mapped.write(chunk, offset, fill)
     }
 
+    /// Whether chunk `chunk` is one of these (mapped).
+    pub(super) fn contains(&self, chunk: ChunkId) -> bool {
+        self.mapped.contains(chunk.0)
+    }
+
     /// Loads `dst.len()` bytes of chunk `chunk` through its mapping.
     pub(super) fn read(
         &self,

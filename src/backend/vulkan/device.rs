@@ -82,6 +82,12 @@ pub(super) struct DeviceShared {
     /// Present when chunks live in CPU-mappable VRAM (`mapped=`): where
     /// each one is mapped.
     mapped: Option<MappedChunks>,
+    /// `mapped=on`: a chunk the driver will not give as mappable VRAM is
+    /// refused rather than placed in unmapped memory.
+    mapped_required: bool,
+    /// Set once the driver refused a mappable chunk (`mapped=auto`): no
+    /// later chunk tries again until one is freed.
+    mapped_full: std::sync::atomic::AtomicBool,
     memory: Mutex<Memory>,
     /// Declared last: dropped after `Drop::drop` destroyed the device.
     pub(super) instance: Instance,
@@ -108,7 +114,7 @@ impl DeviceShared {
         memory_limit: Option<u64>,
         mapped: MappedMode,
     ) -> Result<Self, BackendError> {
-        let mapped = decide_mapped(&adapter.info, mapped)?;
+        let use_mapped = decide_mapped(&adapter.info, mapped)?;
         let queue_count = adapter.queue_count.min(MAX_QUEUES);
         let priorities = vec![1.0f32; queue_count as usize];
         let mut queue_info = vec![vk::DeviceQueueCreateInfo::default()
@@ -196,7 +202,9 @@ impl DeviceShared {
             memory_limit,
             host_import,
             buffers: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
-            mapped: mapped.then(|| MappedChunks::new(capacity)),
+            mapped: use_mapped.then(|| MappedChunks::new(capacity)),
+            mapped_required: mapped == MappedMode::On,
+            mapped_full: std::sync::atomic::AtomicBool::new(false),
             memory: Mutex::new(Memory {
                 allocator: Some(allocator),
                 chunks: Vec::new(),
@@ -452,31 +460,61 @@ impl DeviceShared {
         }
     }
 
+    /// A chunk's buffer and memory, and where the CPU maps it: mapped VRAM
+    /// where chunks are mapped and the driver still gives it, else (with
+    /// `mapped=auto`) device memory reached by DMA only. NVIDIA's H200
+    /// driver gives a process only about half of the VRAM as mappable
+    /// memory (docs/BENCHMARKS.md, "Mapped writes and reads"), so a large
+    /// area is part mapped, part not.
+    fn allocate_chunk_memory(
+        &self,
+        memory: &mut Memory,
+    ) -> Result<(vk::Buffer, Allocation, Option<std::ptr::NonNull<u8>>), BackendError> {
+        if self.mapped.is_some() && !self.mapped_full.load(Ordering::Acquire) {
+            // gpu-allocator falls back to host memory when CpuToGpu finds
+            // no mappable VRAM: such a chunk is refused, not used.
+            match self.create_buffer_locked(
+                memory,
+                CHUNK_SIZE,
+                MemoryLocation::CpuToGpu,
+                "vramswap chunk",
+            ) {
+                Ok((buffer, allocation)) => match allocation.mapped_ptr() {
+                    Some(ptr) if allocation.memory_properties().contains(conv::MAPPED_VRAM) => {
+                        return Ok((buffer, allocation, Some(ptr.cast::<u8>())));
+                    }
+                    _ => Self::destroy_buffer_locked(&self.raw, memory, buffer, allocation),
+                },
+                Err(BackendError::OutOfDeviceMemory) => {}
+                Err(err) => return Err(self.note(err)),
+            }
+            if self.mapped_required {
+                return Err(BackendError::OutOfDeviceMemory);
+            }
+            // Mappable VRAM is spent; later chunks go straight to the rest.
+            if !self.mapped_full.swap(true, Ordering::AcqRel) {
+                debug!(
+                    held = memory.held,
+                    "mappable VRAM is full; further chunks are reached by DMA only"
+                );
+            }
+        }
+        let (buffer, allocation) = self
+            .create_buffer_locked(
+                memory,
+                CHUNK_SIZE,
+                MemoryLocation::GpuOnly,
+                "vramswap chunk",
+            )
+            .map_err(|e| self.note(e))?;
+        Ok((buffer, allocation, None))
+    }
+
     pub(super) fn allocate_chunk(&self) -> Result<ChunkId, BackendError> {
         self.check_alive()?;
         let mut memory = self.memory_lock();
         admit_chunk(memory.held, self.memory_limit)?;
-        // gpu-allocator falls back to host memory when CpuToGpu finds no
-        // mappable VRAM type: such a chunk is refused below, not used.
-        let location = match self.mapped {
-            Some(_) => MemoryLocation::CpuToGpu,
-            None => MemoryLocation::GpuOnly,
-        };
-        let (buffer, allocation) = self
-            .create_buffer_locked(&mut memory, CHUNK_SIZE, location, "vramswap chunk")
-            .map_err(|e| self.note(e))?;
-        let mapping = match &self.mapped {
-            None => None,
-            Some(_) => match allocation.mapped_ptr() {
-                Some(ptr) if allocation.memory_properties().contains(conv::MAPPED_VRAM) => {
-                    Some(ptr.cast::<u8>())
-                }
-                _ => {
-                    Self::destroy_buffer_locked(&self.raw, &mut memory, buffer, allocation);
-                    return Err(BackendError::OutOfDeviceMemory);
-                }
-            },
-        };
+        let (buffer, allocation, mapping) = self.allocate_chunk_memory(&mut memory)?;
         let id = match memory.free_ids.pop() {
             Some(id) => id as usize,
             None => memory.chunks.len(),
@@ -509,6 +547,9 @@ impl DeviceShared {
         };
         self.buffers[id].store(0, Ordering::Release);
         if let Some(table) = &self.mapped {
+            if table.contains(id as u32) {
+                self.mapped_full.store(false, Ordering::Release);
+            }
             table.clear(id as u32);
         }
         memory.free_ids.push(id as u32);
@@ -518,6 +559,10 @@ impl DeviceShared {
 
     pub(super) fn is_mapped(&self) -> bool {
         self.mapped.is_some()
+    }
+
+    pub(super) fn chunk_mapped(&self, chunk: ChunkId) -> bool {
+        self.mapped.as_ref().is_some_and(|t| t.contains(chunk.0))
     }
 
     pub(super) fn write_mapped(
