@@ -493,9 +493,11 @@ impl DeviceShared {
             }
             // Mappable VRAM is spent; later chunks go straight to the rest.
             if !self.mapped_full.swap(true, Ordering::AcqRel) {
-                debug!(
-                    held = memory.held,
-                    "mappable VRAM is full; further chunks are reached by DMA only"
+                tracing::info!(
+                    "{}: the driver gives no more mappable VRAM after {}; further chunks \
+                     are written and read by DMA",
+                    self.adapter.info.name,
+                    crate::size::ByteSize(memory.held)
                 );
             }
         }
