@@ -102,6 +102,39 @@ impl HostBackend {
 }
 
 impl Shared {
+    /// Runs `access` on `len` bytes at `offset` of a mapped chunk, as a
+    /// mapped write or read (`what`) reaches them in place.
+    fn in_place(
+        &self,
+        chunk: ChunkId,
+        offset: u64,
+        len: usize,
+        what: &str,
+        access: impl FnOnce(&mut [u8]),
+    ) -> Result<(), BackendError> {
+        let fits = len > 0
+            && offset
+                .checked_add(len as u64)
+                .is_some_and(|e| e <= CHUNK_SIZE);
+        if !fits {
+            return Err(BackendError::OutOfBounds(format!(
+                "mapped {what} of {len} bytes at chunk offset {offset}"
+            )));
+        }
+        let mut chunks = self.lock();
+        let id = chunk.0 as usize;
+        if !chunks.mapped.get(id).copied().unwrap_or(false) {
+            return Err(BackendError::BadChunk(chunk));
+        }
+        let data = chunks
+            .slots
+            .get_mut(id)
+            .and_then(Option::as_mut)
+            .ok_or(BackendError::BadChunk(chunk))?;
+        access(&mut data[span(offset, len as u64)]);
+        Ok(())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Chunks> {
         // A poisoned lock means a test panicked mid-copy; the bytes are
         // still plain memory, so carry on rather than cascade.
@@ -178,36 +211,16 @@ impl Backend for HostBackend {
         chunk_offset: u64,
         fill: Fill<'_>,
     ) -> Result<(), BackendError> {
-        let len = fill.len() as u64;
-        let fits = len > 0
-            && chunk_offset
-                .checked_add(len)
-                .is_some_and(|e| e <= CHUNK_SIZE);
-        if !fits {
-            return Err(BackendError::OutOfBounds(format!(
-                "mapped write of {len} bytes at chunk offset {chunk_offset}"
-            )));
-        }
-        let mut chunks = self.shared.lock();
-        if !chunks
-            .mapped
-            .get(chunk.0 as usize)
-            .copied()
-            .unwrap_or(false)
-        {
-            return Err(BackendError::BadChunk(chunk));
-        }
-        let data = chunks
-            .slots
-            .get_mut(chunk.0 as usize)
-            .and_then(Option::as_mut)
-            .ok_or(BackendError::BadChunk(chunk))?;
-        let dst = &mut data[span(chunk_offset, len)];
-        match fill {
-            Fill::Bytes(src) => dst.copy_from_slice(src),
-            Fill::Zeros(_) => dst.fill(0),
-        }
-        Ok(())
+        self.shared.in_place(
+            chunk,
+            chunk_offset,
+            fill.len(),
+            "write",
+            |bytes| match fill {
+                Fill::Bytes(src) => bytes.copy_from_slice(src),
+                Fill::Zeros(_) => bytes.fill(0),
+            },
+        )
     }
 
     fn read_mapped(
@@ -216,32 +229,11 @@ impl Backend for HostBackend {
         chunk_offset: u64,
         dst: &mut [u8],
     ) -> Result<(), BackendError> {
-        let len = dst.len() as u64;
-        let fits = len > 0
-            && chunk_offset
-                .checked_add(len)
-                .is_some_and(|e| e <= CHUNK_SIZE);
-        if !fits {
-            return Err(BackendError::OutOfBounds(format!(
-                "mapped read of {len} bytes at chunk offset {chunk_offset}"
-            )));
-        }
-        let chunks = self.shared.lock();
-        if !chunks
-            .mapped
-            .get(chunk.0 as usize)
-            .copied()
-            .unwrap_or(false)
-        {
-            return Err(BackendError::BadChunk(chunk));
-        }
-        let data = chunks
-            .slots
-            .get(chunk.0 as usize)
-            .and_then(Option::as_ref)
-            .ok_or(BackendError::BadChunk(chunk))?;
-        dst.copy_from_slice(&data[span(chunk_offset, len)]);
-        Ok(())
+        let len = dst.len();
+        self.shared
+            .in_place(chunk, chunk_offset, len, "read", |bytes| {
+                dst.copy_from_slice(bytes)
+            })
     }
 
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {

@@ -105,14 +105,10 @@ impl BlockStore {
         while done < len {
             let seg = segment(offset + done, len - done);
             let slot = &self.slots[seg.slot];
-            // Goes after the drain below: the change is done on the GPU.
+            // Ends after the drain: the change is done on the GPU.
             let _change = slot.changes.begin();
-            let (guard, chunk) = self.chunk_for_write(seg.slot, lanes.first())?;
             let part = source.part(done as usize, seg.len as usize);
-            let result = self.write_segment(&mut lanes, seg, chunk, part);
-            let drained = lanes.drain();
-            drop(guard);
-            self.outcome(result.and(drained))?;
+            self.write_segment_by_lanes(&mut lanes, seg, part)?;
             done += seg.len;
         }
         Ok(())
@@ -154,15 +150,26 @@ impl BlockStore {
             }
             if by_lane {
                 let mut lanes = self.lanes.acquire(self.piece_count(offset + done, seg.len));
-                let (guard, chunk) = self.chunk_for_write(seg.slot, lanes.first())?;
-                let result = self.write_segment(&mut lanes, seg, chunk, part);
-                let drained = lanes.drain();
-                drop(guard);
-                self.outcome(result.and(drained))?;
+                self.write_segment_by_lanes(&mut lanes, seg, part)?;
             }
             done += seg.len;
         }
         Ok(())
+    }
+
+    /// One segment through `lanes`, the chunk's lock held shared until
+    /// every copy into it is done.
+    fn write_segment_by_lanes(
+        &self,
+        lanes: &mut Lanes<'_, WritePending>,
+        seg: Segment,
+        part: Source<'_>,
+    ) -> Result<(), StoreError> {
+        let (guard, chunk) = self.chunk_for_write(seg.slot, lanes.first())?;
+        let result = self.write_segment(lanes, seg, chunk, part);
+        let drained = lanes.drain();
+        drop(guard);
+        self.outcome(result.and(drained))
     }
 
     /// The slot's chunk, held shared for a write; a lazy store allocates it
