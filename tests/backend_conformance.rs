@@ -249,3 +249,89 @@ fn mapped_writes_are_what_a_lane_downloads() {
         }
     });
 }
+
+/// `DownloadTo`: a chunk's bytes land straight in registered host memory,
+/// at the target's offsets; a step past the target, a target outside the
+/// registration, another backend's registration, or a `DownloadTo` in a
+/// plain batch is refused before any byte moves.
+#[test]
+fn downloads_into_registered_host_memory_land_in_place_and_bad_ones_are_refused() {
+    for_each_backend(|kind| {
+        let backend = open_backend(kind, None);
+        let chunk = backend.allocate_chunk().unwrap();
+        let mut lane = backend.create_lane(STAGING).unwrap();
+        let bytes: Vec<u8> = (0..STAGING).map(|i| (i * 7 + 1) as u8).collect();
+        lane.staging().copy_from_slice(&bytes);
+        run(
+            &mut *lane,
+            &[TransferOp::Upload {
+                staging_offset: 0,
+                chunk,
+                chunk_offset: 4096,
+                len: STAGING as u64,
+            }],
+        )
+        .unwrap();
+        // An odd start and length, as a malloc'd buffer has.
+        let mut host = vec![0xeeu8; 300_001];
+        let buf = &mut host[17..17 + 200_000];
+        let region = backend.register_host(buf).unwrap();
+        assert!(region.covers(buf), "{kind}");
+        let target = &mut buf[1000..1000 + 70_000];
+        let step = |host_offset: usize, chunk_offset: u64, len: u64| TransferOp::DownloadTo {
+            host_offset,
+            chunk,
+            chunk_offset,
+            len,
+        };
+        lane.submit_into(
+            &[step(3, 4096, 1000), step(2000, 4096 + 500, 64)],
+            target,
+            &region,
+        )
+        .unwrap();
+        lane.wait().unwrap();
+        assert_eq!(&target[3..1003], &bytes[..1000], "{kind}");
+        assert_eq!(&target[2000..2064], &bytes[500..564], "{kind}");
+        assert!(target[..3].iter().all(|b| *b == 0xee), "{kind}");
+        assert!(target[1003..2000].iter().all(|b| *b == 0xee), "{kind}");
+        let before = host.clone();
+        let buf = &mut host[17..17 + 200_000];
+        // Past the target (though inside the registration).
+        let target = &mut buf[..1000];
+        assert!(matches!(
+            lane.submit_into(&[step(999, 0, 2)], target, &region)
+                .and_then(|()| lane.wait()),
+            Err(BackendError::OutOfBounds(_))
+        ));
+        // A target reaching past the registration.
+        let mut other = vec![0u8; 4096];
+        assert!(lane
+            .submit_into(&[step(0, 0, 4)], &mut other, &region)
+            .and_then(|()| lane.wait())
+            .is_err());
+        assert!(lane
+            .submit_into(&[step(0, 0, 4)], &mut buf[199_999..], &region)
+            .and_then(|()| lane.wait())
+            .is_err());
+        // In a plain batch there is no target.
+        assert!(run(&mut *lane, &[step(0, 0, 4)]).is_err(), "{kind}");
+        // Another backend's registration.
+        let stranger = open_backend(kind, None);
+        let foreign = stranger.register_host(buf).unwrap();
+        assert!(lane
+            .submit_into(&[step(0, 0, 4)], &mut buf[..4], &foreign)
+            .and_then(|()| lane.wait())
+            .is_err());
+        stranger.unregister_host(foreign);
+        assert!(host == before, "{kind}: a refused step moved bytes");
+        // The lane still works, and the memory can be registered again.
+        backend.unregister_host(region);
+        let buf = &mut host[17..17 + 100_000];
+        let region = backend.register_host(buf).unwrap();
+        lane.submit_into(&[step(0, 4096, 8)], buf, &region).unwrap();
+        lane.wait().unwrap();
+        assert_eq!(&buf[..8], &bytes[..8], "{kind}");
+        backend.unregister_host(region);
+    });
+}

@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use super::selftest::{SelfTest, StepResult, TestChunk, TestStep};
 use super::{
-    Backend, BackendError, ChunkId, DeviceInfo, Fill, Lane, MemoryReport, TransferOp, CHUNK_SIZE,
+    Backend, BackendError, ChunkId, DeviceInfo, Fill, HostRegion, Lane, MemoryReport, TransferOp,
+    CHUNK_SIZE,
 };
 
 /// Which faults to inject. `None` never fails.
@@ -211,6 +212,17 @@ impl Backend for FaultyBackend {
         self.inner.read_mapped(chunk, chunk_offset, dst)
     }
 
+    fn register_host(&self, buf: &[u8]) -> Result<HostRegion, BackendError> {
+        if self.counters.lost.load(Ordering::Acquire) {
+            return Err(BackendError::DeviceLost);
+        }
+        self.inner.register_host(buf)
+    }
+
+    fn unregister_host(&self, region: HostRegion) {
+        self.inner.unregister_host(region)
+    }
+
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
         Ok(Box::new(FaultyLane {
             inner: self.inner.create_lane(staging_bytes)?,
@@ -269,21 +281,18 @@ impl Lane for FaultyLane {
     }
 
     fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
-        self.fail_this = self.counters.batch(&self.plan)?;
-        self.corrupt_this = None;
-        for op in ops {
-            if let TransferOp::Upload {
-                chunk,
-                chunk_offset,
-                ..
-            } = *op
-            {
-                if self.counters.upload(&self.plan) {
-                    self.corrupt_this = Some((chunk, chunk_offset));
-                }
-            }
-        }
+        self.plan_batch(ops)?;
         self.inner.submit(ops)
+    }
+
+    fn submit_into(
+        &mut self,
+        ops: &[TransferOp],
+        target: &mut [u8],
+        region: &HostRegion,
+    ) -> Result<(), BackendError> {
+        self.plan_batch(ops)?;
+        self.inner.submit_into(ops, target, region)
     }
 
     fn wait(&mut self) -> Result<(), BackendError> {
@@ -302,5 +311,27 @@ impl Lane for FaultyLane {
             Some(err) => Err(err),
             None => result,
         }
+    }
+}
+
+impl FaultyLane {
+    /// Counts a batch and decides its faults: how it completes, and which
+    /// upload of it to corrupt.
+    fn plan_batch(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
+        self.fail_this = self.counters.batch(&self.plan)?;
+        self.corrupt_this = None;
+        for op in ops {
+            if let TransferOp::Upload {
+                chunk,
+                chunk_offset,
+                ..
+            } = *op
+            {
+                if self.counters.upload(&self.plan) {
+                    self.corrupt_this = Some((chunk, chunk_offset));
+                }
+            }
+        }
+        Ok(())
     }
 }

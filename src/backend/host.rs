@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::selftest::{self, BadWord, SelfTest, StepResult, TestChunk, TestOp, TestStep};
 use super::{
-    admit_chunk, check_batch, Backend, BackendError, BackendKind, ChunkId, DeviceInfo, DeviceKind,
-    Fill, Lane, MemoryReport, TransferOp, CHUNK_SIZE,
+    admit_chunk, backend_id, check_batch, check_target, Backend, BackendError, BackendKind,
+    ChunkId, DeviceInfo, DeviceKind, Fill, HostRegion, Lane, MemoryReport, TransferOp, CHUNK_SIZE,
 };
 
 /// What a new chunk contains before anyone writes it.
@@ -236,6 +236,19 @@ impl Backend for HostBackend {
             })
     }
 
+    /// Nothing to pin: the model only notes whose region it is, so that its
+    /// lanes refuse a foreign one as a GPU backend's would.
+    fn register_host(&self, buf: &[u8]) -> Result<HostRegion, BackendError> {
+        if buf.is_empty() {
+            return Err(BackendError::OutOfBounds("an empty host region".into()));
+        }
+        Ok(HostRegion::new(buf, backend_id(&*self.shared), [0; 2], 0))
+    }
+
+    fn unregister_host(&self, region: HostRegion) {
+        debug_assert_eq!(region.backend_of(), backend_id(&*self.shared));
+    }
+
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
         Ok(Box::new(HostLane {
             shared: self.shared.clone(),
@@ -291,8 +304,9 @@ struct HostLane {
 }
 
 impl HostLane {
-    fn run(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
-        check_batch(ops, self.staging.len())?;
+    /// Runs a batch; `target` is where its `DownloadTo` steps write.
+    fn run(&mut self, ops: &[TransferOp], target: &mut [u8]) -> Result<(), BackendError> {
+        check_batch(ops, self.staging.len(), target.len())?;
         let mut chunks = self.shared.lock();
         for op in ops {
             let chunk = op.chunk();
@@ -319,6 +333,13 @@ impl HostLane {
                 TransferOp::Zero {
                     chunk_offset, len, ..
                 } => data[span(chunk_offset, len)].fill(0),
+                TransferOp::DownloadTo {
+                    host_offset,
+                    chunk_offset,
+                    len,
+                    ..
+                } => target[span(host_offset as u64, len)]
+                    .copy_from_slice(&data[span(chunk_offset, len)]),
             }
         }
         Ok(())
@@ -344,7 +365,21 @@ impl Lane for HostLane {
         if self.result.is_some() {
             return Err(BackendError::Busy);
         }
-        self.result = Some(self.run(ops));
+        self.result = Some(self.run(ops, &mut []));
+        Ok(())
+    }
+
+    fn submit_into(
+        &mut self,
+        ops: &[TransferOp],
+        target: &mut [u8],
+        region: &HostRegion,
+    ) -> Result<(), BackendError> {
+        if self.result.is_some() {
+            return Err(BackendError::Busy);
+        }
+        check_target(region, backend_id(&*self.shared), target)?;
+        self.result = Some(self.run(ops, target));
         Ok(())
     }
 

@@ -425,6 +425,16 @@ pub enum TransferOp {
         chunk_offset: u64,
         len: u64,
     },
+    /// Copy `len` bytes from a chunk straight into the caller's registered
+    /// host memory, at `host_offset` of the target that
+    /// [`Lane::submit_into`] names: no staging, no copy after. Only in a
+    /// batch submitted that way.
+    DownloadTo {
+        host_offset: usize,
+        chunk: ChunkId,
+        chunk_offset: u64,
+        len: u64,
+    },
 }
 
 impl TransferOp {
@@ -433,14 +443,16 @@ impl TransferOp {
         match *self {
             TransferOp::Upload { chunk, .. }
             | TransferOp::Download { chunk, .. }
-            | TransferOp::Zero { chunk, .. } => chunk,
+            | TransferOp::Zero { chunk, .. }
+            | TransferOp::DownloadTo { chunk, .. } => chunk,
         }
     }
 
     /// Refuses a step that is empty, reaches past a staging buffer of
-    /// `staging_len` bytes or past its chunk, or (a zero) is not 4-byte
+    /// `staging_len` bytes, past a host target of `target_len` bytes (0:
+    /// the batch has none) or past its chunk, or (a zero) is not 4-byte
     /// aligned. Whether the chunk is allocated is the lane's to check.
-    fn check(&self, staging_len: usize) -> Result<(), BackendError> {
+    fn check(&self, staging_len: usize, target_len: usize) -> Result<(), BackendError> {
         let fits = |offset: u64, len: u64, limit: u64| {
             len > 0 && offset.checked_add(len).is_some_and(|end| end <= limit)
         };
@@ -466,6 +478,21 @@ impl TransferOp {
                     "copy of {len} bytes at staging {staging_offset} / chunk {chunk_offset}"
                 )))
             }
+            TransferOp::DownloadTo {
+                host_offset,
+                chunk_offset,
+                len,
+                ..
+            } => {
+                if fits(host_offset as u64, len, target_len as u64)
+                    && fits(chunk_offset, len, CHUNK_SIZE)
+                {
+                    return Ok(());
+                }
+                Err(BackendError::OutOfBounds(format!(
+                    "copy of {len} bytes to host offset {host_offset} of {target_len} / chunk {chunk_offset}"
+                )))
+            }
             TransferOp::Zero {
                 chunk_offset, len, ..
             } => {
@@ -485,17 +512,113 @@ impl TransferOp {
 /// steps on the stack and the I/O path allocates nothing.
 pub const MAX_BATCH: usize = BLOCKS_PER_CHUNK;
 
-/// Checks a batch for a lane with `staging_len` bytes of staging, before
-/// any of it runs: a batch that fails its checks moves no byte, on every
+/// Checks a batch for a lane with `staging_len` bytes of staging and a
+/// host target of `target_len` bytes (0 for [`Lane::submit`]), before any
+/// of it runs: a batch that fails its checks moves no byte, on every
 /// backend alike.
-pub(crate) fn check_batch(ops: &[TransferOp], staging_len: usize) -> Result<(), BackendError> {
+pub(crate) fn check_batch(
+    ops: &[TransferOp],
+    staging_len: usize,
+    target_len: usize,
+) -> Result<(), BackendError> {
     if ops.len() > MAX_BATCH {
         return Err(BackendError::OutOfBounds(format!(
             "a batch of {} steps; a lane takes at most {MAX_BATCH}",
             ops.len()
         )));
     }
-    ops.iter().try_for_each(|op| op.check(staging_len))
+    ops.iter()
+        .try_for_each(|op| op.check(staging_len, target_len))
+}
+
+/// Checks that `target` (a batch's host target) lies inside `region`, and
+/// that `region` is `backend`'s: the one check between a
+/// [`TransferOp::DownloadTo`] and memory the driver was not told of.
+pub(crate) fn check_target(
+    region: &HostRegion,
+    backend: usize,
+    target: &[u8],
+) -> Result<(), BackendError> {
+    if region.backend == backend && region.covers(target) {
+        return Ok(());
+    }
+    Err(BackendError::OutOfBounds(format!(
+        "a host target of {} bytes outside the registered host memory",
+        target.len()
+    )))
+}
+
+/// Host memory the caller owns, registered with a backend for DMA
+/// ([`Backend::register_host`]): a request buffer the block store reads
+/// straight into. It holds the range's address only to check that a
+/// batch's target lies inside it; it owns no memory and reads none.
+/// Given back with [`Backend::unregister_host`]; a region dropped without
+/// that stays registered (the driver keeps its pages pinned) until the
+/// backend is closed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HostRegion {
+    /// First byte and length of the registered range.
+    start: usize,
+    len: usize,
+    /// The registering backend's address, so that no other takes it.
+    backend: usize,
+    /// What the backend needs to reach it (Vulkan: the buffer and memory
+    /// that import it, and where `start` lies in them).
+    pub(crate) handle: [u64; 2],
+    pub(crate) offset: u64,
+}
+
+impl HostRegion {
+    /// A region for `buf`, registered by the backend at address `backend`
+    /// (its `self` pointer), with the backend's own `handle`.
+    pub(crate) fn new(buf: &[u8], backend: usize, handle: [u64; 2], offset: u64) -> Self {
+        HostRegion {
+            start: buf.as_ptr() as usize,
+            len: buf.len(),
+            backend,
+            handle,
+            offset,
+        }
+    }
+
+    /// Whether `buf` lies wholly inside the registered range.
+    pub fn covers(&self, buf: &[u8]) -> bool {
+        let start = buf.as_ptr() as usize;
+        start >= self.start
+            && start
+                .checked_add(buf.len())
+                .is_some_and(|end| end <= self.start + self.len)
+    }
+
+    /// Bytes registered.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first registered byte's address.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// The address of the backend that registered it.
+    pub(crate) fn backend_of(&self) -> usize {
+        self.backend
+    }
+
+    /// Where `target` (inside the region) starts, from the region's start.
+    #[cfg_attr(not(feature = "vulkan"), allow(dead_code))]
+    pub(crate) fn offset_of(&self, target: &[u8]) -> usize {
+        target.as_ptr() as usize - self.start
+    }
+}
+
+/// The address that identifies a backend to its [`HostRegion`]s.
+pub(crate) fn backend_id<T: ?Sized>(backend: &T) -> usize {
+    backend as *const T as *const u8 as usize
 }
 
 /// A pinned host staging buffer with the command context that moves it.
@@ -520,6 +643,26 @@ pub trait Lane: Send + Sync {
     /// batch of more than [`MAX_BATCH`] steps.
     fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError>;
 
+    /// [`Lane::submit`], for a batch whose [`TransferOp::DownloadTo`]
+    /// steps write into `target`, which lies inside `region` (registered
+    /// by the backend that made this lane). Offsets of those steps count
+    /// from `target`'s first byte. The bytes they write are valid only
+    /// after [`Lane::wait`] returns `Ok`; until then the caller neither
+    /// reads nor writes them, nor lets `target` go. Backends that cannot
+    /// register host memory refuse.
+    fn submit_into(
+        &mut self,
+        ops: &[TransferOp],
+        target: &mut [u8],
+        region: &HostRegion,
+    ) -> Result<(), BackendError> {
+        let _ = (ops, target, region);
+        Err(BackendError::Api {
+            call: "submit_into",
+            detail: "this lane cannot download into host memory".into(),
+        })
+    }
+
     /// Blocks until the pending batch is done. Returns at once when none is.
     fn wait(&mut self) -> Result<(), BackendError>;
 }
@@ -542,6 +685,29 @@ pub trait Backend: Send + Sync {
 
     /// Makes a lane with a staging buffer of `staging_bytes`.
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError>;
+
+    /// Registers the host memory of `buf` (and, where the API imports
+    /// whole pages, the pages around it) for DMA by this backend's lanes
+    /// ([`Lane::submit_into`]). It costs a driver call that pins pages,
+    /// milliseconds: the block store registers a request buffer once and
+    /// reuses it. `buf` is only read for its address and length.
+    ///
+    /// The registration outlives the borrow. The caller must unregister
+    /// it before the memory could be freed and mapped again, and must
+    /// never DMA into it through a borrow of other memory: the driver
+    /// pinned the pages that were there when it registered.
+    fn register_host(&self, buf: &[u8]) -> Result<HostRegion, BackendError> {
+        let _ = buf;
+        Err(BackendError::UnsupportedDevice {
+            device: self.device().name.clone(),
+            reason: "host memory cannot be registered".into(),
+        })
+    }
+
+    /// Gives a registration back. No batch may be using it.
+    fn unregister_host(&self, region: HostRegion) {
+        let _ = region;
+    }
 
     /// Whether chunks live in memory the CPU writes through a mapping, so
     /// [`Backend::write_mapped`] serves writes (`mapped=`, decided at open).

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 
 use vramswap::backend::{
-    self, Backend, BackendError, BackendKind, ChunkId, DeviceInfo, Fill, Lane, MappedMode,
-    MemoryReport, OpenOptions, TransferOp,
+    self, Backend, BackendError, BackendKind, ChunkId, DeviceInfo, Fill, HostRegion, Lane,
+    MappedMode, MemoryReport, OpenOptions, TransferOp,
 };
 
 pub fn init_logging() {
@@ -108,6 +108,9 @@ pub struct Counting {
     pub allocations: AtomicU64,
     /// Reads through the chunks' mapping ([`Backend::read_mapped`]).
     pub mapped_reads: AtomicU64,
+    /// Host registrations made and given back.
+    pub hosts: AtomicU64,
+    pub hosts_gone: AtomicU64,
 }
 
 impl Counting {
@@ -120,7 +123,14 @@ impl Counting {
             zeroes: Default::default(),
             allocations: Default::default(),
             mapped_reads: Default::default(),
+            hosts: Default::default(),
+            hosts_gone: Default::default(),
         }
+    }
+
+    /// Host registrations held now.
+    pub fn hosts_live(&self) -> u64 {
+        self.hosts.load(Ordering::Relaxed) - self.hosts_gone.load(Ordering::Relaxed)
     }
 }
 
@@ -159,6 +169,15 @@ impl Backend for Counting {
         self.mapped_reads.fetch_add(1, Ordering::Relaxed);
         self.inner.read_mapped(chunk, offset, dst)
     }
+    fn register_host(&self, buf: &[u8]) -> Result<HostRegion, BackendError> {
+        let region = self.inner.register_host(buf)?;
+        self.hosts.fetch_add(1, Ordering::Relaxed);
+        Ok(region)
+    }
+    fn unregister_host(&self, region: HostRegion) {
+        self.hosts_gone.fetch_add(1, Ordering::Relaxed);
+        self.inner.unregister_host(region)
+    }
     fn create_lane(&self, staging_bytes: usize) -> Result<Box<dyn Lane>, BackendError> {
         Ok(Box::new(CountingLane {
             inner: self.inner.create_lane(staging_bytes)?,
@@ -176,6 +195,19 @@ struct CountingLane {
     zeroes: Arc<AtomicU64>,
 }
 
+impl CountingLane {
+    fn count(&self, ops: &[TransferOp]) {
+        for op in ops {
+            let counter = match op {
+                TransferOp::Upload { .. } => &self.uploads,
+                TransferOp::Download { .. } | TransferOp::DownloadTo { .. } => &self.downloads,
+                TransferOp::Zero { .. } => &self.zeroes,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Lane for CountingLane {
     fn staging(&mut self) -> &mut [u8] {
         self.inner.staging()
@@ -184,15 +216,17 @@ impl Lane for CountingLane {
         self.inner.staged()
     }
     fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
-        for op in ops {
-            let counter = match op {
-                TransferOp::Upload { .. } => &self.uploads,
-                TransferOp::Download { .. } => &self.downloads,
-                TransferOp::Zero { .. } => &self.zeroes,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
+        self.count(ops);
         self.inner.submit(ops)
+    }
+    fn submit_into(
+        &mut self,
+        ops: &[TransferOp],
+        target: &mut [u8],
+        region: &HostRegion,
+    ) -> Result<(), BackendError> {
+        self.count(ops);
+        self.inner.submit_into(ops, target, region)
     }
     fn wait(&mut self) -> Result<(), BackendError> {
         self.inner.wait()

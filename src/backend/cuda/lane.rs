@@ -12,7 +12,9 @@ use tracing::{debug, warn};
 use super::conv;
 use super::device::DeviceShared;
 use crate::backend::hostmem::LockedRegion;
-use crate::backend::{check_batch, BackendError, Lane, TransferOp, MAX_BATCH};
+use crate::backend::{
+    backend_id, check_batch, check_target, BackendError, HostRegion, Lane, TransferOp, MAX_BATCH,
+};
 
 /// `cuMemHostRegister` takes any range, but whole pages are what the
 /// driver pins, and what `LockedRegion` hands out at the least.
@@ -55,6 +57,48 @@ impl Staging {
                 std::slice::from_raw_parts(ptr.as_ptr(), *len)
             },
         }
+    }
+}
+
+/// Registers the caller's memory `buf` with the driver
+/// (`cuMemHostRegister`): it pins the pages, and copies into any part of
+/// them then run by DMA at full speed, where unregistered memory would be
+/// copied through the driver's own staging. The driver takes any address
+/// and length (page alignment was a CUDA 4.0 rule) and pins the whole
+/// pages under them. Flags 0: the one primary context uses it, and no
+/// device pointer to it is needed (not `PORTABLE`, not `DEVICEMAP`).
+pub(super) fn register_host(
+    shared: &Arc<DeviceShared>,
+    buf: &[u8],
+) -> Result<HostRegion, BackendError> {
+    if buf.is_empty() {
+        return Err(BackendError::OutOfBounds("an empty host region".into()));
+    }
+    shared.bind()?;
+    // SAFETY: the context is current; `buf` is live memory of this process.
+    // Registering reads and writes none of it; the registration outlives
+    // the borrow, and copies reach it only through a later borrow checked
+    // to lie inside it (`check_target`).
+    conv::check("cuMemHostRegister_v2", unsafe {
+        sys::cuMemHostRegister_v2(buf.as_ptr() as *mut c_void, buf.len(), 0)
+    })
+    .map_err(|e| shared.note(e))?;
+    Ok(HostRegion::new(buf, backend_id(&**shared), [0; 2], 0))
+}
+
+/// Gives back a registration from [`register_host`]. The memory may
+/// already be freed (nbdkit reallocated its buffer): the driver then lets
+/// go of the pages it pinned.
+pub(super) fn unregister_host(shared: &Arc<DeviceShared>, region: HostRegion) {
+    if shared.make_current().is_err() {
+        return;
+    }
+    let start = region.start() as *mut c_void;
+    // SAFETY: `start` was registered by `register_host` on this context;
+    // no batch uses it any more (the caller's rule).
+    let result = unsafe { sys::cuMemHostUnregister(start) };
+    if result != CUresult::CUDA_SUCCESS {
+        debug!("{}", conv::error("cuMemHostUnregister", result));
     }
 }
 
@@ -164,8 +208,9 @@ impl CudaLane {
     }
 
     /// Resolves a step that `check_batch` passed to addresses, checking
-    /// that its chunk is allocated. Calls no driver function.
-    fn resolve(&self, op: &TransferOp) -> Result<Step, BackendError> {
+    /// that its chunk is allocated; `target` is the start of the batch's
+    /// host target. Calls no driver function.
+    fn resolve(&self, op: &TransferOp, target: *mut u8) -> Result<Step, BackendError> {
         let chunk = self.shared.chunk_ptr(op.chunk())?;
         // `wrapping_add`: the offsets lie inside the staging buffer, as
         // `check_batch` saw to.
@@ -196,15 +241,27 @@ impl CudaLane {
                 dst: chunk + chunk_offset,
                 words: (len / 4) as usize,
             },
+            TransferOp::DownloadTo {
+                host_offset,
+                chunk_offset,
+                len,
+                ..
+            } => Step::Download {
+                dst: target.wrapping_add(host_offset),
+                src: chunk + chunk_offset,
+                len: len as usize,
+            },
         })
     }
 
     /// Queues one checked step on the lane's stream.
     fn enqueue(&self, step: Step) -> Result<(), BackendError> {
         // For each arm: the context is current; `check_batch` and `resolve`
-        // checked the addresses to lie inside the pinned staging buffer and
-        // a live chunk, and both stay so until `wait` returns (the store
-        // keeps the chunk, the lane its staging); the stream is the lane's.
+        // checked the addresses to lie inside the pinned staging buffer (or
+        // the batch's host target, inside registered memory) and a live
+        // chunk, and all stay so until `wait` returns (the store keeps the
+        // chunk and the target, the lane its staging); the stream is the
+        // lane's.
         let (call, result) = match step {
             Step::Upload { dst, src, len } => {
                 // SAFETY: see above.
@@ -287,6 +344,33 @@ impl Lane for CudaLane {
     }
 
     fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
+        self.run(ops, &mut [])
+    }
+
+    fn submit_into(
+        &mut self,
+        ops: &[TransferOp],
+        target: &mut [u8],
+        region: &HostRegion,
+    ) -> Result<(), BackendError> {
+        check_target(region, backend_id(&*self.shared), target)?;
+        self.run(ops, target)
+    }
+
+    fn wait(&mut self) -> Result<(), BackendError> {
+        if !self.pending {
+            return Ok(());
+        }
+        let result = self.wait_event();
+        self.pending = false;
+        result
+    }
+}
+
+impl CudaLane {
+    /// Checks, queues and marks a batch; `DownloadTo` steps write into
+    /// `target`.
+    fn run(&mut self, ops: &[TransferOp], target: &mut [u8]) -> Result<(), BackendError> {
         self.shared.check_alive()?;
         if self.pending {
             return Err(BackendError::Busy);
@@ -294,10 +378,11 @@ impl Lane for CudaLane {
         // Every step is checked and resolved before any reaches the driver:
         // a batch that fails its checks moves no byte. On the stack: the
         // collect cannot overflow, `check_batch` allows MAX_BATCH steps.
-        check_batch(ops, self.staging_len)?;
+        check_batch(ops, self.staging_len, target.len())?;
+        let target = target.as_mut_ptr();
         let steps = ops
             .iter()
-            .map(|op| self.resolve(op))
+            .map(|op| self.resolve(op, target))
             .collect::<Result<ArrayVec<Step, MAX_BATCH>, _>>()?;
         self.shared.bind()?;
         for step in steps {
@@ -316,15 +401,6 @@ impl Lane for CudaLane {
         }
         self.pending = true;
         Ok(())
-    }
-
-    fn wait(&mut self) -> Result<(), BackendError> {
-        if !self.pending {
-            return Ok(());
-        }
-        let result = self.wait_event();
-        self.pending = false;
-        result
     }
 }
 

@@ -45,8 +45,8 @@ use self::device::DeviceShared;
 use self::driver::FreeMemory;
 use self::lane::CudaLane;
 use super::{
-    select_adapter, Backend, BackendError, ChunkId, DeviceInfo, Fill, Lane, MemoryReport,
-    OpenError, OpenOptions,
+    select_adapter, Backend, BackendError, ChunkId, DeviceInfo, Fill, HostRegion, Lane,
+    MemoryReport, OpenError, OpenOptions,
 };
 
 /// Lists the CUDA devices, without opening them. Measuring each one's
@@ -150,5 +150,13 @@ impl Backend for CudaBackend {
         dst: &mut [u8],
     ) -> Result<(), BackendError> {
         self.shared.read_mapped(chunk, chunk_offset, dst)
+    }
+
+    fn register_host(&self, buf: &[u8]) -> Result<HostRegion, BackendError> {
+        lane::register_host(&self.shared, buf)
+    }
+
+    fn unregister_host(&self, region: HostRegion) {
+        lane::unregister_host(&self.shared, region)
     }
 }

@@ -334,23 +334,89 @@ impl DeviceShared {
     }
 
     fn import_host(&self, len: usize, align: u64) -> Result<(vk::Buffer, Staging), BackendError> {
-        let ext = self.host_import.as_ref().ok_or(BackendError::Api {
-            call: "vkGetMemoryHostPointerPropertiesEXT",
-            detail: "extension not enabled".into(),
-        })?;
         let region = LockedRegion::new(len, align as usize).map_err(|e| BackendError::Api {
             call: "mmap",
             detail: e.to_string(),
         })?;
+        // SAFETY: the region is a live mapping aligned to the import
+        // alignment, and outlives the memory object (`destroy_staging`).
+        let (buffer, memory) = unsafe { self.import_pointer(region.as_ptr(), region.len())? };
+        Ok((buffer, Staging::Imported { region, memory }))
+    }
+
+    /// Imports the caller's memory `buf` for DMA: the whole pages that
+    /// cover it, as the import needs its pointer and size aligned to
+    /// `minImportedHostPointerAlignment`. Refused where that alignment is
+    /// larger than a page: the aligned range could then reach into
+    /// mappings that are neither the buffer's nor its allocator's, which
+    /// may be unmapped while imported. Within a page, the bytes around
+    /// the buffer are its allocator's (a malloc header, a neighbour in the
+    /// same heap page): imported, never written, since copies reach only
+    /// a batch's target inside `buf`.
+    pub(super) fn register_host(
+        &self,
+        buf: &[u8],
+    ) -> Result<(vk::Buffer, vk::DeviceMemory, u64), BackendError> {
+        let unsupported = |reason: &str| BackendError::UnsupportedDevice {
+            device: self.adapter.info.name.clone(),
+            reason: reason.into(),
+        };
+        let align =
+            self.adapter
+                .host_import_alignment
+                .ok_or_else(|| unsupported("no VK_EXT_external_memory_host"))? as usize;
+        if align > crate::backend::hostmem::page_size() || !align.is_power_of_two() {
+            return Err(unsupported("host imports need more than page alignment"));
+        }
+        if buf.is_empty() {
+            return Err(BackendError::OutOfBounds("an empty host region".into()));
+        }
+        let first = buf.as_ptr() as usize;
+        let start = first & !(align - 1);
+        let end = (first + buf.len()).div_ceil(align) * align;
+        // SAFETY: `start..end` are whole pages of which `buf` holds at
+        // least a byte each, so they are mapped now; the caller unregisters
+        // before the buffer could be freed and mapped again
+        // (`Backend::register_host`), and copies reach only a batch's target
+        // inside it.
+        let (buffer, memory) = unsafe { self.import_pointer(start as *mut u8, end - start)? };
+        Ok((buffer, memory, (first - start) as u64))
+    }
+
+    /// Destroys an import from [`DeviceShared::register_host`]. No batch
+    /// may use it any more.
+    pub(super) fn unregister_host(&self, buffer: vk::Buffer, memory: vk::DeviceMemory) {
+        // SAFETY: the caller's rule; buffer before the memory bound to it.
+        unsafe {
+            self.raw.destroy_buffer(buffer, None);
+            self.raw.free_memory(memory, None);
+        }
+    }
+
+    /// Imports `len` bytes of host memory at `ptr` as a transfer buffer.
+    ///
+    /// # Safety
+    /// `ptr` and `len` are aligned to the device's import alignment, the
+    /// range is mapped, and it stays so until the memory is freed.
+    unsafe fn import_pointer(
+        &self,
+        ptr: *mut u8,
+        len: usize,
+    ) -> Result<(vk::Buffer, vk::DeviceMemory), BackendError> {
+        let ext = self.host_import.as_ref().ok_or(BackendError::Api {
+            call: "vkGetMemoryHostPointerPropertiesEXT",
+            detail: "extension not enabled".into(),
+        })?;
         let handle_type = vk::ExternalMemoryHandleTypeFlags::HOST_ALLOCATION_EXT;
         let mut pointer_props = vk::MemoryHostPointerPropertiesEXT::default();
         // SAFETY: the pointer is the start of a live mapping aligned to the
-        // device's import alignment; the out struct is valid.
+        // device's import alignment (the caller's rule); the out struct is
+        // valid.
         unsafe {
             (ext.fp().get_memory_host_pointer_properties_ext)(
                 self.raw.handle(),
                 handle_type,
-                region.as_ptr() as *const std::ffi::c_void,
+                ptr as *const std::ffi::c_void,
                 &mut pointer_props,
             )
         }
@@ -358,7 +424,7 @@ impl DeviceShared {
         .map_err(|e| conv::error("vkGetMemoryHostPointerPropertiesEXT", e))?;
         let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(handle_type);
         let info = vk::BufferCreateInfo::default()
-            .size(region.len() as u64)
+            .size(len as u64)
             .usage(vk::BufferUsageFlags::TRANSFER_SRC | vk::BufferUsageFlags::TRANSFER_DST)
             .sharing_mode(vk::SharingMode::EXCLUSIVE)
             .push_next(&mut external);
@@ -395,13 +461,13 @@ impl DeviceShared {
         };
         let mut import = vk::ImportMemoryHostPointerInfoEXT::default()
             .handle_type(handle_type)
-            .host_pointer(region.as_ptr() as *mut std::ffi::c_void);
+            .host_pointer(ptr as *mut std::ffi::c_void);
         let allocate = vk::MemoryAllocateInfo::default()
-            .allocation_size(region.len() as u64)
+            .allocation_size(len as u64)
             .memory_type_index(type_index)
             .push_next(&mut import);
-        // SAFETY: the import points at `region`, which outlives the memory
-        // object (`destroy_staging` frees the memory before the region).
+        // SAFETY: the import points at mapped memory that outlives the
+        // memory object (the caller's rule).
         let memory = match unsafe { self.raw.allocate_memory(&allocate, None) } {
             Ok(memory) => memory,
             Err(e) => {
@@ -419,7 +485,7 @@ impl DeviceShared {
             }
             return Err(conv::error("vkBindBufferMemory", e));
         }
-        Ok((buffer, Staging::Imported { region, memory }))
+        Ok((buffer, memory))
     }
 
     /// Destroys a staging buffer. No submitted work may use it any more.

@@ -5,11 +5,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ash::vk;
+use ash::vk::Handle;
 use tracing::warn;
 
 use super::conv;
 use super::device::{DeviceShared, Staging};
-use crate::backend::{check_batch, BackendError, Lane, TransferOp};
+use crate::backend::{
+    backend_id, check_batch, check_target, BackendError, HostRegion, Lane, TransferOp,
+};
+
+/// Where a batch's `DownloadTo` steps land: the buffer importing the
+/// registered memory, and the offset of the batch's target in it.
+#[derive(Clone, Copy)]
+struct Target {
+    buffer: vk::Buffer,
+    offset: u64,
+}
 
 pub(super) struct VulkanLane {
     shared: Arc<DeviceShared>,
@@ -65,8 +76,9 @@ impl VulkanLane {
         Ok(lane)
     }
 
-    /// Records a batch that `check_batch` passed.
-    fn record(&self, ops: &[TransferOp]) -> Result<(), BackendError> {
+    /// Records a batch that `check_batch` passed; `target` is where its
+    /// `DownloadTo` steps write (none for [`Lane::submit`]).
+    fn record(&self, ops: &[TransferOp], target: Option<Target>) -> Result<(), BackendError> {
         let device = &self.shared.raw;
         let cmd = self.cmd;
         // SAFETY: no batch of this lane is pending (checked by `submit`), so
@@ -85,7 +97,10 @@ impl VulkanLane {
         // in one command buffer may otherwise run in any order).
         let (mut read, mut written) = (false, false);
         for op in ops {
-            let writes_chunk = !matches!(op, TransferOp::Download { .. });
+            let writes_chunk = !matches!(
+                op,
+                TransferOp::Download { .. } | TransferOp::DownloadTo { .. }
+            );
             if written || (read && writes_chunk) {
                 self.barrier(
                     vk::PipelineStageFlags::TRANSFER,
@@ -142,6 +157,30 @@ impl VulkanLane {
                     // SAFETY: the range is 4-aligned and inside the buffer
                     // (`check_batch`).
                     unsafe { device.cmd_fill_buffer(cmd, dst, chunk_offset, len, 0) };
+                }
+                TransferOp::DownloadTo {
+                    host_offset,
+                    chunk,
+                    chunk_offset,
+                    len,
+                } => {
+                    let Some(target) = target else {
+                        return Err(BackendError::OutOfBounds(
+                            "a download to host memory in a batch without a target".into(),
+                        ));
+                    };
+                    let region = vk::BufferCopy {
+                        src_offset: chunk_offset,
+                        dst_offset: target.offset + host_offset as u64,
+                        size: len,
+                    };
+                    let src = self.shared.chunk_buffer(chunk)?;
+                    // SAFETY: the chunk as for uploads; the destination lies
+                    // inside the batch's target (`check_batch`), which lies
+                    // inside the imported buffer (`check_target`) and stays
+                    // borrowed by the caller until `wait`.
+                    unsafe { device.cmd_copy_buffer(cmd, src, target.buffer, &[region]) };
+                    downloads = true;
                 }
             }
         }
@@ -223,12 +262,48 @@ impl Lane for VulkanLane {
     }
 
     fn submit(&mut self, ops: &[TransferOp]) -> Result<(), BackendError> {
+        self.run(ops, 0, None)
+    }
+
+    fn submit_into(
+        &mut self,
+        ops: &[TransferOp],
+        target: &mut [u8],
+        region: &HostRegion,
+    ) -> Result<(), BackendError> {
+        check_target(region, backend_id(&*self.shared), target)?;
+        let at = Target {
+            buffer: vk::Buffer::from_raw(region.handle[0]),
+            offset: region.offset + region.offset_of(target) as u64,
+        };
+        self.run(ops, target.len(), Some(at))
+    }
+
+    fn wait(&mut self) -> Result<(), BackendError> {
+        if !self.pending {
+            return Ok(());
+        }
+        let result = self.wait_fence();
+        self.pending = false;
+        result
+    }
+}
+
+impl VulkanLane {
+    /// Checks, records and submits a batch whose `DownloadTo` steps write
+    /// into `target_len` bytes at `target`.
+    fn run(
+        &mut self,
+        ops: &[TransferOp],
+        target_len: usize,
+        target: Option<Target>,
+    ) -> Result<(), BackendError> {
         self.shared.check_alive()?;
         if self.pending {
             return Err(BackendError::Busy);
         }
-        check_batch(ops, self.staging_len)?;
-        self.record(ops)?;
+        check_batch(ops, self.staging_len, target_len)?;
+        self.record(ops, target)?;
         let device = &self.shared.raw;
         // SAFETY: the fence is not in use (no batch pending).
         unsafe { device.reset_fences(&[self.fence]) }
@@ -245,15 +320,6 @@ impl Lane for VulkanLane {
         drop(queue);
         self.pending = true;
         Ok(())
-    }
-
-    fn wait(&mut self) -> Result<(), BackendError> {
-        if !self.pending {
-            return Ok(());
-        }
-        let result = self.wait_fence();
-        self.pending = false;
-        result
     }
 }
 

@@ -34,8 +34,8 @@ use self::instance::Instance;
 use self::lane::VulkanLane;
 use super::selftest::SelfTest;
 use super::{
-    select_adapter, Backend, BackendError, ChunkId, DeviceInfo, Fill, Lane, MemoryReport,
-    OpenError, OpenOptions,
+    backend_id, select_adapter, Backend, BackendError, ChunkId, DeviceInfo, Fill, HostRegion, Lane,
+    MemoryReport, OpenError, OpenOptions,
 };
 
 /// Lists the Vulkan devices that can serve, without opening them.
@@ -124,6 +124,25 @@ impl Backend for VulkanBackend {
             staging_bytes,
             queue,
         )?))
+    }
+
+    fn register_host(&self, buf: &[u8]) -> Result<HostRegion, BackendError> {
+        use ash::vk::Handle;
+        let (buffer, memory, offset) = self.shared.register_host(buf)?;
+        Ok(HostRegion::new(
+            buf,
+            backend_id(&*self.shared),
+            [buffer.as_raw(), memory.as_raw()],
+            offset,
+        ))
+    }
+
+    fn unregister_host(&self, region: HostRegion) {
+        use ash::vk::Handle;
+        self.shared.unregister_host(
+            ash::vk::Buffer::from_raw(region.handle[0]),
+            ash::vk::DeviceMemory::from_raw(region.handle[1]),
+        );
     }
 
     fn self_test(&self) -> Option<&dyn SelfTest> {
