@@ -285,9 +285,49 @@ fn random_op(
     (offset, len)
 }
 
+std::thread_local! {
+    /// This thread's request buffer, kept as nbdkit keeps its own (see
+    /// `nbd_buffer`), and how many checks this thread has made.
+    static NBD_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static CHECKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` on this thread's request buffer cut to `len`, as nbdkit hands
+/// a plugin its per-thread buffer: reused, and replaced (the old one freed
+/// after the new one is made, as `realloc` moves it) only for a request
+/// longer than any before.
+fn nbd_buffer<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    NBD_BUFFER.with_borrow_mut(|buffer| {
+        if buffer.len() < len {
+            let grown = vec![0u8; len];
+            *buffer = grown;
+        }
+        f(&mut buffer[..len])
+    })
+}
+
+/// Reads through [`BlockStore::read_direct`] into this thread's request
+/// buffer, as the plugin does.
+fn read_direct(store: &BlockStore, offset: u64, len: u64) -> Vec<u8> {
+    nbd_buffer(len as usize, |buf| {
+        buf.fill(0xdd);
+        store.read_direct(buf, offset).unwrap();
+        buf.to_vec()
+    })
+}
+
+/// Checks a range against the model, every other time through a direct
+/// read into the thread's request buffer, else through staging.
 fn check_range(store: &BlockStore, model: &[u8], base: u64, offset: u64, len: u64) {
-    let mut buf = vec![0xddu8; len as usize];
-    store.read(&mut buf, offset).unwrap();
+    let checks = CHECKS.get();
+    CHECKS.set(checks + 1);
+    let buf = if checks % 2 == 0 {
+        read_direct(store, offset, len)
+    } else {
+        let mut buf = vec![0xddu8; len as usize];
+        store.read(&mut buf, offset).unwrap();
+        buf
+    };
     let range = (offset - base) as usize..(offset - base + len) as usize;
     if buf != model[range.clone()] {
         let first = buf
@@ -852,8 +892,10 @@ fn verify_fails_reads_of_a_block_whose_vram_changed() {
                     (last, 1),
                     (block_start - 3 * BLOCK_SIZE, 5 * BLOCK_SIZE),
                 ] {
-                    let mut buf = vec![0u8; len as usize];
-                    let err = store.read(&mut buf, offset).unwrap_err();
+                    // The long one by DMA into the request buffer, checked
+                    // there.
+                    let err =
+                        nbd_buffer(len as usize, |buf| store.read_direct(buf, offset)).unwrap_err();
                     assert_eq!(
                         err,
                         StoreError::Checksum {
@@ -864,6 +906,7 @@ fn verify_fails_reads_of_a_block_whose_vram_changed() {
                     assert_eq!(err.errno(), libc::EIO);
                 }
                 assert_eq!(store.stats().checksum_errors, 3, "{kind}: {what}");
+                assert_eq!(store.stats().direct.reads, 1, "{kind}: {what}");
                 // Other blocks, written or not, read fine.
                 let mut all_but = vec![0u8; block_start as usize];
                 store.read(&mut all_but, 0).unwrap();
@@ -995,6 +1038,106 @@ fn vram_is_scrubbed_before_it_goes_back_to_the_driver() {
                 gpu.freed_with_data.load(Ordering::Relaxed),
                 0,
                 "{kind} {allocation:?}: VRAM freed with data in it"
+            );
+        }
+    });
+}
+
+/// A thread's request buffer is registered by its first read of at least
+/// `DIRECT_READ` bytes, reused by every later read it holds (shorter ones
+/// too), registered again when it grows or moves, given back when a request
+/// comes with another buffer, when its thread exits and when the store
+/// closes; reads below the threshold never register one.
+#[test]
+fn direct_reads_register_a_buffer_once_reuse_it_and_give_it_back() {
+    use vramswap::store::DIRECT_READ;
+    for_each_backend(|kind| {
+        for verify in [false, true] {
+            let size = 16 * MIB;
+            let counting = Arc::new(Counting::new(open_backend(kind, None)));
+            let config = StoreConfig {
+                verify,
+                ..config(size, AllocationPolicy::Lazy)
+            };
+            let store = Arc::new(BlockStore::open(counting.clone(), &config).unwrap());
+            let mut model = vec![0u8; size as usize];
+            // Data with holes: every third block is never written.
+            for block in (0..size / BLOCK_SIZE).filter(|b| b % 3 != 0) {
+                let data = pattern(block, BLOCK_SIZE as usize);
+                store.write(&data, block * BLOCK_SIZE).unwrap();
+                model[(block * BLOCK_SIZE) as usize..][..BLOCK_SIZE as usize]
+                    .copy_from_slice(&data);
+            }
+            let direct = |store: &BlockStore| store.stats().direct;
+            let check = |store: &BlockStore, offset: u64, len: u64| {
+                let got = read_direct(store, offset, len);
+                assert!(
+                    got == model[offset as usize..(offset + len) as usize],
+                    "{kind} verify={verify}: direct read at {offset}+{len}"
+                );
+            };
+            let small = (DIRECT_READ / 2) as u64;
+            let thread = std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        // Small reads alone register nothing.
+                        check(&store, 5, small);
+                        assert_eq!(direct(&store).registered, 0, "{kind}");
+                        // The first long read registers; later ones, long or
+                        // short, odd or aligned, reuse it.
+                        let long = 3 * MIB + 12_345;
+                        check(&store, 1000, long);
+                        for (offset, len) in [
+                            (0, long),
+                            (4 * MIB - 7, long),
+                            (77, 1),
+                            (BLOCK_SIZE + 3, small),
+                            (size - long, long),
+                        ] {
+                            check(&store, offset, len);
+                        }
+                        let stats = direct(&store);
+                        assert_eq!((stats.registered, stats.unregistered), (1, 0), "{kind}");
+                        // The 1-byte read goes through the chunks' CPU
+                        // mapping where there is one (and no verify): it
+                        // takes no DMA, so it is no direct read.
+                        let mapped = counting.mapped() && !verify;
+                        assert_eq!(stats.reads, 6 - u64::from(mapped), "{kind}");
+                        // Grown (moved): the old one goes, the new one comes.
+                        check(&store, 3, long + 1);
+                        let stats = direct(&store);
+                        assert_eq!((stats.registered, stats.unregistered), (2, 1), "{kind}");
+                        // A write from a buffer elsewhere: the thread's buffer
+                        // moved, so its registration goes at once.
+                        store.write(&model[..100], 0).unwrap();
+                        assert_eq!(direct(&store).live(), 0, "{kind}");
+                        check(&store, 0, long);
+                        assert_eq!(direct(&store).live(), 1, "{kind}");
+                        // A write from the thread's own buffer keeps it.
+                        let at = 8 * MIB as usize;
+                        nbd_buffer(4096, |buf| {
+                            buf.copy_from_slice(&model[at..at + 4096]);
+                            store.write(buf, at as u64).unwrap()
+                        });
+                        assert_eq!(direct(&store).live(), 1, "{kind}");
+                    })
+                    .join()
+            });
+            thread.unwrap();
+            // The thread exited: its registration went with it.
+            let stats = direct(&store);
+            assert_eq!(stats.live(), 0, "{kind}: registration outlived its thread");
+            // Close gives back what live threads still hold.
+            let before = Arc::strong_count(&store);
+            assert_eq!(before, 1);
+            check(&store, 0, 2 * MIB);
+            assert_eq!(direct(&store).live(), 1, "{kind}");
+            assert_eq!(counting.hosts_live(), 1, "{kind}");
+            drop(Arc::into_inner(store).unwrap());
+            assert_eq!(
+                counting.hosts_live(),
+                0,
+                "{kind}: a registration outlived its store"
             );
         }
     });

@@ -341,7 +341,10 @@ impl Server for VramSwap {
                 }
             }
             self.inject(offset, buf.len() as u64);
-            self.store.read(buf, offset).map_err(|e| self.error(e))
+            // nbdkit's per-thread buffer: reused, moved only to grow.
+            self.store
+                .read_direct(buf, offset)
+                .map_err(|e| self.error(e))
         })
     }
 

@@ -10,7 +10,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use arrayvec::ArrayVec;
 
 use super::error::StoreError;
-use crate::backend::{Backend, BackendError, Lane, TransferOp, BLOCK_SIZE};
+use crate::backend::{Backend, BackendError, HostRegion, Lane, TransferOp, BLOCK_SIZE};
 
 /// Most lanes one request keeps in flight: with four, the copy into
 /// staging, not a batch's latency, sets the pace of a large request
@@ -131,6 +131,22 @@ impl<P> Lanes<'_, P> {
     ) -> Result<(), BackendError> {
         let held = &mut self.held[index];
         held.lane.submit(ops)?;
+        held.pending = Some(pending);
+        Ok(())
+    }
+
+    /// [`Lanes::submit`], downloading straight into `target` where a step
+    /// says so ([`Lane::submit_into`]).
+    pub(super) fn submit_into(
+        &mut self,
+        index: usize,
+        ops: &[TransferOp],
+        target: &mut [u8],
+        region: &HostRegion,
+        pending: P,
+    ) -> Result<(), BackendError> {
+        let held = &mut self.held[index];
+        held.lane.submit_into(ops, target, region)?;
         held.pending = Some(pending);
         Ok(())
     }

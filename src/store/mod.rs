@@ -38,6 +38,7 @@ use crate::size::ByteSize;
 
 mod alloc;
 mod config;
+mod direct;
 mod error;
 mod lanes;
 mod read;
@@ -49,9 +50,11 @@ pub use config::{
     resolve_size, AllocationPolicy, ResolvedSize, SizeSpec, StoreConfig, DEFAULT_LANES,
     DEFAULT_READAHEAD, DEFAULT_RESERVE, DEFAULT_STAGING,
 };
+pub use direct::{DirectStats, DIRECT_READ};
 pub use error::StoreError;
 pub use readahead::{ReadAheadStats, MAX_WINDOWS, WINDOW_BYTES};
 
+use direct::Registrations;
 use lanes::LanePool;
 use readahead::ReadAhead;
 use slots::{piece_count, ChunkSlot};
@@ -73,6 +76,7 @@ pub struct StoreStats {
     /// Reads of blocks that failed their checksum.
     pub checksum_errors: u64,
     pub readahead: ReadAheadStats,
+    pub direct: DirectStats,
 }
 
 /// A byte-addressed device in VRAM. Safe to share between threads.
@@ -89,6 +93,8 @@ pub struct BlockStore {
     checksums: Option<Checksums>,
     checksum_errors: AtomicU64,
     readahead: Option<ReadAhead>,
+    /// Request buffers registered for direct reads, one per thread.
+    direct: Arc<Registrations>,
     /// Wakes writers waiting for another writer to finish zeroing a block.
     init_lock: Mutex<()>,
     init_done: Condvar,
@@ -142,6 +148,7 @@ impl BlockStore {
             windows => Some(ReadAhead::new(backend.as_ref(), windows)?),
         };
         let store = BlockStore {
+            direct: Registrations::new(backend.clone()),
             backend,
             size: resolved.bytes,
             policy: config.allocation,
@@ -211,6 +218,7 @@ impl BlockStore {
                 .as_ref()
                 .map(ReadAhead::stats)
                 .unwrap_or_default(),
+            direct: self.direct.stats(),
         }
     }
 
@@ -224,20 +232,46 @@ impl BlockStore {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+        self.direct.forget_if_moved(buf);
+        self.read_with(buf, offset, false)
+    }
+
+    /// [`BlockStore::read`] into the calling thread's request buffer, by DMA
+    /// straight into it where it can be (`direct.rs`): a buffer the caller
+    /// reuses for this thread's requests and frees or moves only for a
+    /// request longer than it held before, or when the thread exits, as
+    /// nbdkit does with its per-thread buffer. Every write of the thread
+    /// goes through [`BlockStore::write`], which sees a moved buffer too.
+    /// A read of at least [`DIRECT_READ`] bytes registers the buffer with
+    /// the driver once; until the buffer moves, its reads need no staging.
+    pub fn read_direct(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+        self.read_with(buf, offset, true)
+    }
+
+    fn read_with(&self, buf: &mut [u8], offset: u64, direct: bool) -> Result<(), StoreError> {
         self.check(offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
         }
+        // Windows were filled before this read came: their bytes are in
+        // staging already, and a copy out is all that is left.
         if let Some(readahead) = &self.readahead {
             if readahead.read(&self.slots, buf, offset) {
                 return Ok(());
             }
         }
-        self.read_from_vram(buf, offset)
+        if direct {
+            let registration = self.direct.for_read(buf);
+            if let Some(region) = registration.region() {
+                return self.read_from_vram(buf, offset, Some(region));
+            }
+        }
+        self.read_from_vram(buf, offset, None)
     }
 
     /// Writes `buf` at `offset`.
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<(), StoreError> {
+        self.direct.forget_if_moved(buf);
         self.check(offset, buf.len() as u64)?;
         self.write_from(Source::Bytes(buf), offset, buf.len() as u64)
     }
@@ -343,6 +377,7 @@ impl BlockStore {
 
 impl Drop for BlockStore {
     fn drop(&mut self) {
+        self.direct.release_all();
         if let Some(readahead) = &mut self.readahead {
             readahead.drain();
             let stats = readahead.stats();

@@ -1,6 +1,9 @@
 //! The read path: a request's segments downloaded piece by piece through
 //! the lanes, blocks without data filled with zeros on the host, and with
-//! `verify` every downloaded block checked against its checksum.
+//! `verify` every downloaded block checked against its checksum. With a
+//! registered buffer (`direct.rs`) the lanes download straight into it;
+//! only a block the request covers in part goes through staging, and only
+//! with `verify` (its checksum covers the whole block).
 
 use std::sync::atomic::Ordering;
 
@@ -11,7 +14,7 @@ use super::lanes::Lanes;
 use super::slots::{pieces, segment, Piece, Segment};
 use super::BlockStore;
 use crate::backend::{
-    BackendError, ChunkId, Lane, TransferOp, BLOCKS_PER_CHUNK, BLOCK_SIZE, CHUNK_SIZE,
+    BackendError, ChunkId, HostRegion, Lane, TransferOp, BLOCKS_PER_CHUNK, BLOCK_SIZE, CHUNK_SIZE,
 };
 use crate::checksum;
 
@@ -33,8 +36,11 @@ const MAX_TORN_READS: usize = 64;
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ReadPending {
     piece: Piece,
-    /// Blocks that were downloaded and must be copied out.
+    /// Blocks that were downloaded: into staging, to be copied out, or
+    /// (those also in `direct`) straight into the caller's buffer.
     downloaded: u64,
+    /// Blocks downloaded straight into the caller's buffer.
+    direct: u64,
     /// The chunk offset that staging byte 0 holds: the piece's start, or
     /// with `verify` the start of its first block.
     staging_origin: u64,
@@ -55,8 +61,16 @@ enum Verdict {
 }
 
 impl BlockStore {
-    /// Reads `buf` at `offset` from VRAM (the range is checked already).
-    pub(super) fn read_from_vram(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+    /// Reads `buf` at `offset` from VRAM (the range is checked already),
+    /// straight into `buf` when `region` (registered, covering it) is given.
+    /// A small read of mapped chunks goes through the mapping all the same:
+    /// CPU loads beat a DMA there, and need no registration.
+    pub(super) fn read_from_vram(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        region: Option<&HostRegion>,
+    ) -> Result<(), StoreError> {
         // With `verify`, a block's checksum needs the whole block: DMA it.
         if buf.len() <= MAPPED_READ_MAX
             && self.checksums.is_none()
@@ -64,6 +78,9 @@ impl BlockStore {
             && self.read_through_mapping(buf, offset)?
         {
             return Ok(());
+        }
+        if region.is_some() {
+            self.direct.count_read();
         }
         let mut lanes = self
             .lanes
@@ -80,7 +97,7 @@ impl BlockStore {
                         out.fill(0);
                         Ok(Verdict::Clean)
                     }
-                    Some(chunk) => self.read_segment(&mut lanes, seg, chunk, out),
+                    Some(chunk) => self.read_segment(&mut lanes, seg, chunk, out, region),
                 };
                 if result != Ok(Verdict::Torn) {
                     break;
@@ -146,9 +163,10 @@ impl BlockStore {
         seg: Segment,
         chunk: ChunkId,
         out: &mut [u8],
+        region: Option<&HostRegion>,
     ) -> Result<Verdict, BackendError> {
         let mut verdict = Verdict::Clean;
-        let submitted = self.read_pieces(lanes, seg, chunk, out, &mut verdict);
+        let submitted = self.read_pieces(lanes, seg, chunk, out, region, &mut verdict);
         let finished = lanes
             .finish_all(|pending, lane, ok| self.finish_read(pending, lane, ok, out, &mut verdict));
         submitted.and(finished).map(|()| verdict)
@@ -160,6 +178,7 @@ impl BlockStore {
         seg: Segment,
         chunk: ChunkId,
         out: &mut [u8],
+        region: Option<&HostRegion>,
         verdict: &mut Verdict,
     ) -> Result<(), BackendError> {
         let slot = &self.slots[seg.slot];
@@ -174,6 +193,7 @@ impl BlockStore {
                 None => piece.start,
             };
             let mut sequences = [0; BLOCKS_PER_CHUNK];
+            let mut direct = 0u64;
             let mut ops: ArrayVec<TransferOp, BLOCKS_PER_CHUNK> = ArrayVec::new();
             let mut block = piece.first_block();
             while block <= piece.last_block() {
@@ -195,31 +215,87 @@ impl BlockStore {
                         }
                         None => (from, to),
                     };
-                    ops.push(TransferOp::Download {
-                        staging_offset: (from - origin) as usize,
-                        chunk,
-                        chunk_offset: from,
-                        len: to - from,
-                    });
+                    match region {
+                        Some(_) => {
+                            direct |= self.push_direct(&mut ops, piece, chunk, origin, from, to)
+                        }
+                        None => ops.push(TransferOp::Download {
+                            staging_offset: (from - origin) as usize,
+                            chunk,
+                            chunk_offset: from,
+                            len: to - from,
+                        }),
+                    }
                 } else {
                     let at = piece.buf + (from - piece.start) as usize;
                     out[at..at + (to - from) as usize].fill(0);
                 }
             }
             if !ops.is_empty() {
-                lanes.submit(
-                    lane,
-                    &ops,
-                    ReadPending {
-                        piece,
-                        downloaded: bits,
-                        staging_origin: origin,
-                        sequences,
-                    },
-                )?;
+                let pending = ReadPending {
+                    piece,
+                    downloaded: bits,
+                    direct,
+                    staging_origin: origin,
+                    sequences,
+                };
+                match region {
+                    Some(region) => lanes.submit_into(lane, &ops, out, region, pending)?,
+                    None => lanes.submit(lane, &ops, pending)?,
+                }
             }
         }
         Ok(())
+    }
+
+    /// Adds the steps that download `from..to` of a piece (a run of blocks
+    /// with data, chunk offsets) straight into the caller's buffer, whose
+    /// segment starts at the request's `out[0]`; says which blocks went
+    /// there. With `verify`, `from..to` is whole blocks and a block the
+    /// piece covers in part goes to staging at its place after `origin`,
+    /// for its checksum; without, the piece's bytes go straight.
+    fn push_direct(
+        &self,
+        ops: &mut ArrayVec<TransferOp, BLOCKS_PER_CHUNK>,
+        piece: Piece,
+        chunk: ChunkId,
+        origin: u64,
+        from: u64,
+        to: u64,
+    ) -> u64 {
+        let (mut from, mut to) = (from, to);
+        let to_staging = |ops: &mut ArrayVec<_, _>, at: u64| {
+            ops.push(TransferOp::Download {
+                staging_offset: (at - origin) as usize,
+                chunk,
+                chunk_offset: at,
+                len: BLOCK_SIZE,
+            })
+        };
+        if self.checksums.is_some() {
+            if from < piece.start {
+                to_staging(ops, from);
+                from += BLOCK_SIZE;
+            }
+            if to > piece.end() && to - BLOCK_SIZE >= from {
+                to_staging(ops, to - BLOCK_SIZE);
+                to -= BLOCK_SIZE;
+            }
+        }
+        if from >= to {
+            return 0;
+        }
+        ops.push(TransferOp::DownloadTo {
+            host_offset: piece.buf + (from - piece.start) as usize,
+            chunk,
+            chunk_offset: from,
+            len: to - from,
+        });
+        let (first, last) = (
+            (from / BLOCK_SIZE) as usize,
+            ((to - 1) / BLOCK_SIZE) as usize,
+        );
+        super::slots::span_mask(first, last)
     }
 
     /// Copies a finished read's downloaded blocks out, checking each one's
@@ -240,6 +316,17 @@ impl BlockStore {
         let staging = lane.staging();
         for block in piece.first_block()..=piece.last_block() {
             if pending.downloaded & (1 << block) == 0 {
+                continue;
+            }
+            if pending.direct & (1 << block) != 0 {
+                // In place already; with `verify`, a whole block inside the
+                // request, checked where it landed.
+                if self.checksums.is_some() {
+                    let at = piece.buf + (block as u64 * BLOCK_SIZE - piece.start) as usize;
+                    let bytes = &out[at..at + BLOCK_SIZE as usize];
+                    let found = self.check_block(piece, block, bytes, pending.sequences[block]);
+                    *verdict = verdict.and(found);
+                }
                 continue;
             }
             if self.checksums.is_some() {
