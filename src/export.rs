@@ -44,6 +44,14 @@ readahead=N              2M windows of pinned memory for sequential reads:
                          a stream of reads of 128K or more is downloaded
                          ahead of where it reads, four windows at a time
                          (default 32, 0 to 64; 0 is off; off with verify=on)
+direct=on|off            download reads of 128K or more by DMA straight into
+                         nbdkit's per-thread request buffer, which each
+                         thread registers (pins) with the driver once,
+                         instead of through staging. Off by default: a
+                         filter that passes its own temporary buffers
+                         could free one and get another at the same
+                         address, and the DMA would land in the old pinned
+                         pages. `vramswap start` sets it (no filters there)
 verify=on|off            checksum (CRC32C) every 64K block on write and check
                          it on read: a block whose VRAM changed fails its
                          read with EIO instead of returning bad data
@@ -61,6 +69,15 @@ warm-up=THREADS:SIZE     on each connection, make THREADS different nbdkit
                          request, which must not happen once the device is
                          swap. `vramswap start` sets it (default: off)
 The preferred I/O size is 64K (one block); any offset and length work.";
+
+/// `on` or `off` (or true/false, yes/no, 1/0).
+fn parse_switch(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err("expected on or off".into()),
+    }
+}
 
 /// A period: a whole number with an optional unit, `s` (default), `m`,
 /// `h` or `d`; at least one second.
@@ -177,6 +194,8 @@ pub struct ExportConfig {
     pub lanes: usize,
     pub staging: usize,
     pub verify: bool,
+    /// `direct=`: reads by DMA into nbdkit's registered request buffer.
+    pub direct: bool,
     /// `readahead=`: windows of [`crate::store::WINDOW_BYTES`].
     pub readahead: usize,
     /// `scrub=`: one background pass over the written blocks per period.
@@ -199,6 +218,7 @@ impl Default for ExportConfig {
             lanes: DEFAULT_LANES,
             staging: DEFAULT_STAGING,
             verify: false,
+            direct: false,
             readahead: DEFAULT_READAHEAD,
             scrub: None,
             warm_up: None,
@@ -279,13 +299,8 @@ impl ExportConfig {
             }
             "scrub" => self.scrub = Some(parse_duration(value).map_err(bad)?),
             "warm-up" => self.warm_up = Some(value.parse().map_err(bad)?),
-            "verify" => {
-                self.verify = match value.to_ascii_lowercase().as_str() {
-                    "on" | "true" | "yes" | "1" => true,
-                    "off" | "false" | "no" | "0" => false,
-                    _ => return Err(bad("expected on or off".into())),
-                }
-            }
+            "verify" => self.verify = parse_switch(value).map_err(bad)?,
+            "direct" => self.direct = parse_switch(value).map_err(bad)?,
             _ => return Err(ConfigError::Unknown(key.to_string())),
         }
         self.given.push((key.to_string(), value.to_string()));
@@ -382,6 +397,9 @@ impl ExportConfig {
         if self.verify {
             args.push("verify=on".into());
         }
+        if self.direct {
+            args.push("direct=on".into());
+        }
         if let Some(period) = self.scrub {
             args.push(format!("scrub={}s", period.as_secs()));
         }
@@ -438,6 +456,7 @@ mod tests {
         assert_eq!((config.lanes, config.staging_bytes), (64, 2 << 20));
         assert!(!config.verify);
         assert_eq!(config.readahead, 32);
+        assert!(!parse(&[]).unwrap().direct);
     }
 
     #[test]
@@ -451,8 +470,11 @@ mod tests {
             ("staging", "256K"),
             ("verify", "on"),
             ("readahead", "0"),
+            ("direct", "on"),
         ])
         .unwrap();
+        assert!(config.direct);
+        assert!(!parse(&[("direct", "off")]).unwrap().direct);
         assert_eq!(config.backend, Some(BackendKind::Vulkan));
         assert_eq!(config.device, DeviceSelector::Index(1));
         let store = config.store_config();
@@ -516,6 +538,7 @@ mod tests {
             ),
             ("device", " ", "device= : empty value"),
             ("verify", "maybe", "verify=maybe: expected on or off"),
+            ("direct", "always", "direct=always: expected on or off"),
             ("scrub", "soon", "scrub=soon: expected a duration"),
             (
                 "scrub",
@@ -556,6 +579,7 @@ mod tests {
                 ("staging", "256K"),
                 ("verify", "on"),
                 ("warm-up", "16:128K"),
+                ("direct", "on"),
             ],
         ] {
             let config = parse(&pairs).unwrap();

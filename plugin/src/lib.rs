@@ -65,6 +65,8 @@ struct VramSwap {
     store: Arc<BlockStore>,
     /// `warm-up=`: this connection's barrier.
     warm_up: Option<warmup::Barrier>,
+    /// `direct=on`: reads go straight into nbdkit's request buffer.
+    direct: bool,
     #[cfg(feature = "fault-injection")]
     inject_panic_at: Option<u64>,
 }
@@ -323,6 +325,7 @@ impl Server for VramSwap {
                 warm_up: settings
                     .and_then(|s| s.export.warm_up)
                     .map(warmup::Barrier::new),
+                direct: settings.is_some_and(|s| s.export.direct),
                 #[cfg(feature = "fault-injection")]
                 inject_panic_at: settings.and_then(|s| s.inject_panic_at),
             }) as Box<dyn Server>)
@@ -341,10 +344,16 @@ impl Server for VramSwap {
                 }
             }
             self.inject(offset, buf.len() as u64);
-            // nbdkit's per-thread buffer: reused, moved only to grow.
-            self.store
-                .read_direct(buf, offset)
-                .map_err(|e| self.error(e))
+            if self.direct {
+                // nbdkit's per-thread buffer: reused, moved only to grow
+                // (with no filter between, which `direct=` leaves to the
+                // one who sets it).
+                self.store
+                    .read_direct(buf, offset)
+                    .map_err(|e| self.error(e))
+            } else {
+                self.store.read(buf, offset).map_err(|e| self.error(e))
+            }
         })
     }
 

@@ -96,6 +96,13 @@ impl Plan {
         // Swap-ins (32 KiB at most) never start a read-ahead stream: its
         // windows would only lock RAM (docs/RELIABILITY.md, "Load").
         export.readahead = 0;
+        // Reads by DMA straight into nbdkit's per-thread buffers. Safe
+        // here, where it is off by default: this nbdkit has no filter that
+        // could hand the plugin a temporary buffer (freed, and another
+        // later mapped at the same address behind the old pinned pages);
+        // nbdkit's own buffer moves only to grow, which the store sees,
+        // and the warm-up reads register every thread's before swap is on.
+        export.direct = true;
         let cmd = match &self.numa {
             Some((_, cpus)) => Cmd::new("taskset")
                 .arg("--cpu-list")
@@ -577,7 +584,7 @@ mod tests {
                  VRAMSWAP_STATUS_FILE=/run/vramswap/default/server.json setsid nbdkit --unix /run/vramswap/default/nbd.sock \
                  --pidfile /run/vramswap/default/nbdkit.pid --threads 16 \
                  /usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so backend=vulkan size=8589934592 \
-                 readahead=0 warm-up=16:131072",
+                 readahead=0 direct=on warm-up=16:131072",
                 "wait until nbdkit answers on /run/vramswap/default/nbd.sock (up to 300 s), then chmod 0600 it",
                 "nbd-client -unix /run/vramswap/default/nbd.sock /dev/nbd0 -b 4096 -swap -timeout 300 -C 4",
                 "echo 0 > /sys/block/nbd0/queue/wbt_lat_usec",
@@ -598,7 +605,7 @@ mod tests {
         let (_, plan) = preflight(&mut system, &gpus(), &opts, false);
         let server = plan.unwrap().describe(Step::StartServer);
         assert!(
-            server.ends_with("size=8589934592 readahead=0 verify=on warm-up=16:131072"),
+            server.ends_with("size=8589934592 readahead=0 verify=on direct=on warm-up=16:131072"),
             "{server}"
         );
     }
