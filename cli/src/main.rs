@@ -111,6 +111,7 @@ fn init_logging(verbose: u8, quiet: bool) {
 }
 
 fn main() -> ExitCode {
+    system::die_on_closed_pipe();
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     let mut system = system::RealSystem::new();

@@ -707,3 +707,12 @@ mod tests {
         );
     }
 }
+
+/// Lets a closed pipe end this process as it ends other command-line
+/// tools (`vramswap status --json | head` stops quietly), instead of Rust's
+/// default of ignoring SIGPIPE and panicking at the next write.
+pub fn die_on_closed_pipe() {
+    // SAFETY: restoring a signal's default disposition has no
+    // preconditions; no handler of ours is replaced.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
