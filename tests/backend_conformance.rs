@@ -316,14 +316,20 @@ fn downloads_into_registered_host_memory_land_in_place_and_bad_ones_are_refused(
             .is_err());
         // In a plain batch there is no target.
         assert!(run(&mut *lane, &[step(0, 0, 4)]).is_err(), "{kind}");
-        // Another backend's registration.
+        // Another backend's registration (of other memory: CUDA backends
+        // share the device's primary context, where memory registers once).
         let stranger = open_backend(kind, None);
-        let foreign = stranger.register_host(buf).unwrap();
+        let mut elsewhere = vec![0u8; 8192];
+        let foreign = stranger.register_host(&elsewhere).unwrap();
         assert!(lane
-            .submit_into(&[step(0, 0, 4)], &mut buf[..4], &foreign)
+            .submit_into(&[step(0, 0, 4)], &mut elsewhere[..4], &foreign)
             .and_then(|()| lane.wait())
             .is_err());
         stranger.unregister_host(foreign);
+        assert!(
+            elsewhere.iter().all(|b| *b == 0),
+            "{kind}: a refused step moved bytes"
+        );
         assert!(host == before, "{kind}: a refused step moved bytes");
         // The lane still works, and the memory can be registered again.
         backend.unregister_host(region);

@@ -251,6 +251,7 @@ fn random_op(
     span: u64,
     max_len: u64,
 ) -> (u64, u64) {
+    nbd_thread();
     let len = match rng.gen_range(0..4) {
         0 => rng.gen_range(1..=16),
         1 => rng.gen_range(1..=BLOCK_SIZE * 2),
@@ -289,18 +290,33 @@ std::thread_local! {
     /// This thread's request buffer, kept as nbdkit keeps its own (see
     /// `nbd_buffer`), and how many checks this thread has made.
     static NBD_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Buffers this thread's has replaced, kept mapped until the thread
+    /// ends: the store gives a moved buffer's registration back at the
+    /// thread's next request, and the fake CUDA driver in CI holds it to
+    /// unregistering memory that is still mapped (docs/RELIABILITY.md says
+    /// why `vramswap start` never moves a registered buffer).
+    static RETIRED: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
     static CHECKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
+/// Makes this thread's request buffers outlive the store's record of
+/// their registration: thread-locals end in the reverse order of their
+/// first use, and nbdkit frees its buffer after every one of them (a
+/// pthread key), so the buffers must be in use before the thread's first
+/// store call.
+fn nbd_thread() {
+    NBD_BUFFER.with(|_| ());
+    RETIRED.with(|_| ());
+}
+
 /// Runs `f` on this thread's request buffer cut to `len`, as nbdkit hands
-/// a plugin its per-thread buffer: reused, and replaced (the old one freed
-/// after the new one is made, as `realloc` moves it) only for a request
-/// longer than any before.
+/// a plugin its per-thread buffer: reused, and replaced (as `realloc`
+/// moves it) only for a request longer than any before.
 fn nbd_buffer<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     NBD_BUFFER.with_borrow_mut(|buffer| {
         if buffer.len() < len {
-            let grown = vec![0u8; len];
-            *buffer = grown;
+            let old = std::mem::replace(buffer, vec![0u8; len]);
+            RETIRED.with_borrow_mut(|retired| retired.push(old));
         }
         f(&mut buffer[..len])
     })
@@ -319,6 +335,7 @@ fn read_direct(store: &BlockStore, offset: u64, len: u64) -> Vec<u8> {
 /// Checks a range against the model, every other time through a direct
 /// read into the thread's request buffer, else through staging.
 fn check_range(store: &BlockStore, model: &[u8], base: u64, offset: u64, len: u64) {
+    nbd_thread();
     let checks = CHECKS.get();
     CHECKS.set(checks + 1);
     let buf = if checks % 2 == 0 {
