@@ -24,7 +24,9 @@ pub mod cuda;
 pub mod faulty;
 pub mod host;
 mod hostmem;
+mod mapped;
 mod open;
+mod region;
 pub mod selftest;
 #[cfg(feature = "vulkan")]
 pub mod vulkan;
@@ -32,11 +34,16 @@ pub mod vulkan;
 mod wait;
 
 pub use self::hostmem::copy_to_staging;
+#[cfg(feature = "vulkan")]
+pub(crate) use self::mapped::decide_mapped;
+pub use self::mapped::{Fill, MappedMode};
 #[cfg(any(feature = "vulkan", feature = "cuda"))]
 pub(crate) use self::open::select_adapter;
 pub use self::open::{
     caution, default_backend, default_device, enumerate, open, select_device, OpenOptions,
 };
+pub use self::region::HostRegion;
+pub(crate) use self::region::{backend_id, check_target};
 
 /// Whether a GPU backend's device is lost. Once it is, every later call
 /// fails at once with [`BackendError::DeviceLost`]: nothing is retried on a
@@ -72,27 +79,6 @@ pub(crate) fn admit_chunk(held: u64, limit: Option<u64>) -> Result<(), BackendEr
     match limit {
         Some(limit) if held + CHUNK_SIZE > limit => Err(BackendError::OutOfDeviceMemory),
         _ => Ok(()),
-    }
-}
-
-/// Whether chunks go to mappable VRAM: `auto` where the device maps (nearly)
-/// all of it, `on` only there (else the error names what is missing). The
-/// backends that map chunks: Vulkan, and CUDA through Vulkan.
-#[cfg(feature = "vulkan")]
-pub(crate) fn decide_mapped(info: &DeviceInfo, mode: MappedMode) -> Result<bool, BackendError> {
-    match mode {
-        MappedMode::Off => Ok(false),
-        MappedMode::Auto => Ok(info.maps_all_memory()),
-        MappedMode::On if info.maps_all_memory() => Ok(true),
-        MappedMode::On => Err(BackendError::UnsupportedDevice {
-            device: info.name.clone(),
-            reason: format!(
-                "mapped=on needs CPU-mappable VRAM, but the CPU can map only {} of its {} \
-                 (enable resizable BAR, or use mapped=auto)",
-                crate::size::ByteSize(info.mappable),
-                crate::size::ByteSize(info.memory.total)
-            ),
-        }),
     }
 }
 
@@ -332,68 +318,6 @@ pub struct MemoryReport {
     pub available: u64,
 }
 
-/// Where chunks live and how writes reach them (`mapped=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MappedMode {
-    /// In CPU-mappable device memory where it covers the device's memory
-    /// (resizable BAR, lavapipe), else as with `Off`.
-    #[default]
-    Auto,
-    /// In CPU-mappable device memory, or the backend does not open.
-    On,
-    /// In device memory reached only by DMA through staging.
-    Off,
-}
-
-impl MappedMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            MappedMode::Auto => "auto",
-            MappedMode::On => "on",
-            MappedMode::Off => "off",
-        }
-    }
-}
-
-impl fmt::Display for MappedMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for MappedMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "auto" => Ok(MappedMode::Auto),
-            "on" | "yes" | "true" | "1" => Ok(MappedMode::On),
-            "off" | "no" | "false" | "0" => Ok(MappedMode::Off),
-            _ => Err(format!("'{s}' is not auto, on or off")),
-        }
-    }
-}
-
-/// What a write through a chunk's mapping stores.
-#[derive(Debug, Clone, Copy)]
-pub enum Fill<'a> {
-    Bytes(&'a [u8]),
-    Zeros(usize),
-}
-
-impl Fill<'_> {
-    pub fn len(&self) -> usize {
-        match self {
-            Fill::Bytes(b) => b.len(),
-            Fill::Zeros(n) => *n,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// A chunk of device memory, [`CHUNK_SIZE`] bytes, owned by the backend
 /// that allocated it. The number means nothing to anyone else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -529,96 +453,6 @@ pub(crate) fn check_batch(
     }
     ops.iter()
         .try_for_each(|op| op.check(staging_len, target_len))
-}
-
-/// Checks that `target` (a batch's host target) lies inside `region`, and
-/// that `region` is `backend`'s: the one check between a
-/// [`TransferOp::DownloadTo`] and memory the driver was not told of.
-pub(crate) fn check_target(
-    region: &HostRegion,
-    backend: usize,
-    target: &[u8],
-) -> Result<(), BackendError> {
-    if region.backend == backend && region.covers(target) {
-        return Ok(());
-    }
-    Err(BackendError::OutOfBounds(format!(
-        "a host target of {} bytes outside the registered host memory",
-        target.len()
-    )))
-}
-
-/// Host memory the caller owns, registered with a backend for DMA
-/// ([`Backend::register_host`]): a request buffer the block store reads
-/// straight into. It holds the range's address only to check that a
-/// batch's target lies inside it; it owns no memory and reads none.
-/// Given back with [`Backend::unregister_host`]; a region dropped without
-/// that stays registered (the driver keeps its pages pinned) until the
-/// backend is closed.
-#[derive(Debug, PartialEq, Eq)]
-pub struct HostRegion {
-    /// First byte and length of the registered range.
-    start: usize,
-    len: usize,
-    /// The registering backend's address, so that no other takes it.
-    backend: usize,
-    /// What the backend needs to reach it (Vulkan: the buffer and memory
-    /// that import it, and where `start` lies in them).
-    pub(crate) handle: [u64; 2],
-    pub(crate) offset: u64,
-}
-
-impl HostRegion {
-    /// A region for `buf`, registered by the backend at address `backend`
-    /// (its `self` pointer), with the backend's own `handle`.
-    pub(crate) fn new(buf: &[u8], backend: usize, handle: [u64; 2], offset: u64) -> Self {
-        HostRegion {
-            start: buf.as_ptr() as usize,
-            len: buf.len(),
-            backend,
-            handle,
-            offset,
-        }
-    }
-
-    /// Whether `buf` lies wholly inside the registered range.
-    pub fn covers(&self, buf: &[u8]) -> bool {
-        let start = buf.as_ptr() as usize;
-        start >= self.start
-            && start
-                .checked_add(buf.len())
-                .is_some_and(|end| end <= self.start + self.len)
-    }
-
-    /// Bytes registered.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The first registered byte's address.
-    pub fn start(&self) -> usize {
-        self.start
-    }
-
-    /// The address of the backend that registered it.
-    pub(crate) fn backend_of(&self) -> usize {
-        self.backend
-    }
-
-    /// Where `target` (inside the region) starts, from the region's start.
-    #[cfg_attr(not(feature = "vulkan"), allow(dead_code))]
-    pub(crate) fn offset_of(&self, target: &[u8]) -> usize {
-        target.as_ptr() as usize - self.start
-    }
-}
-
-/// The address that identifies a backend to its [`HostRegion`]s.
-pub(crate) fn backend_id<T: ?Sized>(backend: &T) -> usize {
-    backend as *const T as *const u8 as usize
 }
 
 /// A pinned host staging buffer with the command context that moves it.
