@@ -203,9 +203,13 @@ impl<P> Drop for Lanes<'_, P> {
         let indices: ArrayVec<usize, MAX_DEPTH> = self.held.iter().map(|h| h.index).collect();
         self.held.clear();
         let mut free = self.pool.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.extend(indices);
+        free.extend(indices.iter().copied());
         drop(free);
-        self.pool.returned.notify_all();
+        // One waiter per lane: waking all of them (up to nbdkit's every
+        // thread) to find one lane woke dozens for nothing.
+        for _ in &indices {
+            self.pool.returned.notify_one();
+        }
     }
 }
 
