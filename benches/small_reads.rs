@@ -286,6 +286,7 @@ fn main() {
         .collect();
     let path = if backend.mapped() { "mapped" } else { "DMA" };
     for &threads in &args.threads {
+        let before = store.stats().gather;
         let s = timed(threads, args.seconds, |t, rng| {
             let at = next(rng) % pages * 4096;
             let mut buf = bufs[t].lock().unwrap();
@@ -302,6 +303,15 @@ fn main() {
             }
         });
         let what = format!("store 4 KiB read ({path})");
-        println!("{}", s.line(&what, threads));
+        let after = store.stats().gather;
+        let (reads, batches) = (after.reads - before.reads, after.batches - before.batches);
+        match batches {
+            0 => println!("{}", s.line(&what, threads)),
+            _ => println!(
+                "{}  gathered {:.1} reads/batch",
+                s.line(&what, threads),
+                reads as f64 / batches as f64
+            ),
+        }
     }
 }

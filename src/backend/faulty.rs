@@ -102,6 +102,11 @@ impl FaultyBackend {
         }
     }
 
+    /// Batches counted so far (a lane's, or a mapped write each).
+    pub fn batches(&self) -> u64 {
+        self.counters.batches.load(Ordering::Acquire)
+    }
+
     /// Changes a word of device memory on the wrapper's own lane.
     fn change_word(
         &self,
@@ -170,6 +175,10 @@ impl Backend for FaultyBackend {
 
     fn free_chunk(&self, chunk: ChunkId) {
         self.inner.free_chunk(chunk)
+    }
+
+    fn gathers_reads(&self) -> bool {
+        self.inner.gathers_reads()
     }
 
     fn mapped(&self) -> bool {

@@ -543,6 +543,18 @@ pub trait Backend: Send + Sync {
         let _ = region;
     }
 
+    /// Whether small reads of many threads should share batches (the
+    /// store's `gather.rs`): where a submission costs far more than the
+    /// copies in it and submissions from many threads take turns, as on a
+    /// Vulkan queue. Not where each lane's stream runs beside the others
+    /// at a small cost per copy, as CUDA's do: gathering gained nothing
+    /// there through nbdkit, and lost a fifth on 16 threads in the store
+    /// alone (docs/BENCHMARKS.md, "Small reads gathered into shared
+    /// batches").
+    fn gathers_reads(&self) -> bool {
+        false
+    }
+
     /// Whether chunks live in memory the CPU writes through a mapping, so
     /// [`Backend::write_mapped`] serves writes (`mapped=`, decided at open).
     fn mapped(&self) -> bool {

@@ -24,7 +24,8 @@
 //! The rooms: `config.rs` and `error.rs` (what is asked for, what goes
 //! wrong), `slots.rs` (per-chunk state and request arithmetic),
 //! `lanes.rs` (the staging lanes), `read.rs` and `write.rs` (the two I/O
-//! paths), `alloc.rs` (taking and giving back VRAM) and `readahead.rs`.
+//! paths), `gather.rs` (small reads in shared batches), `alloc.rs`
+//! (taking and giving back VRAM) and `readahead.rs`.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,6 +41,7 @@ mod alloc;
 mod config;
 mod direct;
 mod error;
+mod gather;
 mod lanes;
 mod read;
 mod readahead;
@@ -52,9 +54,11 @@ pub use config::{
 };
 pub use direct::{DirectStats, DIRECT_READ};
 pub use error::StoreError;
+pub use gather::GatherStats;
 pub use readahead::{ReadAheadStats, MAX_WINDOWS, WINDOW_BYTES};
 
 use direct::Registrations;
+use gather::Gather;
 use lanes::LanePool;
 use readahead::ReadAhead;
 use slots::{piece_count, ChunkSlot};
@@ -77,6 +81,7 @@ pub struct StoreStats {
     pub checksum_errors: u64,
     pub readahead: ReadAheadStats,
     pub direct: DirectStats,
+    pub gather: GatherStats,
 }
 
 /// A byte-addressed device in VRAM. Safe to share between threads.
@@ -86,6 +91,8 @@ pub struct BlockStore {
     policy: AllocationPolicy,
     slots: Box<[ChunkSlot]>,
     lanes: LanePool,
+    /// Small reads gathered into shared batches; not with `verify`.
+    gather: Option<Gather>,
     chunks_allocated: AtomicU64,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
@@ -142,6 +149,12 @@ impl BlockStore {
             config.staging_bytes,
             config.verify,
         )?;
+        // With `verify` a read downloads whole blocks and checks them: the
+        // lanes' path.
+        let gather = match backend.gathers_reads() && !config.verify {
+            true => Some(Gather::new(backend.as_ref())?),
+            false => None,
+        };
         let readahead = match config.readahead {
             0 => None,
             _ if config.verify => None,
@@ -154,6 +167,7 @@ impl BlockStore {
             policy: config.allocation,
             slots,
             lanes,
+            gather,
             chunks_allocated: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -219,6 +233,7 @@ impl BlockStore {
                 .map(ReadAhead::stats)
                 .unwrap_or_default(),
             direct: self.direct.stats(),
+            gather: self.gather.as_ref().map(Gather::stats).unwrap_or_default(),
         }
     }
 
@@ -378,6 +393,13 @@ impl BlockStore {
 impl Drop for BlockStore {
     fn drop(&mut self) {
         self.direct.release_all();
+        if let Some(gather) = &self.gather {
+            let stats = gather.stats();
+            info!(
+                "gathered {} small reads into {} batches",
+                stats.reads, stats.batches
+            );
+        }
         if let Some(readahead) = &mut self.readahead {
             readahead.drain();
             let stats = readahead.stats();

@@ -3,13 +3,16 @@
 //! `verify` every downloaded block checked against its checksum. With a
 //! registered buffer (`direct.rs`) the lanes download straight into it;
 //! only a block the request covers in part goes through staging, and only
-//! with `verify` (its checksum covers the whole block).
+//! with `verify` (its checksum covers the whole block). Small reads take
+//! a shorter way where there is one: CPU loads through the chunks' mapping,
+//! or a batch shared with other threads' small reads (`gather.rs`).
 
 use std::sync::atomic::Ordering;
 
 use arrayvec::ArrayVec;
 
 use super::error::StoreError;
+use super::gather::{Gather, GATHER_MAX};
 use super::lanes::Lanes;
 use super::slots::{pieces, segment, Piece, Segment};
 use super::BlockStore;
@@ -64,7 +67,8 @@ impl BlockStore {
     /// Reads `buf` at `offset` from VRAM (the range is checked already),
     /// straight into `buf` when `region` (registered, covering it) is given.
     /// A small read of mapped chunks goes through the mapping all the same:
-    /// CPU loads beat a DMA there, and need no registration.
+    /// CPU loads beat a DMA there, and need no registration. A small read
+    /// of one chunk on a backend that gathers reads joins a shared batch.
     pub(super) fn read_from_vram(
         &self,
         buf: &mut [u8],
@@ -78,6 +82,13 @@ impl BlockStore {
             && self.read_through_mapping(buf, offset)?
         {
             return Ok(());
+        }
+        if buf.len() <= GATHER_MAX {
+            if let Some(gather) = &self.gather {
+                if self.read_gathered(gather, buf, offset)? {
+                    return Ok(());
+                }
+            }
         }
         if region.is_some() {
             self.direct.count_read();
@@ -153,6 +164,42 @@ impl BlockStore {
             done += seg.len as usize;
         }
         Ok(true)
+    }
+
+    /// Reads a small request that lies in one chunk in a batch shared with
+    /// other threads' small reads (`gather.rs`), holding the chunk's lock
+    /// shared until its bytes are in. Returns false, for the lanes to read
+    /// it, where it crosses a chunk's end or the gather's queue is full.
+    fn read_gathered(
+        &self,
+        gather: &Gather,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<bool, StoreError> {
+        let seg = segment(offset, buf.len() as u64);
+        if seg.len != buf.len() as u64 {
+            return Ok(false);
+        }
+        let slot = &self.slots[seg.slot];
+        let guard = slot.read_chunk();
+        let Some(chunk) = *guard else {
+            buf.fill(0);
+            return Ok(true);
+        };
+        let bits = slot.data.load(Ordering::Acquire);
+        let mut gathered = true;
+        let result = read_runs(seg, bits, buf, |from, dst| {
+            match gather.read(chunk, from, dst) {
+                Some(result) => result,
+                None => {
+                    gathered = false;
+                    Ok(())
+                }
+            }
+        });
+        drop(guard);
+        self.outcome(result)?;
+        Ok(gathered)
     }
 
     /// Reads one chunk's part of a request; with `verify`, says whether

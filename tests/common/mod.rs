@@ -150,6 +150,9 @@ impl Backend for Counting {
     fn free_chunk(&self, chunk: ChunkId) {
         self.inner.free_chunk(chunk)
     }
+    fn gathers_reads(&self) -> bool {
+        self.inner.gathers_reads()
+    }
     fn mapped(&self) -> bool {
         self.inner.mapped()
     }

@@ -91,6 +91,12 @@ impl Backend for VulkanBackend {
         self.shared.free_chunk(chunk)
     }
 
+    /// Every batch is a queue submission under the queue's lock: 16 threads
+    /// of 4 KiB reads by DMA ran 113k/s one batch each, 226k/s gathered.
+    fn gathers_reads(&self) -> bool {
+        true
+    }
+
     fn mapped(&self) -> bool {
         self.shared.is_mapped()
     }
