@@ -61,6 +61,15 @@ scrub=DURATION           with verify=on: re-read and check every written
                          the background, so a block that went bad is found
                          and counted before a process reads it (default:
                          no scrub)
+storage-daemon=on|off    keep serving while a client is connected: a
+                         SIGTERM, SIGINT, SIGHUP or SIGQUIT then only
+                         postpones the exit until the last client has
+                         disconnected (logged; SIGKILL still ends it at
+                         once, losing every page), and the server marks
+                         itself as a root storage daemon (argv[0] starts
+                         with @), which systemd's final kill at shutdown
+                         spares. `vramswap start` sets it (default: off,
+                         nbdkit's own exit at the first signal)
 warm-up=THREADS:SIZE     on each connection, make THREADS different nbdkit
                          threads each take a read of exactly SIZE bytes
                          before they serve on (such a read waits, up to 2 s,
@@ -196,6 +205,8 @@ pub struct ExportConfig {
     pub verify: bool,
     /// `direct=`: reads by DMA into nbdkit's registered request buffer.
     pub direct: bool,
+    /// `storage-daemon=`: a quit signal waits for the last client.
+    pub storage_daemon: bool,
     /// `readahead=`: windows of [`crate::store::WINDOW_BYTES`].
     pub readahead: usize,
     /// `scrub=`: one background pass over the written blocks per period.
@@ -219,6 +230,7 @@ impl Default for ExportConfig {
             staging: DEFAULT_STAGING,
             verify: false,
             direct: false,
+            storage_daemon: false,
             readahead: DEFAULT_READAHEAD,
             scrub: None,
             warm_up: None,
@@ -301,6 +313,7 @@ impl ExportConfig {
             "warm-up" => self.warm_up = Some(value.parse().map_err(bad)?),
             "verify" => self.verify = parse_switch(value).map_err(bad)?,
             "direct" => self.direct = parse_switch(value).map_err(bad)?,
+            "storage-daemon" => self.storage_daemon = parse_switch(value).map_err(bad)?,
             _ => return Err(ConfigError::Unknown(key.to_string())),
         }
         self.given.push((key.to_string(), value.to_string()));
@@ -400,6 +413,9 @@ impl ExportConfig {
         if self.direct {
             args.push("direct=on".into());
         }
+        if self.storage_daemon {
+            args.push("storage-daemon=on".into());
+        }
         if let Some(period) = self.scrub {
             args.push(format!("scrub={}s", period.as_secs()));
         }
@@ -457,6 +473,7 @@ mod tests {
         assert!(!config.verify);
         assert_eq!(config.readahead, 32);
         assert!(!parse(&[]).unwrap().direct);
+        assert!(!parse(&[]).unwrap().storage_daemon);
     }
 
     #[test]
@@ -471,9 +488,11 @@ mod tests {
             ("verify", "on"),
             ("readahead", "0"),
             ("direct", "on"),
+            ("storage-daemon", "on"),
         ])
         .unwrap();
         assert!(config.direct);
+        assert!(config.storage_daemon);
         assert!(!parse(&[("direct", "off")]).unwrap().direct);
         assert_eq!(config.backend, Some(BackendKind::Vulkan));
         assert_eq!(config.device, DeviceSelector::Index(1));
@@ -539,6 +558,11 @@ mod tests {
             ("device", " ", "device= : empty value"),
             ("verify", "maybe", "verify=maybe: expected on or off"),
             ("direct", "always", "direct=always: expected on or off"),
+            (
+                "storage-daemon",
+                "yes please",
+                "storage-daemon=yes please: expected on or off",
+            ),
             ("scrub", "soon", "scrub=soon: expected a duration"),
             (
                 "scrub",
@@ -580,6 +604,7 @@ mod tests {
                 ("verify", "on"),
                 ("warm-up", "16:128K"),
                 ("direct", "on"),
+                ("storage-daemon", "on"),
             ],
         ] {
             let config = parse(&pairs).unwrap();

@@ -6,6 +6,8 @@
 mod common;
 
 use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::nbd::{nbdsh, run, Server};
 use rand::rngs::SmallRng;
@@ -784,4 +786,95 @@ fn every_page_of_the_servers_code_is_in_memory_and_locked_before_it_serves() {
         checked >= 2,
         "{plugin}: {checked} readable mappings in\n{smaps}"
     );
+}
+
+/// `storage-daemon=on` (what `vramswap start` sets): a SIGTERM while a
+/// client is connected is held back. The server goes on serving, the
+/// connected client's next request and new clients alike, says so in its
+/// log and status file, and marks itself '@' for systemd's final kill; it
+/// exits by itself once the last client has disconnected. Without the key,
+/// nbdkit ends at the signal, and the connected client's request fails.
+#[test]
+fn a_storage_daemon_holds_a_quit_signal_until_its_last_client_disconnects() {
+    for daemon in [true, false] {
+        let key = if daemon { "on" } else { "off" };
+        let mut server = serve(&["size=16M", &format!("storage-daemon={key}")]);
+        let pid = server.pid();
+        let argv0 = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert_eq!(
+            argv0[0] == b'@',
+            daemon,
+            "{}",
+            String::from_utf8_lossy(&argv0)
+        );
+        // A client that writes, waits across the signal, then reads back.
+        let dir = tempfile::tempdir().unwrap();
+        let (ready, go) = (dir.path().join("ready"), dir.path().join("go"));
+        let script = format!(
+            "import os, time\n\
+             h.pwrite(b'Z' * 65536, 0)\n\
+             open({ready:?}, 'w').close()\n\
+             while not os.path.exists({go:?}): time.sleep(0.05)\n\
+             print(h.pread(65536, 0) == b'Z' * 65536)\n"
+        );
+        let client = Command::new("nbdsh")
+            .args(["-u", &server.uri(), "-c", &script])
+            .env(
+                "PATH",
+                format!("/usr/bin:/bin:{}", std::env::var("PATH").unwrap()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run nbdsh");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "the client never wrote");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(run("kill", &["-TERM", &pid.to_string()]).is_empty());
+        std::thread::sleep(Duration::from_millis(500));
+        if daemon {
+            assert!(server.is_running(), "SIGTERM ended a storage daemon");
+            let status = server.status_when(|s| !s["daemon"]["quit_pending"].is_null());
+            assert_eq!(
+                status["daemon"]["quit_pending"]["signal"], "SIGTERM",
+                "{status}"
+            );
+            // A new client is served too, and sees the first one's bytes.
+            let out = nbdsh(&server.uri(), "print(h.pread(65536, 0) == b'Z' * 65536)");
+            assert_eq!(out.trim(), "True");
+        }
+        std::fs::write(&go, "").unwrap();
+        let out = client.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        if daemon {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(said.trim(), "True", "the held client read other bytes");
+        } else {
+            assert!(
+                !out.status.success(),
+                "a plain server served on after SIGTERM: {said}"
+            );
+        }
+        // With its last client gone, the server ends by itself.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.is_running() {
+            assert!(
+                Instant::now() < deadline,
+                "storage-daemon={key}: the server outlived its last client"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = server.stop();
+        assert_eq!(
+            log.contains("SIGTERM postponed: 1 client(s) connected"),
+            daemon,
+            "{log}"
+        );
+    }
 }

@@ -111,6 +111,12 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
                 status.problems.push(format!("{n} {what}"));
             }
         }
+        if let Some(signal) = report["daemon"]["quit_pending"]["signal"].as_str() {
+            status.problems.push(format!(
+                "nbdkit got {signal} and holds it back while its clients are connected: \
+                 it exits when they disconnect (vramswap stop swaps off first)"
+            ));
+        }
         status.server = Some(report);
     }
     status.healthy = status.problems.is_empty();
@@ -268,6 +274,20 @@ mod tests {
                 "3 requests failed (EIO)",
                 "1 internal errors",
                 "2 blocks failed their checksum (VRAM corruption; see vramswap memtest)"
+            ]
+        );
+
+        // A storage daemon that holds back a SIGTERM serves on, and says so.
+        system.fixture(
+            "/run/vramswap/good/server.json",
+            r#"{"failure":null,"daemon":{"storage_daemon":true,"connections":4,"quit_pending":{"signal":"SIGTERM","at":1796421350}}}"#,
+        );
+        let holding = inspect(&system, "good").unwrap();
+        assert_eq!(
+            holding.problems,
+            [
+                "nbdkit got SIGTERM and holds it back while its clients are connected: \
+              it exits when they disconnect (vramswap stop swaps off first)"
             ]
         );
         assert_eq!(

@@ -123,7 +123,9 @@ pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
 }
 
 /// Stops the instance's nbdkit: SIGTERM (it gives the VRAM back on the
-/// way out), then SIGKILL if it has not exited after 30 s.
+/// way out), then SIGKILL if it has not exited after 30 s. Called once
+/// swap is off and the device detached: a storage daemon holds SIGTERM
+/// back only while a client is connected, and none should be left.
 pub fn stop_server(system: &mut dyn System, instance: &InstanceDir) -> Result<()> {
     const GRACE: Duration = Duration::from_secs(30);
     const POLL: Duration = Duration::from_millis(100);
@@ -140,7 +142,8 @@ pub fn stop_server(system: &mut dyn System, instance: &InstanceDir) -> Result<()
     while system.alive(pid) {
         if waited >= GRACE {
             warn!(
-                "nbdkit {pid} ignored SIGTERM for {} s; killing it",
+                "nbdkit {pid} has not exited {} s after SIGTERM (a client still connected \
+                 holds it there); swap is off and the device detached: killing it",
                 GRACE.as_secs()
             );
             system

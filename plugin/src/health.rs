@@ -94,6 +94,7 @@ pub fn write(store: &RwLock<Option<Arc<BlockStore>>>) {
         "checksum_errors": checksum_errors,
         "mapped": mapped,
         "warm_connections": crate::warmup::warm_connections(),
+        "daemon": crate::daemon::report(),
         "updated": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
     });
     let path = std::path::PathBuf::from(path);

@@ -11,6 +11,7 @@
 //! it every page swapped out to it. Every callback body runs under
 //! [`guarded`], which turns a panic into EIO for that one request.
 
+mod daemon;
 mod health;
 mod log;
 mod prefork;
@@ -67,6 +68,8 @@ struct VramSwap {
     warm_up: Option<warmup::Barrier>,
     /// `direct=on`: reads go straight into nbdkit's request buffer.
     direct: bool,
+    /// Counted while connected: a storage daemon's quit waits for the last.
+    _client: daemon::Connection,
     #[cfg(feature = "fault-injection")]
     inject_panic_at: Option<u64>,
 }
@@ -297,6 +300,13 @@ impl Server for VramSwap {
         guarded("startup", || {
             safety::harden_process();
             let store = open_store().map_err(|e| refuse(e.to_string()))?;
+            if export().storage_daemon {
+                daemon::start().map_err(|e| {
+                    refuse(format!(
+                        "storage-daemon=on: cannot take over the quit signals: {e}"
+                    ))
+                })?;
+            }
             *STORE.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(store));
             health::write(&STORE);
             health::start_flusher(&STORE);
@@ -326,6 +336,7 @@ impl Server for VramSwap {
                     .and_then(|s| s.export.warm_up)
                     .map(warmup::Barrier::new),
                 direct: settings.is_some_and(|s| s.export.direct),
+                _client: daemon::Connection::open(),
                 #[cfg(feature = "fault-injection")]
                 inject_panic_at: settings.and_then(|s| s.inject_panic_at),
             }) as Box<dyn Server>)

@@ -103,6 +103,11 @@ impl Plan {
         // nbdkit's own buffer moves only to grow, which the store sees,
         // and the warm-up reads register every thread's before swap is on.
         export.direct = true;
+        // Swap depends on this server: a stray SIGTERM (an admin's kill,
+        // systemd-shutdown's final kill) must not end it while the kernel
+        // is connected, and the final kill at shutdown passes it over
+        // (docs/RELIABILITY.md, "How a server stops").
+        export.storage_daemon = true;
         let cmd = match &self.numa {
             Some((_, cpus)) => Cmd::new("taskset")
                 .arg("--cpu-list")
@@ -584,7 +589,7 @@ mod tests {
                  VRAMSWAP_STATUS_FILE=/run/vramswap/default/server.json setsid nbdkit --unix /run/vramswap/default/nbd.sock \
                  --pidfile /run/vramswap/default/nbdkit.pid --threads 16 \
                  /usr/lib/nbdkit/plugins/nbdkit-vramswap-plugin.so backend=vulkan size=8589934592 \
-                 readahead=0 direct=on warm-up=16:131072",
+                 readahead=0 direct=on storage-daemon=on warm-up=16:131072",
                 "wait until nbdkit answers on /run/vramswap/default/nbd.sock (up to 300 s), then chmod 0600 it",
                 "nbd-client -unix /run/vramswap/default/nbd.sock /dev/nbd0 -b 4096 -swap -timeout 300 -C 4",
                 "echo 0 > /sys/block/nbd0/queue/wbt_lat_usec",
@@ -605,7 +610,9 @@ mod tests {
         let (_, plan) = preflight(&mut system, &gpus(), &opts, false);
         let server = plan.unwrap().describe(Step::StartServer);
         assert!(
-            server.ends_with("size=8589934592 readahead=0 verify=on direct=on warm-up=16:131072"),
+            server.ends_with(
+                "size=8589934592 readahead=0 verify=on direct=on storage-daemon=on warm-up=16:131072"
+            ),
             "{server}"
         );
     }
