@@ -93,9 +93,13 @@ pub enum Command {
     /// Run by vramswap-suspend.service: the GPU driver tears down the memory
     /// that holds the swap on suspend, so the pages must be back in RAM first.
     /// Exits 1 (and the machine does not sleep) when swapoff cannot bring
-    /// them back.
+    /// them back. Memory cgroups whose limits could not take their pages
+    /// back (memory.max, memory.high) are lifted first, the old values
+    /// recorded in /run/vramswap/cgroup-limits.json, so that no swapoff
+    /// ends in an OOM kill.
     Suspend,
-    /// Start again the instances `suspend` stopped.
+    /// Start again the instances `suspend` stopped, then put back the
+    /// memory limits it lifted.
     Resume,
     /// Apply the power policy: stop areas set to `on-battery = "stop"` while
     /// on battery, start them again on AC.

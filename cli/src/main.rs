@@ -4,6 +4,7 @@
 //! man pages and completions from it); each subcommand has its own module.
 
 mod args;
+mod cgroups;
 mod config;
 mod devices;
 mod group;

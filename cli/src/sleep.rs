@@ -7,6 +7,10 @@
 //! GPU is alive), and started again after waking. If swapoff cannot bring
 //! the pages back into RAM, the instances already stopped are started again
 //! and suspend fails: the machine stays awake rather than hang.
+//!
+//! swapoff charges each page to its memory cgroup: first the limits that
+//! would turn it into an OOM kill are lifted, and they are put back once
+//! resume has the areas swapping again (`cgroups.rs`).
 
 use std::path::PathBuf;
 
@@ -14,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
+use crate::cgroups;
 use crate::config::{Origin, Settings};
 use crate::devices::Gpus;
 use crate::state::{self, run_dir, InstanceDir, State};
@@ -42,7 +47,16 @@ fn resume_file() -> PathBuf {
     run_dir().join(RESUME_FILE)
 }
 
+/// Whether a suspend's areas wait for `resume`.
+pub fn resume_pending(system: &dyn System) -> bool {
+    system.exists(&resume_file())
+}
+
 pub fn suspend(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
+    if let Err(err) = cgroups::lift(system) {
+        give_back_limits(system);
+        bail!("cannot lift the memory limits that the swapoff would meet: {err:#}; not suspending");
+    }
     let mut stopped = Stopped::default();
     for name in state::instances(system)? {
         let instance = InstanceDir::new(&name)?;
@@ -53,6 +67,7 @@ pub fn suspend(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
             error!("suspend: cannot stop '{name}': {err:#}");
             error!("suspend: starting again what was stopped, and refusing to sleep: swap in VRAM would hang the machine on resume");
             restart(system, gpus, &stopped.areas);
+            give_back_limits(system);
             bail!("'{name}' could not be stopped: {err:#}; not suspending");
         }
         stopped.areas.push(Area {
@@ -67,18 +82,44 @@ pub fn suspend(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
 
 pub fn resume(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
     let path = resume_file();
-    let Ok(text) = system.read(&path) else {
-        info!("resume: nothing was stopped for suspend");
-        return Ok(());
+    let failed = match system.read(&path) {
+        Ok(text) => {
+            let stopped: Stopped = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a vramswap resume file", path.display()))?;
+            let failed = restart(system, gpus, &stopped.areas);
+            system.remove_file(&path)?;
+            failed
+        }
+        Err(_) => {
+            info!("resume: nothing was stopped for suspend");
+            Vec::new()
+        }
     };
-    let stopped: Stopped = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a vramswap resume file", path.display()))?;
-    let failed = restart(system, gpus, &stopped.areas);
-    system.remove_file(&path)?;
     if !failed.is_empty() {
-        bail!("could not start again: {}", failed.join(", "));
+        // Put back, the limits would push what is over them out to swap
+        // that is not there: they stay lifted until an area is.
+        bail!(
+            "could not start again: {}{}",
+            failed.join(", "),
+            if cgroups::pending(system) {
+                "; the memory limits lifted for suspend stay lifted until 'vramswap start' \
+                 has an area swapping"
+            } else {
+                ""
+            }
+        );
     }
-    Ok(())
+    // The areas swap again: what the cgroups hold over their limits can go
+    // back out to them.
+    cgroups::restore(system)
+}
+
+/// Puts back the limits a suspend that is not going to sleep lifted;
+/// whatever fails stays recorded for the next resume or start.
+fn give_back_limits(system: &mut dyn System) {
+    if let Err(err) = cgroups::restore(system) {
+        error!("suspend: {err:#}");
+    }
 }
 
 /// Starts each area; returns the names that failed.
@@ -227,6 +268,59 @@ mod tests {
         assert!(State::load(&system, &InstanceDir::new("a").unwrap()).is_ok());
         assert!(system.exists(Path::new("/run/vramswap/b/state.json")));
         assert!(!system.calls.contains(&Call::Signal(11, libc::SIGTERM)));
+    }
+
+    /// A cgroup at its 128 MiB limit with 100 MiB in swap; returns its
+    /// `memory.max` as it is when called.
+    fn tight_cgroup(system: &FakeSystem) -> impl Fn(&FakeSystem) -> String {
+        cgroups::fixtures::cgroup(
+            system,
+            "hog.scope",
+            128 << 20,
+            100 << 20,
+            "134217728",
+            "max",
+        );
+        |system| cgroups::fixtures::limits(system, "hog.scope").0
+    }
+
+    #[test]
+    fn suspend_lifts_the_limits_its_swapoff_would_meet_and_resume_puts_them_back() {
+        let mut system = machine();
+        let max = tight_cgroup(&system);
+        suspend(&mut system, &gpus()).unwrap();
+        assert_eq!(max(&system), "max");
+        for (pid, started) in [(20, "a"), (21, "b")] {
+            system.on_run.push((
+                format!("nbdkit --unix /run/vramswap/{started}"),
+                format!("/run/vramswap/{started}/nbdkit.pid"),
+                format!("{pid}\n"),
+            ));
+            system.alive.insert(pid, true);
+        }
+        resume(&mut system, &gpus()).unwrap();
+        assert_eq!(max(&system), "134217728");
+        assert!(!cgroups::pending(&system));
+    }
+
+    #[test]
+    fn a_suspend_that_does_not_sleep_puts_the_limits_back() {
+        let mut system = machine();
+        let max = tight_cgroup(&system);
+        system.fixture(
+            "/proc/swaps",
+            "Filename Type Size Used Priority\n/dev/nbd0 partition 65532 0 50\n/dev/nbd1 partition 65532 9000 50\n",
+        );
+        system.answer("swapoff /dev/nbd1", 255, "", "swapoff failed\n");
+        system.on_run.push((
+            "nbdkit --unix /run/vramswap/a".into(),
+            "/run/vramswap/a/nbdkit.pid".into(),
+            "20\n".into(),
+        ));
+        system.alive.insert(20, true);
+        suspend(&mut system, &gpus()).unwrap_err();
+        assert_eq!(max(&system), "134217728");
+        assert!(!cgroups::pending(&system));
     }
 
     #[test]

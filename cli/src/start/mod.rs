@@ -10,10 +10,11 @@ use anyhow::{anyhow, bail, Result};
 use tracing::warn;
 use vramswap::ByteSize;
 
+use crate::cgroups;
 use crate::config::StartOptions;
 use crate::devices::Gpus;
-use crate::nbd;
 use crate::system::System;
+use crate::{nbd, sleep};
 
 use preflight::preflight;
 
@@ -49,6 +50,13 @@ pub fn run(
         warn!("{} on {}: {why}", plan.backend, plan.device.name);
     }
     plan.execute(system)?;
+    // Limits a suspend lifted and no resume put back (it crashed, or the
+    // areas did not come back): with an area swapping, they can be.
+    if cgroups::pending(system) && !sleep::resume_pending(system) {
+        if let Err(err) = cgroups::restore(system) {
+            warn!("{err:#}");
+        }
+    }
     let area = nbd::swap_area(system, &plan.nbd_device);
     println!(
         "vramswap: '{}' is swapping to {} on {} ({}, {}), priority {}",

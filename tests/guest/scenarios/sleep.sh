@@ -2,6 +2,9 @@
 # Issue 12: what vramswap-suspend.service and vramswap-resume.service run,
 # with swap in use: suspend brings every page back to RAM and stops the
 # instance, resume starts it again, and the kernel swaps to it again.
+# Issue 25: the hog's cgroup is at its memory.max with its pages out;
+# suspend's swapoff must not OOM-kill it: suspend lifts the limit and
+# resume puts it back.
 # shellcheck source=SCRIPTDIR/../lib.sh
 . "$GUEST_DIR/lib.sh"
 
@@ -14,26 +17,31 @@ out=$(($(cat /sys/fs/cgroup/sleep/memory.swap.current) >> 20))
 say "before suspend: $out MiB swapped out"
 [ "$out" -gt 64 ] || fail "only $out MiB swapped out"
 
-# Suspend needs RAM for every page: let the cgroup have it.
-echo max >/sys/fs/cgroup/sleep/memory.max
+limit=$(cat /sys/fs/cgroup/sleep/memory.max)
 t0=$SECONDS
 vs suspend
 say "suspend took $((SECONDS - t0)) s"
 [ "$(cat /sys/fs/cgroup/sleep/memory.swap.current)" = 0 ] || fail "pages are still swapped out"
+alive "${hog_pids[0]}" || fail "the hog died in suspend's swapoff"
+[ "$(cat /sys/fs/cgroup/sleep/memory.max)" = max ] || fail "suspend did not lift the cgroup's limit"
 expect_clean default "$device" "$pid"
 [ -f /run/vramswap/resume.json ] || fail "suspend left no resume.json"
+[ -f /run/vramswap/cgroup-limits.json ] || fail "suspend recorded no limits"
 
+read -r out0 in0 < <(swapped_mib)
 t0=$SECONDS
 vs resume
 say "resume took $((SECONDS - t0)) s"
 [ ! -e /run/vramswap/resume.json ] || fail "resume left resume.json"
+[ ! -e /run/vramswap/cgroup-limits.json ] || fail "resume left the record of limits"
+[ "$(cat /sys/fs/cgroup/sleep/memory.max)" = "$limit" ] ||
+    fail "resume left memory.max at $(cat /sys/fs/cgroup/sleep/memory.max), not $limit"
 vs status default
 read -r _ priority < <(swap_used_prio "$(nbd_device default)")
 [ "$priority" = 40 ] || fail "resumed with priority $priority, not its 40"
 
-# Squeeze the cgroup again (`cgroup` returns once it is within the
-# limit): its pages go to the resumed area, and come back intact.
-read -r out0 in0 < <(swapped_mib)
+# The limit is back: the cgroup's pages go out to the resumed area
+# (`cgroup` returns once it is within the limit), and come back intact.
 cgroup sleep 128
 hogs_verify
 read -r out1 in1 < <(swapped_mib)

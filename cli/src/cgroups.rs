@@ -1,0 +1,336 @@
+//! Memory cgroups around suspend's swapoff.
+//!
+//! swapoff charges every page it brings back to the cgroup the page
+//! belongs to. A cgroup whose `memory.max` leaves no room for its
+//! swapped-out pages (a systemd slice with `MemoryMax=`, a container) meets
+//! its limit in the middle of the swapoff, and the kernel OOM-kills one of
+//! its processes: a laptop closing its lid must never do that. So before
+//! its swapoffs `suspend` lifts `memory.max`, and `memory.high` (which
+//! would push the pages straight back out to swap), of every cgroup whose
+//! memory and swap together exceed them, recording the old values first.
+//! `resume` puts them back once the areas swap again, and the kernel pushes
+//! what is over the limit back out to VRAM. A record that no resume took
+//! (suspend refused to sleep, or crashed halfway) is put back when suspend
+//! gives up, or by the next resume or start.
+//!
+//! The counters are hierarchical: a slice's include its children's, so a
+//! slice that is too tight is lifted as well as the cgroup under it.
+//! `memory.swap.current` counts pages in every swap area, not only ours,
+//! so more may be lifted than the swapoff needs, never less.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::state::{self, run_dir};
+use crate::system::System;
+
+const ROOT: &str = "/sys/fs/cgroup";
+const RECORD: &str = "cgroup-limits.json";
+
+/// One cgroup's limits as they were before suspend lifted them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lifted {
+    /// Below `/sys/fs/cgroup`, e.g. `system.slice/backup.service`.
+    pub cgroup: String,
+    /// `memory.max` and `memory.high` as read: bytes, or `max`.
+    pub max: String,
+    pub high: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Record {
+    lifted: Vec<Lifted>,
+}
+
+fn record_path() -> PathBuf {
+    run_dir().join(RECORD)
+}
+
+/// Whether a record of lifted limits waits to be put back.
+pub fn pending(system: &dyn System) -> bool {
+    system.exists(&record_path())
+}
+
+/// Lifts the limits of every cgroup that could not take its swapped-out
+/// pages back; returns those lifted now. The record is written before
+/// each limit is touched, and keeps the values from before an earlier
+/// lift that was never put back.
+pub fn lift(system: &mut dyn System) -> Result<Vec<Lifted>> {
+    let mut record = load(system)?;
+    let mut lifted = Vec::new();
+    for cgroup in walk(system, Path::new(ROOT))? {
+        let Some(need) = tight(system, &cgroup) else {
+            continue;
+        };
+        let dir = Path::new(ROOT).join(&cgroup);
+        let entry = Lifted {
+            max: read(system, &dir.join("memory.max"))?,
+            high: read(system, &dir.join("memory.high"))?,
+            cgroup,
+        };
+        if !record.lifted.iter().any(|l| l.cgroup == entry.cgroup) {
+            record.lifted.push(entry.clone());
+            state::write_record(system, RECORD, &record)?;
+        }
+        for file in ["memory.max", "memory.high"] {
+            system
+                .write_attribute(&dir.join(file), "max")
+                .with_context(|| format!("lift {}", dir.join(file).display()))?;
+        }
+        info!(
+            "suspend: {}: memory.max {} and memory.high {} lifted for the swapoff, which \
+             brings back {} it has in swap; put back at resume",
+            entry.cgroup,
+            entry.max,
+            entry.high,
+            vramswap::ByteSize(need)
+        );
+        lifted.push(entry);
+    }
+    Ok(lifted)
+}
+
+/// Puts back every limit in the record, innermost cgroup first, and
+/// removes the record. A cgroup that is gone is skipped; a limit that
+/// cannot be written keeps the record, for the next try.
+pub fn restore(system: &mut dyn System) -> Result<()> {
+    let record = load(system)?;
+    let mut failed = Vec::new();
+    for entry in record.lifted.iter().rev() {
+        let dir = Path::new(ROOT).join(&entry.cgroup);
+        if !system.exists(&dir.join("memory.max")) {
+            info!("{}: gone since suspend; nothing to put back", entry.cgroup);
+            continue;
+        }
+        // max before high: a high above the max would be no limit at all
+        // for the moment between the two writes; the other order never is.
+        let result = system
+            .write_attribute(&dir.join("memory.max"), &entry.max)
+            .and_then(|()| system.write_attribute(&dir.join("memory.high"), &entry.high));
+        match result {
+            Ok(()) => info!(
+                "{}: memory.max {} and memory.high {} put back",
+                entry.cgroup, entry.max, entry.high
+            ),
+            Err(err) => {
+                warn!("{}: cannot put its limits back: {err}", entry.cgroup);
+                failed.push(entry.cgroup.clone());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "could not put back the memory limits of {} (recorded in {})",
+            failed.join(", "),
+            record_path().display()
+        );
+    }
+    system.remove_file(&record_path())?;
+    Ok(())
+}
+
+fn load(system: &dyn System) -> Result<Record> {
+    let path = record_path();
+    match system.read(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a vramswap record of cgroup limits", path.display())),
+        Err(_) => Ok(Record::default()),
+    }
+}
+
+/// Every cgroup below `dir` with a memory controller, parents first, as
+/// paths relative to [`ROOT`].
+fn walk(system: &dyn System, dir: &Path) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    let Ok(names) = system.list(dir) else {
+        return Ok(found);
+    };
+    for name in names {
+        let child = dir.join(&name);
+        if !system.exists(&child.join("cgroup.procs")) {
+            continue;
+        }
+        if system.exists(&child.join("memory.max")) {
+            let relative = child.strip_prefix(ROOT).unwrap_or(&child);
+            found.push(relative.to_string_lossy().into_owned());
+        }
+        found.extend(walk(system, &child)?);
+    }
+    Ok(found)
+}
+
+/// The bytes a cgroup would hold once its swapped-out pages are back,
+/// where that is more than its `memory.max` or `memory.high` allows.
+fn tight(system: &dyn System, cgroup: &str) -> Option<u64> {
+    let dir = Path::new(ROOT).join(cgroup);
+    let number = |file: &str| -> Option<u64> { read(system, &dir.join(file)).ok()?.parse().ok() };
+    let limit = |file: &str| -> Option<u64> {
+        match read(system, &dir.join(file)).ok()?.as_str() {
+            "max" => None,
+            value => value.parse().ok(),
+        }
+    };
+    let swapped = number("memory.swap.current")?;
+    if swapped == 0 {
+        return None;
+    }
+    let need = number("memory.current")? + swapped;
+    let lowest = [limit("memory.max"), limit("memory.high")]
+        .into_iter()
+        .flatten()
+        .min()?;
+    (need > lowest).then_some(need)
+}
+
+fn read(system: &dyn System, path: &Path) -> Result<String> {
+    Ok(system
+        .read(path)
+        .with_context(|| format!("read {}", path.display()))?
+        .trim()
+        .to_string())
+}
+
+/// Cgroup trees for tests of what meets them (here and `sleep.rs`).
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+    use crate::system::fake::FakeSystem;
+
+    /// A cgroup at `path` below the root: RAM and swap in use, its limits.
+    pub(crate) fn cgroup(
+        system: &FakeSystem,
+        path: &str,
+        current: u64,
+        swap: u64,
+        max: &str,
+        high: &str,
+    ) {
+        let dir = format!("{ROOT}/{path}");
+        system.fixture(&format!("{dir}/cgroup.procs"), "");
+        system.fixture(&format!("{dir}/memory.current"), &format!("{current}\n"));
+        system.fixture(&format!("{dir}/memory.swap.current"), &format!("{swap}\n"));
+        system.fixture(&format!("{dir}/memory.max"), &format!("{max}\n"));
+        system.fixture(&format!("{dir}/memory.high"), &format!("{high}\n"));
+    }
+
+    /// `memory.max` and `memory.high` of the cgroup at `path`, as they are.
+    pub(crate) fn limits(system: &FakeSystem, path: &str) -> (String, String) {
+        let dir = Path::new(ROOT).join(path);
+        (
+            read(system, &dir.join("memory.max")).unwrap(),
+            read(system, &dir.join("memory.high")).unwrap(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{cgroup, limits};
+    use super::*;
+    use crate::system::fake::FakeSystem;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A systemd-like tree: a slice at its MemoryMax with a service that
+    /// has 100 MiB swapped out, a roomy service, one with nothing in swap,
+    /// one held by memory.high alone, and the root's own files.
+    fn machine() -> FakeSystem {
+        let system = FakeSystem::new();
+        system.fixture(&format!("{ROOT}/cgroup.procs"), "1\n");
+        system.fixture(&format!("{ROOT}/memory.stat"), "");
+        let m = |n: u64| (n * MIB).to_string();
+        cgroup(&system, "work.slice", 128 * MIB, 100 * MIB, &m(160), "max");
+        cgroup(
+            &system,
+            "work.slice/hog.service",
+            128 * MIB,
+            100 * MIB,
+            &m(128),
+            "max",
+        );
+        cgroup(&system, "work.slice/idle.service", 0, 0, &m(16), "max");
+        cgroup(
+            &system,
+            "roomy.service",
+            10 * MIB,
+            20 * MIB,
+            &m(1024),
+            "max",
+        );
+        cgroup(&system, "soft.service", 50 * MIB, 30 * MIB, "max", &m(64));
+        cgroup(&system, "nothing-out.service", 64 * MIB, 0, &m(64), "max");
+        system
+    }
+
+    #[test]
+    fn the_cgroups_that_cannot_take_their_pages_back_are_lifted_and_put_back() {
+        let mut system = machine();
+        let lifted = lift(&mut system).unwrap();
+        let names: Vec<&str> = lifted.iter().map(|l| l.cgroup.as_str()).collect();
+        // Parents first; the roomy one, and those with nothing in swap, alone.
+        assert_eq!(
+            names,
+            ["soft.service", "work.slice", "work.slice/hog.service"]
+        );
+        for name in &names {
+            assert_eq!(
+                limits(&system, name),
+                ("max".into(), "max".into()),
+                "{name}"
+            );
+        }
+        assert_eq!(limits(&system, "roomy.service").0, (1024 * MIB).to_string());
+        assert_eq!(
+            limits(&system, "work.slice/idle.service").0,
+            (16 * MIB).to_string()
+        );
+        assert!(pending(&system));
+
+        restore(&mut system).unwrap();
+        assert_eq!(
+            limits(&system, "work.slice/hog.service"),
+            ((128 * MIB).to_string(), "max".into())
+        );
+        assert_eq!(
+            limits(&system, "work.slice"),
+            ((160 * MIB).to_string(), "max".into())
+        );
+        assert_eq!(
+            limits(&system, "soft.service"),
+            ("max".into(), (64 * MIB).to_string())
+        );
+        assert!(!pending(&system));
+    }
+
+    #[test]
+    fn a_second_lift_before_a_restore_keeps_the_values_from_before_the_first() {
+        let mut system = machine();
+        lift(&mut system).unwrap();
+        // Suspend ran again before any resume (it crashed, and runs anew):
+        // the limits read now are the lifted ones; the record keeps the old.
+        lift(&mut system).unwrap();
+        restore(&mut system).unwrap();
+        assert_eq!(
+            limits(&system, "work.slice/hog.service").0,
+            (128 * MIB).to_string()
+        );
+    }
+
+    #[test]
+    fn a_cgroup_gone_since_suspend_is_skipped_and_nothing_to_do_is_fine() {
+        let mut system = machine();
+        lift(&mut system).unwrap();
+        system
+            .remove_dir_all(&Path::new(ROOT).join("soft.service"))
+            .unwrap();
+        restore(&mut system).unwrap();
+        assert!(!pending(&system));
+        // No record, no cgroup file system: nothing to do either way.
+        let mut bare = FakeSystem::new();
+        assert!(lift(&mut bare).unwrap().is_empty());
+        restore(&mut bare).unwrap();
+    }
+}
