@@ -12,7 +12,9 @@
 use std::process::Command;
 
 /// In the order they run; each leaves no instance behind for the next.
-const SCENARIOS: &[&str] = &["swap", "stall", "two", "sleep", "kill", "term", "crypt"];
+const SCENARIOS: &[&str] = &[
+    "swap", "stall", "two", "sleep", "kill", "term", "upgrade", "crypt",
+];
 
 #[test]
 fn kernel_swap_on_vramswap_in_a_guest() {
