@@ -62,15 +62,10 @@ pub fn lift(system: &mut dyn System) -> Result<Vec<Lifted>> {
     let mut record = load(system)?;
     let mut lifted = Vec::new();
     for cgroup in walk(system, Path::new(ROOT))? {
-        let Some(need) = tight(system, &cgroup) else {
+        let Some((entry, need)) = tight(system, cgroup) else {
             continue;
         };
-        let dir = Path::new(ROOT).join(&cgroup);
-        let entry = Lifted {
-            max: read(system, &dir.join("memory.max"))?,
-            high: read(system, &dir.join("memory.high"))?,
-            cgroup,
-        };
+        let dir = Path::new(ROOT).join(&entry.cgroup);
         if !record.lifted.iter().any(|l| l.cgroup == entry.cgroup) {
             record.lifted.push(entry.clone());
             state::write_record(system, RECORD, &record)?;
@@ -162,27 +157,29 @@ fn walk(system: &dyn System, dir: &Path) -> Result<Vec<String>> {
     Ok(found)
 }
 
-/// The bytes a cgroup would hold once its swapped-out pages are back,
-/// where that is more than its `memory.max` or `memory.high` allows.
-fn tight(system: &dyn System, cgroup: &str) -> Option<u64> {
-    let dir = Path::new(ROOT).join(cgroup);
-    let number = |file: &str| -> Option<u64> { read(system, &dir.join(file)).ok()?.parse().ok() };
-    let limit = |file: &str| -> Option<u64> {
-        match read(system, &dir.join(file)).ok()?.as_str() {
-            "max" => None,
-            value => value.parse().ok(),
-        }
-    };
+/// A cgroup's limits as they are, with the bytes it would hold once its
+/// swapped-out pages are back, where that is more than its `memory.max`
+/// or `memory.high` allows.
+fn tight(system: &dyn System, cgroup: String) -> Option<(Lifted, u64)> {
+    let dir = Path::new(ROOT).join(&cgroup);
+    let value = |file: &str| read(system, &dir.join(file)).ok();
+    let number = |file: &str| -> Option<u64> { value(file)?.parse().ok() };
     let swapped = number("memory.swap.current")?;
     if swapped == 0 {
         return None;
     }
     let need = number("memory.current")? + swapped;
-    let lowest = [limit("memory.max"), limit("memory.high")]
+    let limits = Lifted {
+        max: value("memory.max")?,
+        high: value("memory.high")?,
+        cgroup,
+    };
+    // "max" parses as no number: no limit.
+    let lowest = [&limits.max, &limits.high]
         .into_iter()
-        .flatten()
+        .filter_map(|limit| limit.parse::<u64>().ok())
         .min()?;
-    (need > lowest).then_some(need)
+    (need > lowest).then_some((limits, need))
 }
 
 fn read(system: &dyn System, path: &Path) -> Result<String> {
