@@ -89,13 +89,7 @@ cgroup final 128
 # swapoff must then bring back.
 hogs_start final 160 52
 plain=${hog_pids[0]}
-bash -c 'echo $$ >/sys/fs/cgroup/final/cgroup.procs; exec -a @hog hog --hold /tmp/hogs-verify "$@"' \
-    marked 160 53 >/tmp/hog-53.out &
-hog_pids=($!)
-until grep -qs written /tmp/hog-53.out; do
-    alive "${hog_pids[0]}" || fail "the marked hog died while writing"
-    sleep 0.5
-done
+hog_argv0=@hog hogs_start final 160 53
 say "$(swap_used_prio "$device" | cut -d' ' -f1) MiB in VRAM; the final kill"
 final_kill TERM
 sleep 2
