@@ -13,8 +13,8 @@ use crate::backend::{
 };
 use crate::size::{parse_size, ByteSize};
 use crate::store::{
-    AllocationPolicy, SizeSpec, StoreConfig, DEFAULT_LANES, DEFAULT_READAHEAD, DEFAULT_RESERVE,
-    DEFAULT_STAGING, MAX_WINDOWS,
+    AllocationPolicy, Compression, Ratio, SizeSpec, StoreConfig, DEFAULT_LANES, DEFAULT_READAHEAD,
+    DEFAULT_RESERVE, DEFAULT_STAGING, MAX_WINDOWS,
 };
 
 /// What `nbdkit vramswap --help` prints after nbdkit's own text.
@@ -26,7 +26,20 @@ backend=vulkan|cuda      GPU API (default: cuda when built in and it sees
 device=INDEX|NAME|UUID   which GPU: position, part of its name, or UUID
                          (default: the first discrete GPU)
 [size=]SIZE              size of the export, e.g. 8G, 512M (rounded down to
-                         4M); default: available VRAM minus reserve
+                         4M); default: available VRAM minus reserve. With
+                         compress=, the VRAM the export may take
+compress=off|lz4|zstd[:LEVEL]
+                         compress each 4K page on its own, as zram does,
+                         into VRAM slots of its compressed size; pages of
+                         one repeated 8-byte word (zeros too) take no VRAM,
+                         pages that do not shrink to 3K are kept raw. The
+                         export is then size x ratio, and a write that
+                         finds the VRAM full fails with ENOSPC, leaving
+                         every page as it was (default off; zstd is level
+                         1, LEVEL 1 to 19)
+ratio=R                  with compress=: the export is the VRAM size times R
+                         (1.0 to 8.0, default 2.0; program memory packs
+                         about 2.6:1 with lz4 and 3.4:1 with zstd)
 reserve=SIZE             VRAM left to others when size is automatic
                          (default 256M)
 allocation=eager|lazy    take all VRAM at start (default; swap never finds
@@ -213,6 +226,10 @@ pub struct ExportConfig {
     pub scrub: Option<std::time::Duration>,
     /// `warm-up=THREADS:SIZE`: see [`WarmUp`].
     pub warm_up: Option<WarmUp>,
+    /// `compress=`: pack each page.
+    pub compress: Compression,
+    /// `ratio=`: with `compress`, the export over its VRAM.
+    pub ratio: Ratio,
     /// Each `key=value` as given, for messages that quote the user.
     given: Vec<(String, String)>,
 }
@@ -234,6 +251,8 @@ impl Default for ExportConfig {
             readahead: DEFAULT_READAHEAD,
             scrub: None,
             warm_up: None,
+            compress: Compression::Off,
+            ratio: Ratio::DEFAULT,
             given: Vec::new(),
         }
     }
@@ -309,6 +328,16 @@ impl ExportConfig {
                     }
                 }
             }
+            "compress" => {
+                self.compress = value
+                    .parse()
+                    .map_err(|e: crate::StoreError| bad(e.to_string()))?;
+            }
+            "ratio" => {
+                self.ratio = value
+                    .parse()
+                    .map_err(|e: crate::StoreError| bad(e.to_string()))?;
+            }
             "scrub" => self.scrub = Some(parse_duration(value).map_err(bad)?),
             "warm-up" => self.warm_up = Some(value.parse().map_err(bad)?),
             "verify" => self.verify = parse_switch(value).map_err(bad)?,
@@ -361,7 +390,15 @@ impl ExportConfig {
                 why: "needs verify=on (the scrub checks blocks against their checksums)".into(),
             });
         }
-        if self.verify && (self.staging as u64) < 3 * BLOCK_SIZE {
+        if !self.compress.is_on() && self.given("ratio").is_some() {
+            return Err(ConfigError::Value {
+                key: "ratio".into(),
+                value: self.given("ratio").unwrap_or_default().into(),
+                why: "needs compress=lz4 or compress=zstd (without it the export is the VRAM it holds)"
+                    .into(),
+            });
+        }
+        if self.verify && !self.compress.is_on() && (self.staging as u64) < 3 * BLOCK_SIZE {
             return Err(ConfigError::StagingForVerify {
                 staging: ByteSize(self.staging as u64),
                 least: ByteSize(3 * BLOCK_SIZE),
@@ -422,6 +459,12 @@ impl ExportConfig {
         if let Some(warm_up) = self.warm_up {
             args.push(format!("warm-up={warm_up}"));
         }
+        if self.compress.is_on() {
+            args.push(format!("compress={}", self.compress));
+            if self.ratio != defaults.ratio {
+                args.push(format!("ratio={}", self.ratio));
+            }
+        }
         args
     }
 
@@ -447,6 +490,8 @@ impl ExportConfig {
             staging_bytes: self.staging,
             verify: self.verify,
             readahead: self.readahead,
+            compress: self.compress,
+            ratio: self.ratio,
         }
     }
 }
@@ -489,8 +534,12 @@ mod tests {
             ("readahead", "0"),
             ("direct", "on"),
             ("storage-daemon", "on"),
+            ("compress", "zstd:3"),
+            ("ratio", "2.5"),
         ])
         .unwrap();
+        assert_eq!(config.store_config().compress, Compression::Zstd(3));
+        assert_eq!(config.store_config().ratio, "2.5".parse().unwrap());
         assert!(config.direct);
         assert!(config.storage_daemon);
         assert!(!parse(&[("direct", "off")]).unwrap().direct);
@@ -565,6 +614,12 @@ mod tests {
             ),
             ("scrub", "soon", "scrub=soon: expected a duration"),
             (
+                "compress",
+                "gzip",
+                "compress=gzip: 'gzip' is not a compression: expected off, lz4, zstd",
+            ),
+            ("ratio", "10", "ratio=10: '10' is not a ratio"),
+            (
                 "scrub",
                 "0h",
                 "scrub=0h: expected a duration of at least 1s",
@@ -606,6 +661,8 @@ mod tests {
                 ("direct", "on"),
                 ("storage-daemon", "on"),
             ],
+            vec![("compress", "lz4")],
+            vec![("compress", "zstd:7"), ("ratio", "3.25"), ("verify", "on")],
         ] {
             let config = parse(&pairs).unwrap();
             let args = config.to_args();
@@ -637,6 +694,12 @@ mod tests {
         assert_eq!(err.key(), "reserve");
         let err = parse(&[("verify", "on"), ("staging", "128K")]).unwrap_err();
         assert!(err.to_string().contains("too small for verify=on"), "{err}");
+        let err = parse(&[("ratio", "3")]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("ratio=3: needs compress="),
+            "{err}"
+        );
+        assert_eq!(err.key(), "ratio");
         let err = parse(&[("size", "1G"), ("size", "2G")]).unwrap_err();
         assert_eq!(err.to_string(), "size= is given more than once");
     }

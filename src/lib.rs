@@ -29,4 +29,7 @@ pub use backend::{Backend, BackendError, BackendKind, DeviceInfo, DeviceSelector
 pub use export::ExportConfig;
 pub use memtest::{MemtestConfig, MemtestError, MemtestReport};
 pub use size::{parse_size, ByteSize, SizeError};
-pub use store::{AllocationPolicy, BlockStore, SizeSpec, StoreConfig, StoreError, StoreStats};
+pub use store::{
+    AllocationPolicy, BlockStore, CompressStats, Compression, Ratio, SizeSpec, StoreConfig,
+    StoreError, StoreStats,
+};

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use vramswap::backend::host::HostBackend;
 use vramswap::backend::{BLOCK_SIZE, CHUNK_SIZE};
-use vramswap::{parse_size, AllocationPolicy, BlockStore, ExportConfig, SizeSpec, StoreConfig};
+use vramswap::{
+    parse_size, AllocationPolicy, BlockStore, Compression, ExportConfig, Ratio, SizeSpec,
+    StoreConfig,
+};
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
@@ -88,7 +91,8 @@ proptest! {
     #[test]
     fn any_request_sequence_matches_a_model(ops in prop::collection::vec(op(12 * CHUNK_SIZE), 1..24),
                                             lazy in any::<bool>(), verify in any::<bool>(),
-                                            readahead in 0usize..4) {
+                                            readahead in 0usize..4,
+                                            compress in prop_oneof![Just(Compression::Off), Just(Compression::Lz4), Just(Compression::Zstd(1))]) {
         let size = 12 * CHUNK_SIZE;
         let store = BlockStore::open(
             Arc::new(HostBackend::new(None)),
@@ -100,9 +104,13 @@ proptest! {
                 staging_bytes: if verify { 192 << 10 } else { 128 << 10 },
                 verify,
                 readahead,
+                // Compressed, the size is the VRAM behind an export as big.
+                compress,
+                ratio: if compress.is_on() { "1".parse().unwrap() } else { Ratio::DEFAULT },
             },
         )
         .unwrap();
+        prop_assert_eq!(store.size(), size);
         let mut model = vec![0u8; size as usize];
         for op in ops {
             match op {

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use vramswap::backend::{Backend, BackendKind, BLOCK_SIZE, CHUNK_SIZE};
-use vramswap::{AllocationPolicy, BlockStore, SizeSpec, StoreConfig, StoreError};
+use vramswap::{
+    AllocationPolicy, BlockStore, Compression, Ratio, SizeSpec, StoreConfig, StoreError,
+};
 
 use common::{for_each_backend, open_backend, Counting};
 
@@ -24,7 +26,28 @@ fn config(size: u64, allocation: AllocationPolicy) -> StoreConfig {
         staging_bytes: 256 << 10,
         verify: false,
         readahead: 8,
+        compress: Compression::Off,
+        ratio: Ratio::DEFAULT,
     }
+}
+
+/// A compressed store (`compress=`) on `budget` bytes of VRAM, exporting
+/// `ratio` times that.
+fn compressed(
+    kind: BackendKind,
+    budget: u64,
+    allocation: AllocationPolicy,
+    compress: Compression,
+    verify: bool,
+    ratio: &str,
+) -> BlockStore {
+    let config = StoreConfig {
+        verify,
+        compress,
+        ratio: ratio.parse().unwrap(),
+        ..config(budget, allocation)
+    };
+    BlockStore::open(open_backend(kind, None), &config).expect("open compressed store")
 }
 
 fn store(kind: BackendKind, size: u64, allocation: AllocationPolicy) -> BlockStore {
@@ -48,6 +71,39 @@ fn store_verify(
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     SmallRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// 4 KiB of bytes that compress about 3:1, as program memory does.
+fn compressible(seed: u64, piece: &mut [u8]) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    for run in piece.chunks_mut(16) {
+        match rng.gen_range(0..3) {
+            0 => rng.fill_bytes(run),
+            _ => run.fill(rng.gen_range(0..4)),
+        }
+    }
+}
+
+/// Bytes of every kind a compressed store tells apart, 4 KiB at a time:
+/// random (kept raw), compressible, one repeated 8-byte word
+/// (same-filled) and zeros.
+fn mixed(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    for piece in v.chunks_mut(4096) {
+        match rng.gen_range(0..4) {
+            0 => rng.fill_bytes(piece),
+            1 => compressible(rng.gen(), piece),
+            2 => {
+                let word = rng.gen::<u64>().to_ne_bytes();
+                for (i, byte) in piece.iter_mut().enumerate() {
+                    *byte = word[i % 8];
+                }
+            }
+            _ => {}
+        }
+    }
     v
 }
 
@@ -266,7 +322,7 @@ fn random_op(
     let range = offset as usize - base as usize..(offset + len) as usize - base as usize;
     match rng.gen_range(0..10) {
         0..=4 => {
-            let data = pattern(rng.gen(), len as usize);
+            let data = mixed(rng.gen(), len as usize);
             store.write(&data, offset).unwrap();
             model[range].copy_from_slice(&data);
         }
@@ -453,12 +509,32 @@ fn randomized_multi_thread_model_with_checksums() {
     for_each_backend(|kind| run_threads(kind, AllocationPolicy::Lazy, true));
 }
 
+/// The same threads on compressed pages: neighbours' partial writes into
+/// one page each read, merge and write back the whole page, and must
+/// never lose each other's bytes.
+#[test]
+fn randomized_multi_thread_model_with_compression() {
+    for_each_backend(|kind| {
+        run_threads_on(kind, AllocationPolicy::Lazy, false, Compression::Lz4);
+        run_threads_on(kind, AllocationPolicy::Eager, true, Compression::Zstd(1));
+    });
+}
+
 /// Threads share chunks and blocks but never bytes: the first half of the
 /// device is dealt out in 20 KiB stripes (so neighbours write into the same
 /// 64 KiB block at once), the second half in whole chunks (so trims give
 /// chunks back while others copy). Each thread checks its own bytes against
 /// its own model after every step, and all of it at the end.
 fn run_threads(kind: BackendKind, allocation: AllocationPolicy, verify: bool) {
+    run_threads_on(kind, allocation, verify, Compression::Off);
+}
+
+fn run_threads_on(
+    kind: BackendKind,
+    allocation: AllocationPolicy,
+    verify: bool,
+    compress: Compression,
+) {
     const THREADS: usize = 6;
     const STRIPE: u64 = 20 << 10;
     let stripes_per_thread = 40u64;
@@ -466,7 +542,11 @@ fn run_threads(kind: BackendKind, allocation: AllocationPolicy, verify: bool) {
     let chunked_base = striped.div_ceil(CHUNK_SIZE) * CHUNK_SIZE;
     let chunks_per_thread = 2u64;
     let size = chunked_base + CHUNK_SIZE * chunks_per_thread * THREADS as u64;
-    let store = Arc::new(store_verify(kind, size, allocation, verify));
+    let store = Arc::new(match compress {
+        Compression::Off => store_verify(kind, size, allocation, verify),
+        // VRAM for every page raw, and room for slabs partly full.
+        _ => compressed(kind, size + 8 * MIB, allocation, compress, verify, "1"),
+    });
     std::thread::scope(|scope| {
         for t in 0..THREADS {
             let store = store.clone();
@@ -503,6 +583,245 @@ fn run_threads(kind: BackendKind, allocation: AllocationPolicy, verify: bool) {
         }
     });
     assert_eq!(store.stats().checksum_errors, 0, "{kind}: false alarms");
+}
+
+/// Random requests of any offset and length over compressed pages of every
+/// kind, overwriting pages of one kind with another, against a model.
+#[test]
+fn randomized_model_with_compression() {
+    for_each_backend(|kind| {
+        for (compress, allocation, verify) in [
+            (Compression::Lz4, AllocationPolicy::Lazy, false),
+            (Compression::Zstd(1), AllocationPolicy::Eager, false),
+            (Compression::Lz4, AllocationPolicy::Eager, true),
+            (Compression::Zstd(3), AllocationPolicy::Lazy, true),
+        ] {
+            // The model spans what the VRAM holds even if every page were
+            // raw, with room for slabs partly full: no write finds it full.
+            let span = 16 * MIB;
+            let store = compressed(kind, 24 * MIB, allocation, compress, verify, "1.5");
+            assert_eq!(store.size(), 36 * MIB);
+            let mut model = vec![0u8; span as usize];
+            let mut rng = SmallRng::seed_from_u64(11);
+            for _ in 0..300 {
+                let (offset, len) = random_op(&mut rng, &store, &mut model, 0, span, 3 * MIB);
+                check_range(&store, &model, 0, offset, len);
+                let probe = rng.gen_range(0..span - 70_000);
+                check_range(&store, &model, 0, probe, rng.gen_range(1..=70_000));
+            }
+            check_range(&store, &model, 0, 0, span);
+            let stats = store.stats();
+            let packed = stats.compress.unwrap();
+            assert_eq!(packed.compression, compress);
+            assert!(
+                packed.pages_stored > 0 && packed.pages_same > 0,
+                "{packed:?}"
+            );
+            assert!(packed.pages_raw > 0 && packed.pages_raw < packed.pages_stored);
+            assert!(packed.compressed_bytes <= packed.slot_bytes);
+            assert!(packed.slot_bytes <= packed.vram_used);
+            assert_eq!(stats.checksum_errors, 0, "{kind} {compress}: false alarms");
+            // Everything trimmed: no page, no slot, and lazy gives every
+            // chunk back.
+            store.zero(0, store.size()).unwrap();
+            let packed = store.stats().compress.unwrap();
+            assert_eq!(
+                (packed.pages_stored, packed.pages_same, packed.slot_bytes),
+                (0, 0, 0)
+            );
+            let held = match allocation {
+                AllocationPolicy::Lazy => 0,
+                AllocationPolicy::Eager => 24 * MIB,
+            };
+            assert_eq!(packed.vram_used, held, "{kind} {compress} {allocation:?}");
+        }
+    });
+}
+
+/// zramctl's columns: pages of each kind, their bytes before and after,
+/// and what the VRAM behind them takes.
+#[test]
+fn compressed_pages_are_counted_as_zram_counts_them() {
+    for_each_backend(|kind| {
+        let store = compressed(
+            kind,
+            8 * MIB,
+            AllocationPolicy::Lazy,
+            Compression::Lz4,
+            false,
+            "2",
+        );
+        assert_eq!(store.size(), 16 * MIB);
+        let mut text = vec![0u8; MIB as usize];
+        for (n, page) in text.chunks_mut(4096).enumerate() {
+            compressible(n as u64, page);
+        }
+        store.write(&text, 0).unwrap();
+        let word = mixed(3, 4096);
+        let same: Vec<u8> = (0..BLOCK_SIZE as usize)
+            .map(|i| (i % 8) as u8 + 1)
+            .collect();
+        store.write(&same, MIB).unwrap();
+        store
+            .write(&vec![0u8; BLOCK_SIZE as usize], MIB + BLOCK_SIZE)
+            .unwrap();
+        store
+            .write(&pattern(5, BLOCK_SIZE as usize), MIB + 2 * BLOCK_SIZE)
+            .unwrap();
+        let packed = store.stats().compress.unwrap();
+        assert_eq!(packed.pages_stored, 256 + 16, "{packed:?}");
+        assert_eq!(packed.pages_same, 32);
+        assert_eq!(packed.pages_raw, 16);
+        assert_eq!(packed.original_bytes, (256 + 16 + 32) * 4096);
+        let raw = 16 * 4096;
+        assert!(
+            packed.compressed_bytes - raw < 256 * 4096 * 2 / 3,
+            "{kind}: {packed:?}"
+        );
+        assert_eq!(packed.vram_used, CHUNK_SIZE);
+        assert_eq!(packed.budget, 8 * MIB);
+        // Same-filled pages read back as they were and, zeros or not,
+        // take no VRAM; zeros read as a hole.
+        let mut buf = vec![0u8; 2 * BLOCK_SIZE as usize];
+        store.read(&mut buf, MIB).unwrap();
+        assert!(
+            buf[..BLOCK_SIZE as usize] == same[..]
+                && buf[BLOCK_SIZE as usize..].iter().all(|&b| b == 0)
+        );
+        let mut runs = Vec::new();
+        store
+            .extents(MIB - 4096, 3 * BLOCK_SIZE, |o, l, d| runs.push((o, l, d)))
+            .unwrap();
+        assert_eq!(
+            runs,
+            [
+                (MIB - 4096, 4096 + BLOCK_SIZE, true),
+                (MIB + BLOCK_SIZE, BLOCK_SIZE, false),
+                (MIB + 2 * BLOCK_SIZE, BLOCK_SIZE - 4096, true),
+            ]
+        );
+        // One word changed in a same-filled page makes it a stored one.
+        store.write(&word[..8], MIB + 4096).unwrap();
+        let after = store.stats().compress.unwrap();
+        assert_eq!(
+            (after.pages_stored, after.pages_same),
+            (packed.pages_stored + 1, packed.pages_same - 1)
+        );
+        store.zero(0, 16 * MIB).unwrap();
+        let empty = store.stats().compress.unwrap();
+        assert_eq!(
+            (
+                empty.original_bytes,
+                empty.compressed_bytes,
+                empty.vram_used
+            ),
+            (0, 0, 0)
+        );
+        assert_eq!(store.stats().chunks_allocated, 0);
+    });
+}
+
+/// An export larger than its VRAM fills up: a write that finds no room
+/// fails with ENOSPC and changes nothing, every page already stored reads
+/// back, pages that need no slot are still taken, and trimming makes room.
+#[test]
+fn a_full_compressed_store_refuses_writes_and_keeps_every_page() {
+    for_each_backend(|kind| {
+        for allocation in [AllocationPolicy::Lazy, AllocationPolicy::Eager] {
+            let store = compressed(kind, 4 * MIB, allocation, Compression::Lz4, true, "4");
+            let mut model = vec![0u8; store.size() as usize];
+            let block = BLOCK_SIZE as usize;
+            let mut offset = 0;
+            let err = loop {
+                let data = pattern(offset as u64, block);
+                match store.write(&data, offset as u64) {
+                    Ok(()) => model[offset..offset + block].copy_from_slice(&data),
+                    Err(err) => break err,
+                }
+                offset += block;
+            };
+            assert_eq!(err, StoreError::NoSpace, "{kind}");
+            assert_eq!(err.errno(), libc::ENOSPC);
+            // One chunk holds 64 blocks of raw pages.
+            assert_eq!(offset as u64, CHUNK_SIZE, "{kind} {allocation:?}");
+            let packed = store.stats().compress.unwrap();
+            assert!(packed.full && packed.full_writes >= 1, "{packed:?}");
+            // A partial write over a stored page fails too, and leaves it.
+            let err = store.write(&[1, 2, 3], 100).unwrap_err();
+            assert_eq!(err, StoreError::NoSpace);
+            // A page of one repeated word needs no slot.
+            let word = [7u8; 4096];
+            store.write(&word, offset as u64).unwrap();
+            model[offset..offset + 4096].copy_from_slice(&word);
+            let mut all = vec![0u8; model.len()];
+            store.read(&mut all, 0).unwrap();
+            assert!(
+                all == model,
+                "{kind} {allocation:?}: a full store changed a page"
+            );
+            // Trimming one block frees its slab: writes fit again.
+            store.zero(0, BLOCK_SIZE).unwrap();
+            model[..block].fill(0);
+            assert!(!store.stats().compress.unwrap().full);
+            let data = pattern(1234, block);
+            store.write(&data, CHUNK_SIZE + BLOCK_SIZE).unwrap();
+            model[offset + block..offset + 2 * block].copy_from_slice(&data);
+            store.read(&mut all, 0).unwrap();
+            assert!(all == model, "{kind} {allocation:?}");
+            assert_eq!(store.stats().checksum_errors, 0);
+        }
+    });
+}
+
+/// With `verify`, a compressed page whose VRAM changed after it was written
+/// fails its read with EIO, naming the page, and the pages around it read
+/// fine; without, a changed compressed page that no longer decompresses
+/// fails the same way rather than returning garbage.
+#[test]
+#[cfg(feature = "fault-injection")]
+fn a_changed_compressed_page_fails_its_read() {
+    use vramswap::backend::faulty::{FaultPlan, FaultyBackend};
+    for_each_backend(|kind| {
+        for verify in [true, false] {
+            let plan = FaultPlan {
+                // Uploads count steps: the first write's 16 pages, then
+                // the page at 5 * 4096 with its first byte flipped.
+                corrupt_upload_at: Some(17),
+                ..Default::default()
+            };
+            let backend = Arc::new(FaultyBackend::new(open_backend(kind, None), plan));
+            let config = StoreConfig {
+                verify,
+                compress: Compression::Lz4,
+                ..config(8 * MIB, AllocationPolicy::Eager)
+            };
+            let store = BlockStore::open(backend, &config).unwrap();
+            let mut first = vec![0u8; BLOCK_SIZE as usize];
+            for (n, page) in first.chunks_mut(4096).enumerate() {
+                compressible(n as u64, page);
+            }
+            store.write(&first, 0).unwrap();
+            let mut page = vec![0u8; 4096];
+            compressible(77, &mut page);
+            store.write(&page, 5 * 4096).unwrap();
+            let mut buf = vec![0u8; 4096];
+            match store.read(&mut buf, 5 * 4096) {
+                Err(err) => {
+                    assert_eq!(err, StoreError::Corrupt { offset: 5 * 4096 }, "{kind}");
+                    assert_eq!(err.errno(), libc::EIO);
+                    assert_eq!(store.stats().checksum_errors, 1);
+                }
+                // Without checksums, a flipped literal can decompress.
+                Ok(()) => assert!(!verify && buf != page, "{kind}: the fault did not land"),
+            }
+            let mut rest = vec![0u8; 5 * 4096];
+            store.read(&mut rest, 0).unwrap();
+            assert!(rest[..] == first[..5 * 4096], "{kind}");
+            store.write(&page, 5 * 4096).unwrap();
+            store.read(&mut buf, 5 * 4096).unwrap();
+            assert!(buf == page, "{kind}: a rewrite mends the page");
+        }
+    });
 }
 
 /// What a stream of reads asks for at a time (nbdcopy's request size).

@@ -120,6 +120,11 @@ impl BlockStore {
 
     /// Scrubs and frees every chunk still held: the store is going away.
     pub(super) fn free_all(&mut self) {
+        if let Some(packed) = &self.packed {
+            let mut lanes = self.lanes.one();
+            packed.free_all(&*self.backend, lanes.first());
+            return;
+        }
         let chunks: Vec<ChunkId> = self
             .slots
             .iter_mut()

@@ -5,6 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::error::StoreError;
+use super::packed::Compression;
 use super::readahead::MAX_WINDOWS;
 use crate::backend::{MemoryReport, BLOCK_SIZE, CHUNK_SIZE};
 use crate::size::ByteSize;
@@ -24,6 +25,70 @@ pub const DEFAULT_STAGING: usize = 2 << 20;
 /// streams, such as `nbdcopy`'s four connections, each with the windows it
 /// reads and the ones filled ahead of it. 32 windows lock 64 MiB of RAM.
 pub const DEFAULT_READAHEAD: usize = 32;
+
+/// `ratio=`: how much larger the export is than the VRAM behind it, with
+/// compression on, in hundredths (1.00 to 8.00).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ratio(u32);
+
+impl Ratio {
+    /// About what lz4 makes of program memory (zram's own figures: 2.6:1),
+    /// less a margin, as nbd-vram's default.
+    pub const DEFAULT: Ratio = Ratio(200);
+
+    /// The export size for `budget` bytes of VRAM, in whole chunks.
+    pub fn apply(self, budget: u64) -> u64 {
+        let bytes = (u128::from(budget) * u128::from(self.0) / 100) as u64;
+        bytes - bytes % CHUNK_SIZE
+    }
+}
+
+impl Default for Ratio {
+    fn default() -> Self {
+        Ratio::DEFAULT
+    }
+}
+
+impl FromStr for Ratio {
+    type Err = StoreError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            StoreError::Config(format!(
+                "'{text}' is not a ratio: expected a number from 1.0 to 8.0, at most two decimals"
+            ))
+        };
+        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+        if whole.is_empty()
+            || text.ends_with('.')
+            || fraction.len() > 2
+            || !whole
+                .bytes()
+                .chain(fraction.bytes())
+                .all(|b| b.is_ascii_digit())
+        {
+            return Err(bad());
+        }
+        let whole: u32 = whole.parse().map_err(|_| bad())?;
+        let fraction: u32 = format!("{fraction:0<2}").parse().map_err(|_| bad())?;
+        let hundredths = whole.checked_mul(100).ok_or_else(bad)? + fraction;
+        match hundredths {
+            100..=800 => Ok(Ratio(hundredths)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Ratio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (whole, fraction) = (self.0 / 100, self.0 % 100);
+        match fraction {
+            0 => write!(f, "{whole}"),
+            n if n % 10 == 0 => write!(f, "{whole}.{}", n / 10),
+            n => write!(f, "{whole}.{n:02}"),
+        }
+    }
+}
 
 /// How big the device is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +169,10 @@ pub struct StoreConfig {
     /// Read-ahead windows (at most [`MAX_WINDOWS`]); 0 turns read-ahead
     /// off. None are made with `verify`: a window's bytes are not checked.
     pub readahead: usize,
+    /// Pack each 4 KiB page (`compress=`); `size` is then the VRAM budget.
+    pub compress: Compression,
+    /// With `compress`: the export is the budget times this.
+    pub ratio: Ratio,
 }
 
 impl Default for StoreConfig {
@@ -115,6 +184,8 @@ impl Default for StoreConfig {
             staging_bytes: DEFAULT_STAGING,
             verify: false,
             readahead: DEFAULT_READAHEAD,
+            compress: Compression::Off,
+            ratio: Ratio::DEFAULT,
         }
     }
 }
@@ -138,6 +209,11 @@ impl StoreConfig {
             return Err(StoreError::Config(format!(
                 "at most {MAX_WINDOWS} read-ahead windows"
             )));
+        }
+        if !self.compress.is_on() && self.ratio != Ratio::DEFAULT {
+            return Err(StoreError::Config(
+                "a ratio needs compression: without it the export is the VRAM it holds".into(),
+            ));
         }
         if self.verify && staging < 3 * BLOCK_SIZE {
             return Err(StoreError::Config(format!(
@@ -238,6 +314,10 @@ mod tests {
                 staging_bytes: 2 * BLOCK_SIZE as usize,
                 ..Default::default()
             },
+            StoreConfig {
+                ratio: Ratio(300),
+                ..Default::default()
+            },
         ];
         for config in bad {
             assert!(
@@ -245,6 +325,31 @@ mod tests {
                 "{config:?}"
             );
         }
+    }
+
+    #[test]
+    fn ratios_parse_print_and_size_exports_in_whole_chunks() {
+        for (text, hundredths, shown) in [
+            ("1", 100, "1"),
+            ("2.0", 200, "2"),
+            ("2.5", 250, "2.5"),
+            ("3.25", 325, "3.25"),
+            ("8", 800, "8"),
+            ("1.05", 105, "1.05"),
+        ] {
+            let ratio: Ratio = text.parse().unwrap();
+            assert_eq!(ratio, Ratio(hundredths), "{text}");
+            assert_eq!(ratio.to_string(), shown);
+        }
+        for bad in [
+            "", "0.5", "8.01", "9", "2.", ".5", "2.555", "-2", "2,5", "x", "1e1",
+        ] {
+            let err = bad.parse::<Ratio>().unwrap_err().to_string();
+            assert!(err.contains("from 1.0 to 8.0"), "{bad}: {err}");
+        }
+        assert_eq!(Ratio(250).apply(8 * CHUNK_SIZE), 20 * CHUNK_SIZE);
+        assert_eq!(Ratio(105).apply(10 * CHUNK_SIZE), 10 * CHUNK_SIZE);
+        assert_eq!(Ratio(800).apply(1 << 40), 8 << 40);
     }
 
     #[test]

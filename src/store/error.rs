@@ -37,6 +37,8 @@ pub enum StoreError {
     Checksum { offset: u64 },
     #[error("the 64 KiB block at offset {offset:#x} kept changing while it was read")]
     Unsettled { offset: u64 },
+    #[error("the 4 KiB page at offset {offset:#x} does not read back as it was written: its VRAM changed")]
+    Corrupt { offset: u64 },
     #[error("{0}")]
     Backend(#[source] BackendError),
 }
@@ -52,6 +54,7 @@ impl StoreError {
             StoreError::Failed(_)
             | StoreError::Backend(_)
             | StoreError::Checksum { .. }
+            | StoreError::Corrupt { .. }
             | StoreError::Unsettled { .. } => libc::EIO,
         }
     }

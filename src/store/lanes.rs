@@ -82,6 +82,11 @@ impl LanePool {
         }
     }
 
+    /// How many lanes the pool has.
+    pub(super) fn len(&self) -> usize {
+        self.lanes.len()
+    }
+
     /// One lane, for work that waits for each batch it submits itself
     /// (allocation, scrubbing).
     pub(super) fn one(&self) -> Lanes<'_, ()> {
@@ -103,6 +108,12 @@ pub(super) struct Lanes<'p, P> {
 }
 
 impl<P> Lanes<'_, P> {
+    /// The pool's number for the first lane held: what the store keeps per
+    /// lane (compression contexts) is indexed by it.
+    pub(super) fn first_index(&self) -> usize {
+        self.held[0].index
+    }
+
     pub(super) fn first(&mut self) -> &mut dyn Lane {
         self.held[0].lane.as_mut()
     }

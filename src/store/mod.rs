@@ -43,23 +43,26 @@ mod direct;
 mod error;
 mod gather;
 mod lanes;
+mod packed;
 mod read;
 mod readahead;
 mod slots;
 mod write;
 
 pub use config::{
-    resolve_size, AllocationPolicy, ResolvedSize, SizeSpec, StoreConfig, DEFAULT_LANES,
+    resolve_size, AllocationPolicy, Ratio, ResolvedSize, SizeSpec, StoreConfig, DEFAULT_LANES,
     DEFAULT_READAHEAD, DEFAULT_RESERVE, DEFAULT_STAGING,
 };
 pub use direct::{DirectStats, DIRECT_READ};
 pub use error::StoreError;
 pub use gather::GatherStats;
+pub use packed::{CompressStats, Compression, DEFAULT_ZSTD_LEVEL};
 pub use readahead::{ReadAheadStats, MAX_WINDOWS, WINDOW_BYTES};
 
 use direct::Registrations;
 use gather::Gather;
 use lanes::LanePool;
+use packed::PackedPages;
 use readahead::ReadAhead;
 use slots::{piece_count, ChunkSlot};
 use write::Source;
@@ -82,6 +85,8 @@ pub struct StoreStats {
     pub readahead: ReadAheadStats,
     pub direct: DirectStats,
     pub gather: GatherStats,
+    /// With `compress=`: what the pages hold and take.
+    pub compress: Option<CompressStats>,
 }
 
 /// A byte-addressed device in VRAM. Safe to share between threads.
@@ -93,6 +98,9 @@ pub struct BlockStore {
     lanes: LanePool,
     /// Small reads gathered into shared batches; not with `verify`.
     gather: Option<Gather>,
+    /// With `compress=`: the page table that serves every request instead
+    /// of `slots` (which is then empty).
+    packed: Option<PackedPages>,
     chunks_allocated: AtomicU64,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
@@ -141,38 +149,57 @@ impl BlockStore {
                 device.name
             );
         }
-        let chunk_count = (resolved.bytes / CHUNK_SIZE) as usize;
+        let compress = config.compress.is_on();
+        // Compressed, the size resolved is the VRAM budget and the export
+        // is larger; uncompressed, they are one.
+        let budget_chunks = (resolved.bytes / CHUNK_SIZE) as usize;
+        let size = match compress {
+            true => config.ratio.apply(resolved.bytes),
+            false => resolved.bytes,
+        };
+        let chunk_count = if compress { 0 } else { budget_chunks };
         let slots = (0..chunk_count).map(|_| ChunkSlot::default()).collect();
         let lanes = LanePool::new(
             backend.as_ref(),
             config.lanes,
             config.staging_bytes,
-            config.verify,
+            config.verify && !compress,
         )?;
+        let packed = match compress {
+            true => Some(PackedPages::new(
+                config.compress,
+                size,
+                budget_chunks,
+                &lanes,
+                config.allocation == AllocationPolicy::Eager,
+                config.verify,
+            )?),
+            false => None,
+        };
         // With `verify` a read downloads whole blocks and checks them: the
-        // lanes' path.
-        let gather = match backend.gathers_reads() && !config.verify {
+        // lanes' path. Compressed pages have paths of their own.
+        let gather = match backend.gathers_reads() && !config.verify && !compress {
             true => Some(Gather::new(backend.as_ref())?),
             false => None,
         };
         let readahead = match config.readahead {
             0 => None,
-            _ if config.verify => None,
+            _ if config.verify || compress => None,
             windows => Some(ReadAhead::new(backend.as_ref(), windows)?),
         };
         let store = BlockStore {
             direct: Registrations::new(backend.clone()),
             backend,
-            size: resolved.bytes,
+            size,
             policy: config.allocation,
             slots,
             lanes,
             gather,
+            packed,
             chunks_allocated: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
-            checksums: config
-                .verify
+            checksums: (config.verify && !compress)
                 .then(|| Checksums::new(chunk_count * BLOCKS_PER_CHUNK)),
             checksum_errors: AtomicU64::new(0),
             readahead,
@@ -188,9 +215,21 @@ impl BlockStore {
             verify = config.verify,
             mapped = store.backend.mapped(),
             readahead = store.readahead.as_ref().map_or(0, |r| r.stats().windows),
+            compress = %config.compress,
             "block store ready to allocate"
         );
-        if store.policy == AllocationPolicy::Eager {
+        if let Some(packed) = &store.packed {
+            info!(
+                "compressed with {}: a {} export on at most {} of VRAM; its page table takes {} of RAM",
+                config.compress,
+                ByteSize(size),
+                ByteSize(resolved.bytes),
+                ByteSize(PackedPages::host_bytes(size, budget_chunks))
+            );
+            if store.policy == AllocationPolicy::Eager {
+                packed.allocate_all(store.backend.as_ref())?;
+            }
+        } else if store.policy == AllocationPolicy::Eager {
             store.allocate_all()?;
         }
         Ok(store)
@@ -214,19 +253,29 @@ impl BlockStore {
     }
 
     pub fn stats(&self) -> StoreStats {
+        let compress = self.packed.as_ref().map(PackedPages::stats);
         StoreStats {
             size: self.size,
             allocation: self.policy,
-            chunks_total: self.slots.len() as u64,
-            chunks_allocated: self.chunks_allocated.load(Ordering::Relaxed),
-            blocks_with_data: self
-                .slots
-                .iter()
-                .map(|s| u64::from(s.data.load(Ordering::Relaxed).count_ones()))
-                .sum(),
+            chunks_total: match &compress {
+                Some(packed) => packed.budget / CHUNK_SIZE,
+                None => self.slots.len() as u64,
+            },
+            chunks_allocated: match &self.packed {
+                Some(packed) => packed.chunks_held(),
+                None => self.chunks_allocated.load(Ordering::Relaxed),
+            },
+            blocks_with_data: match &self.packed {
+                Some(packed) => packed.slabs_held(),
+                None => self
+                    .slots
+                    .iter()
+                    .map(|s| u64::from(s.data.load(Ordering::Relaxed).count_ones()))
+                    .sum(),
+            },
             failure: self.failure(),
-            verify: self.checksums.is_some(),
-            checksum_errors: self.checksum_errors.load(Ordering::Relaxed),
+            verify: self.checksums.is_some() || self.verify_packed(),
+            checksum_errors: self.checksum_errors(),
             readahead: self
                 .readahead
                 .as_ref()
@@ -234,6 +283,7 @@ impl BlockStore {
                 .unwrap_or_default(),
             direct: self.direct.stats(),
             gather: self.gather.as_ref().map(Gather::stats).unwrap_or_default(),
+            compress,
         }
     }
 
@@ -268,6 +318,9 @@ impl BlockStore {
         if buf.is_empty() {
             return Ok(());
         }
+        if let Some(packed) = &self.packed {
+            return self.settle(packed.read(&self.lanes, buf, offset));
+        }
         // Windows were filled before this read came: their bytes are in
         // staging already, and a copy out is all that is left.
         if let Some(readahead) = &self.readahead {
@@ -288,6 +341,17 @@ impl BlockStore {
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<(), StoreError> {
         self.direct.forget_if_moved(buf);
         self.check(offset, buf.len() as u64)?;
+        if let Some(packed) = &self.packed {
+            let source = packed::Source::Bytes(buf);
+            let result = packed.write(
+                &*self.backend,
+                &self.lanes,
+                source,
+                offset,
+                buf.len() as u64,
+            );
+            return self.settle(result);
+        }
         self.write_from(Source::Bytes(buf), offset, buf.len() as u64)
     }
 
@@ -296,6 +360,16 @@ impl BlockStore {
     /// the GPU; partial blocks that hold data are overwritten with zeros.
     pub fn zero(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         self.check(offset, len)?;
+        if let Some(packed) = &self.packed {
+            let result = packed.write(
+                &*self.backend,
+                &self.lanes,
+                packed::Source::Zeros,
+                offset,
+                len,
+            );
+            return self.settle(result);
+        }
         self.zero_range(offset, len)
     }
 
@@ -309,6 +383,28 @@ impl BlockStore {
     ) -> Result<(), StoreError> {
         self.check(offset, len)?;
         let end = offset + len;
+        if let Some(packed) = &self.packed {
+            if len > 0 {
+                let page = packed::PAGE as u64;
+                let mut run: Option<(u64, u64, bool)> = None;
+                packed.pages_with_data(offset / page, (end - 1) / page, |n, data| {
+                    let from = (n * page).max(offset);
+                    let piece = ((n + 1) * page).min(end) - from;
+                    run = match run {
+                        Some((o, l, d)) if d == data => Some((o, l + piece, d)),
+                        Some((o, l, d)) => {
+                            f(o, l, d);
+                            Some((from, piece, data))
+                        }
+                        None => Some((from, piece, data)),
+                    };
+                });
+                if let Some((o, l, d)) = run {
+                    f(o, l, d);
+                }
+            }
+            return Ok(());
+        }
         let mut run: Option<(u64, u64, bool)> = None;
         let mut pos = offset;
         while pos < end {
@@ -374,6 +470,19 @@ impl BlockStore {
         }
     }
 
+    /// [`BlockStore::outcome`] for a compressed store's result: a lost
+    /// device stops the store.
+    fn settle(&self, result: Result<(), StoreError>) -> Result<(), StoreError> {
+        match result {
+            Err(StoreError::Backend(err)) => self.outcome(Err(err)),
+            other => other,
+        }
+    }
+
+    fn verify_packed(&self) -> bool {
+        self.packed.as_ref().is_some_and(PackedPages::verifies)
+    }
+
     /// About how many lane-sized pieces a request splits into.
     fn piece_count(&self, offset: u64, len: u64) -> usize {
         piece_count(offset, len, self.lanes.piece_bytes)
@@ -384,9 +493,16 @@ impl BlockStore {
         self.backend.mapped()
     }
 
-    /// Reads of blocks that failed their checksum, since open.
+    /// Reads of blocks (or compressed pages) that failed their check,
+    /// since open.
     pub fn checksum_errors(&self) -> u64 {
         self.checksum_errors.load(Ordering::Relaxed)
+            + self.compress_stats().map_or(0, |c| c.corrupt_reads)
+    }
+
+    /// With `compress=`: what the pages hold and take, cheaply (no walk).
+    pub fn compress_stats(&self) -> Option<CompressStats> {
+        self.packed.as_ref().map(PackedPages::stats)
     }
 }
 

@@ -1,0 +1,690 @@
+//! Compressed pages (`compress=`): each 4 KiB page of the device packed on
+//! its own, as zram does, into a size-class slot of VRAM (`slabs.rs`).
+//!
+//! A page table in host RAM says where each page is: nowhere (it reads as
+//! zeros), in the table alone (a same-filled page: one 8-byte word over
+//! and over), or in a slot, compressed or raw. The export is the VRAM
+//! budget times `ratio=`, so a write can find no room: it then fails with
+//! ENOSPC and leaves every page as it was.
+//!
+//! Concurrency: the table is cut into groups of 16 pages (64 KiB of the
+//! device), each behind a `RwLock`. A read holds its groups shared until
+//! its downloads are done; a write packs and uploads its pages into fresh
+//! slots first, then takes each group exclusively only to swap the pages'
+//! entries, and frees the old slots after, when no read can be using them.
+//! Where chunks are mapped VRAM (`mapped=`), a write stores each packed
+//! page straight into its slot by CPU stores, as the block store does.
+//! A write of part of a page holds its group exclusively from reading the
+//! old page to swapping the new one, so two partial writes of one page
+//! never lose each other's bytes. Locks are taken lane first, then groups
+//! (in ascending order), then the slab table, as the block store takes
+//! its own.
+//!
+//! Nothing on the I/O path allocates: the table, the slab bookkeeping and
+//! one compression context per lane are made at open.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use arrayvec::ArrayVec;
+use tracing::{debug, warn};
+
+use super::error::StoreError;
+use super::lanes::LanePool;
+use crate::backend::{
+    Backend, BackendError, ChunkId, Fill, Lane, TransferOp, BLOCK_SIZE, CHUNK_SIZE, MAX_BATCH,
+};
+
+mod codec;
+mod slabs;
+
+pub use codec::{Compression, DEFAULT_ZSTD_LEVEL};
+
+use codec::{fill_word, Codec, Packed};
+use slabs::{class_of, Slabs, Slot};
+
+/// The unit of compression: the kernel's page.
+pub(super) const PAGE: usize = 4096;
+const GROUP: usize = BLOCK_SIZE as usize / PAGE;
+const NO_CHUNK: u32 = u32::MAX;
+
+/// Where one page is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    slab: u32,
+    index: u16,
+    /// 0: nothing (zeros); [`SAME`]: same-filled with `word`; else the
+    /// bytes stored in the slot ([`PAGE`]: raw).
+    len: u16,
+    /// The repeated word, or with `verify` the CRC32C of the stored bytes.
+    word: u64,
+}
+
+const SAME: u16 = u16::MAX;
+
+impl Entry {
+    const EMPTY: Entry = Entry {
+        slab: 0,
+        index: 0,
+        len: 0,
+        word: 0,
+    };
+
+    fn same(word: u64) -> Entry {
+        Entry {
+            len: SAME,
+            word,
+            ..Entry::EMPTY
+        }
+    }
+
+    /// The slot and its class, if the page is in one.
+    fn slot(self) -> Option<(Slot, usize)> {
+        match self.len {
+            0 | SAME => None,
+            len => Some((
+                Slot {
+                    slab: self.slab,
+                    index: self.index,
+                },
+                class_of(len as usize),
+            )),
+        }
+    }
+
+    /// Whether the page reads as anything but zeros.
+    fn holds_data(self) -> bool {
+        !(self.len == 0 || (self.len == SAME && self.word == 0))
+    }
+}
+
+/// What compression holds, for `status` (zramctl's columns and more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CompressStats {
+    pub compression: Compression,
+    /// VRAM the store may take: the export is this times `ratio=`.
+    pub budget: u64,
+    /// Pages in slots, compressed or raw.
+    pub pages_stored: u64,
+    /// Pages kept as one repeated word (zeros included), in no slot.
+    pub pages_same: u64,
+    /// Pages stored raw: they did not compress below 3 KiB.
+    pub pages_raw: u64,
+    /// Bytes of the pages written: every stored and same-filled page
+    /// (zramctl's DATA).
+    pub original_bytes: u64,
+    /// Bytes the stored pages take compressed (zramctl's COMPR).
+    pub compressed_bytes: u64,
+    /// Bytes of the slots they are in, each rounded up to its class.
+    pub slot_bytes: u64,
+    /// VRAM taken now, whole chunks (zramctl's TOTAL): slots plus slack.
+    pub vram_used: u64,
+    /// Writes refused with ENOSPC because no slot could be had.
+    pub full_writes: u64,
+    /// Whether the last write that needed a slot found none, with no
+    /// slot freed since.
+    pub full: bool,
+    /// Reads of pages that did not come back as written.
+    pub corrupt_reads: u64,
+}
+
+/// The compressed page table of a store and the VRAM behind it.
+pub(super) struct PackedPages {
+    compression: Compression,
+    groups: Box<[RwLock<[Entry; GROUP]>]>,
+    /// The chunk at each index of the slab table, or [`NO_CHUNK`].
+    chunks: Box<[AtomicU32]>,
+    slabs: Mutex<Slabs>,
+    /// One context per lane, used by whoever holds that lane.
+    codecs: Box<[Mutex<Codec>]>,
+    /// Keep chunks that empty (eager allocation) instead of giving them back.
+    keep_chunks: bool,
+    verify: bool,
+    pages_stored: AtomicU64,
+    pages_same: AtomicU64,
+    pages_raw: AtomicU64,
+    compressed_bytes: AtomicU64,
+    full_writes: AtomicU64,
+    full: AtomicBool,
+    corrupt_reads: AtomicU64,
+}
+
+/// Where a request's bytes come from.
+#[derive(Clone, Copy)]
+pub(super) enum Source<'a> {
+    Bytes(&'a [u8]),
+    Zeros,
+}
+
+impl Source<'_> {
+    fn copy_into(self, dst: &mut [u8], at: usize) {
+        match self {
+            Source::Bytes(bytes) => dst.copy_from_slice(&bytes[at..at + dst.len()]),
+            Source::Zeros => dst.fill(0),
+        }
+    }
+}
+
+impl PackedPages {
+    /// A table for `size` bytes of device on up to `budget_chunks` chunks,
+    /// with a context per lane of `lanes`.
+    pub(super) fn new(
+        compression: Compression,
+        size: u64,
+        budget_chunks: usize,
+        lanes: &LanePool,
+        keep_chunks: bool,
+        verify: bool,
+    ) -> Result<Self, StoreError> {
+        let groups = (size / BLOCK_SIZE) as usize;
+        let codecs = (0..lanes.len())
+            .map(|_| Codec::new(compression).map(Mutex::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PackedPages {
+            compression,
+            groups: (0..groups)
+                .map(|_| RwLock::new([Entry::EMPTY; GROUP]))
+                .collect(),
+            chunks: (0..budget_chunks)
+                .map(|_| AtomicU32::new(NO_CHUNK))
+                .collect(),
+            slabs: Mutex::new(Slabs::new(budget_chunks)),
+            codecs: codecs.into_boxed_slice(),
+            keep_chunks,
+            verify,
+            pages_stored: AtomicU64::new(0),
+            pages_same: AtomicU64::new(0),
+            pages_raw: AtomicU64::new(0),
+            compressed_bytes: AtomicU64::new(0),
+            full_writes: AtomicU64::new(0),
+            full: AtomicBool::new(false),
+            corrupt_reads: AtomicU64::new(0),
+        })
+    }
+
+    /// Host RAM the table and bookkeeping take for `size` bytes of device
+    /// on `budget_chunks` chunks, about: what the docs state per GiB.
+    pub(super) fn host_bytes(size: u64, budget_chunks: usize) -> u64 {
+        let groups = size / BLOCK_SIZE;
+        let group = std::mem::size_of::<RwLock<[Entry; GROUP]>>() as u64;
+        groups * group + Slabs::host_bytes(budget_chunks)
+    }
+
+    pub(super) fn stats(&self) -> CompressStats {
+        let slabs = self.lock_slabs().counts();
+        let stored = self.pages_stored.load(Ordering::Relaxed);
+        let same = self.pages_same.load(Ordering::Relaxed);
+        CompressStats {
+            compression: self.compression,
+            budget: self.chunks.len() as u64 * CHUNK_SIZE,
+            pages_stored: stored,
+            pages_same: same,
+            pages_raw: self.pages_raw.load(Ordering::Relaxed),
+            original_bytes: (stored + same) * PAGE as u64,
+            compressed_bytes: self.compressed_bytes.load(Ordering::Relaxed),
+            slot_bytes: slabs.slot_bytes,
+            vram_used: slabs.chunks * CHUNK_SIZE,
+            full_writes: self.full_writes.load(Ordering::Relaxed),
+            full: self.full.load(Ordering::Relaxed),
+            corrupt_reads: self.corrupt_reads.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether stored pages are checksummed (`verify=on`).
+    pub(super) fn verifies(&self) -> bool {
+        self.verify
+    }
+
+    /// Chunks held now.
+    pub(super) fn chunks_held(&self) -> u64 {
+        self.lock_slabs().counts().chunks
+    }
+
+    /// 64 KiB blocks that are slabs now.
+    pub(super) fn slabs_held(&self) -> u64 {
+        self.lock_slabs().counts().slabs
+    }
+
+    fn lock_slabs(&self) -> std::sync::MutexGuard<'_, Slabs> {
+        self.slabs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn chunk(&self, slot: Slot) -> ChunkId {
+        ChunkId(self.chunks[slot.chunk()].load(Ordering::Acquire))
+    }
+
+    /// Takes every chunk of the budget now (eager allocation): a write
+    /// then never waits for the driver.
+    pub(super) fn allocate_all(&self, backend: &dyn Backend) -> Result<(), StoreError> {
+        let mut slabs = self.lock_slabs();
+        while let Some(index) = slabs.vacant_chunk() {
+            let chunk = backend.allocate_chunk()?;
+            self.chunks[index].store(chunk.0, Ordering::Release);
+            slabs.add_chunk(index);
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (in range), on one lane.
+    pub(super) fn read(
+        &self,
+        lanes: &LanePool,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<(), StoreError> {
+        let mut held = lanes.one();
+        let mut codec = self.codec(held.first_index());
+        let lane = held.first();
+        let per_batch = batch_pages(lane);
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let mut guards: ArrayVec<_, { MAX_BATCH / GROUP + 2 }> = ArrayVec::new();
+            let mut steps: ArrayVec<TransferOp, MAX_BATCH> = ArrayVec::new();
+            // Pages to unpack once the batch is done: (device offset of
+            // the page, its entry).
+            let mut waiting: ArrayVec<(u64, Entry), MAX_BATCH> = ArrayVec::new();
+            let mut group_of_guard = usize::MAX;
+            while pos < end && steps.len() < per_batch && !guards.is_full() {
+                let page = pos / PAGE as u64;
+                let group = page as usize / GROUP;
+                if group != group_of_guard {
+                    guards.push(self.groups[group].read().unwrap_or_else(|e| e.into_inner()));
+                    group_of_guard = group;
+                }
+                let Some(entries) = guards.last() else { break };
+                let entry = entries[page as usize % GROUP];
+                let page_start = page * PAGE as u64;
+                let piece_end = (page_start + PAGE as u64).min(end);
+                let piece = &mut buf[(pos - offset) as usize..(piece_end - offset) as usize];
+                let in_page = (pos - page_start) as usize;
+                match entry.slot() {
+                    None if entry.len == SAME => fill_piece(piece, entry.word, in_page),
+                    None => piece.fill(0),
+                    Some((slot, class)) => {
+                        steps.push(TransferOp::Download {
+                            staging_offset: waiting.len() * PAGE,
+                            chunk: self.chunk(slot),
+                            chunk_offset: slot.offset(class),
+                            len: u64::from(entry.len),
+                        });
+                        waiting.push((page_start, entry));
+                    }
+                }
+                pos = piece_end;
+            }
+            if steps.is_empty() {
+                continue;
+            }
+            lane.submit(&steps).and_then(|()| lane.wait())?;
+            let staged = lane.staged();
+            for (n, &(page_start, entry)) in waiting.iter().enumerate() {
+                let stored = &staged[n * PAGE..n * PAGE + entry.len as usize];
+                let from = page_start.max(offset);
+                let to = (page_start + PAGE as u64).min(end);
+                let piece = &mut buf[(from - offset) as usize..(to - offset) as usize];
+                self.unpack(
+                    &mut codec,
+                    entry,
+                    stored,
+                    page_start,
+                    piece,
+                    from - page_start,
+                )?;
+            }
+            drop(guards);
+        }
+        Ok(())
+    }
+
+    /// Turns the stored bytes of a page back into `piece`, the part of the
+    /// page from `in_page` on.
+    fn unpack(
+        &self,
+        codec: &mut Codec,
+        entry: Entry,
+        stored: &[u8],
+        page_start: u64,
+        piece: &mut [u8],
+        in_page: u64,
+    ) -> Result<(), StoreError> {
+        let corrupt = || {
+            self.corrupt_reads.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                offset = page_start,
+                "a compressed page does not read back as it was written"
+            );
+            StoreError::Corrupt { offset: page_start }
+        };
+        if self.verify && u64::from(crc32c::crc32c(stored)) != entry.word {
+            return Err(corrupt());
+        }
+        let in_page = in_page as usize;
+        if stored.len() == PAGE {
+            piece.copy_from_slice(&stored[in_page..in_page + piece.len()]);
+        } else if piece.len() == PAGE {
+            if !codec.decompress(stored, piece) {
+                return Err(corrupt());
+            }
+        } else {
+            let mut page = [0u8; PAGE];
+            if !codec.decompress(stored, &mut page) {
+                return Err(corrupt());
+            }
+            piece.copy_from_slice(&page[in_page..in_page + piece.len()]);
+        }
+        Ok(())
+    }
+
+    /// Writes `len` bytes from `source` at `offset` (in range), on one lane.
+    pub(super) fn write(
+        &self,
+        backend: &dyn Backend,
+        lanes: &LanePool,
+        source: Source<'_>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), StoreError> {
+        let mut held = lanes.one();
+        let mut codec = self.codec(held.first_index());
+        let lane = held.first();
+        let per_batch = batch_pages(lane);
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let page = pos / PAGE as u64;
+            let page_start = page * PAGE as u64;
+            if pos != page_start || end - pos < PAGE as u64 {
+                let to = (page_start + PAGE as u64).min(end);
+                self.write_partial(backend, lane, &mut codec, source, offset, pos, to)?;
+                pos = to;
+                continue;
+            }
+            let whole = (((end - pos) / PAGE as u64) as usize).min(per_batch);
+            let at = (pos - offset) as usize;
+            let pages = match source {
+                Source::Bytes(bytes) => Pages::Bytes(&bytes[at..at + whole * PAGE]),
+                Source::Zeros => Pages::Empty(whole),
+            };
+            let packed = self.pack(backend, lane, &mut codec, pages)?;
+            for (n, entry) in packed.iter().enumerate() {
+                let page = page as usize + n;
+                let mut entries = self.groups[page / GROUP]
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner());
+                let old = std::mem::replace(&mut entries[page % GROUP], *entry);
+                drop(entries);
+                self.count(old, *entry);
+                self.release(backend, lane, old);
+            }
+            pos += (whole * PAGE) as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes `pos..to`, which lies in one page and does not cover it:
+    /// the old page is read, merged and written back under its group's
+    /// lock.
+    #[allow(clippy::too_many_arguments)]
+    fn write_partial(
+        &self,
+        backend: &dyn Backend,
+        lane: &mut dyn Lane,
+        codec: &mut Codec,
+        source: Source<'_>,
+        offset: u64,
+        pos: u64,
+        to: u64,
+    ) -> Result<(), StoreError> {
+        let page = (pos / PAGE as u64) as usize;
+        let page_start = (page * PAGE) as u64;
+        let mut entries = self.groups[page / GROUP]
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let old = entries[page % GROUP];
+        let mut bytes = [0u8; PAGE];
+        match old.slot() {
+            None if old.len == SAME => fill_word(&mut bytes, old.word),
+            None => {}
+            Some((slot, class)) => {
+                let step = TransferOp::Download {
+                    staging_offset: 0,
+                    chunk: self.chunk(slot),
+                    chunk_offset: slot.offset(class),
+                    len: u64::from(old.len),
+                };
+                lane.submit(&[step]).and_then(|()| lane.wait())?;
+                let stored = &lane.staged()[..old.len as usize];
+                self.unpack(codec, old, stored, page_start, &mut bytes, 0)?;
+            }
+        }
+        let in_page = (pos - page_start) as usize;
+        let merged = &mut bytes[in_page..in_page + (to - pos) as usize];
+        source.copy_into(merged, (pos - offset) as usize);
+        let packed = self.pack(backend, lane, codec, Pages::Bytes(&bytes))?;
+        entries[page % GROUP] = packed[0];
+        drop(entries);
+        self.count(old, packed[0]);
+        self.release(backend, lane, old);
+        Ok(())
+    }
+
+    /// Compresses `pages`, takes slots for them and uploads them: their
+    /// new entries, to swap in. On failure no slot is left taken.
+    fn pack(
+        &self,
+        backend: &dyn Backend,
+        lane: &mut dyn Lane,
+        codec: &mut Codec,
+        pages: Pages<'_>,
+    ) -> Result<ArrayVec<Entry, MAX_BATCH>, StoreError> {
+        let mut entries: ArrayVec<Entry, MAX_BATCH> = ArrayVec::new();
+        let mut steps: ArrayVec<TransferOp, MAX_BATCH> = ArrayVec::new();
+        let count = match pages {
+            Pages::Bytes(bytes) => bytes.len() / PAGE,
+            Pages::Empty(count) => count,
+        };
+        for n in 0..count {
+            let Pages::Bytes(bytes) = pages else {
+                entries.push(Entry::EMPTY);
+                continue;
+            };
+            let page = &bytes[n * PAGE..(n + 1) * PAGE];
+            let (len, stored) = match codec.compress(page) {
+                Packed::Same(word) => {
+                    entries.push(Entry::same(word));
+                    continue;
+                }
+                Packed::Compressed(len) => (len, codec.packed(len)),
+                Packed::Raw => (PAGE, page),
+            };
+            let class = class_of(len);
+            let slot = match self.take_slot(backend, class) {
+                Ok(slot) => slot,
+                Err(err) => {
+                    self.give_back(backend, lane, &entries);
+                    return Err(err);
+                }
+            };
+            let word = match self.verify {
+                true => u64::from(crc32c::crc32c(stored)),
+                false => 0,
+            };
+            let (chunk, chunk_offset) = (self.chunk(slot), slot.offset(class));
+            // Where the chunk is mapped VRAM, CPU stores put the bytes
+            // there at once (fenced): no staging, no step.
+            let mapped = backend.chunk_mapped(chunk);
+            let result = match mapped {
+                true => backend.write_mapped(chunk, chunk_offset, Fill::Bytes(stored)),
+                false => {
+                    lane.staging()[n * PAGE..n * PAGE + len].copy_from_slice(stored);
+                    steps.push(TransferOp::Upload {
+                        staging_offset: n * PAGE,
+                        chunk,
+                        chunk_offset,
+                        len: len as u64,
+                    });
+                    Ok(())
+                }
+            };
+            entries.push(Entry {
+                slab: slot.slab,
+                index: slot.index,
+                len: len as u16,
+                word,
+            });
+            if let Err(err) = result {
+                self.give_back(backend, lane, &entries);
+                return Err(err.into());
+            }
+        }
+        if !steps.is_empty() {
+            if let Err(err) = lane.submit(&steps).and_then(|()| lane.wait()) {
+                self.give_back(backend, lane, &entries);
+                return Err(err.into());
+            }
+        }
+        Ok(entries)
+    }
+
+    /// A slot of `class`, from a new chunk if the budget has room for one.
+    fn take_slot(&self, backend: &dyn Backend, class: usize) -> Result<Slot, StoreError> {
+        let mut slabs = self.lock_slabs();
+        if let Some(slot) = slabs.alloc(class) {
+            return Ok(slot);
+        }
+        let full = |err: StoreError| {
+            self.full_writes.fetch_add(1, Ordering::Relaxed);
+            if !self.full.swap(true, Ordering::Relaxed) {
+                warn!("compressed store full: writes fail with ENOSPC until pages are freed");
+            }
+            err
+        };
+        let Some(index) = slabs.vacant_chunk() else {
+            return Err(full(StoreError::NoSpace));
+        };
+        let chunk = backend.allocate_chunk().map_err(|err| match err {
+            BackendError::OutOfDeviceMemory => full(StoreError::NoSpace),
+            other => other.into(),
+        })?;
+        self.chunks[index].store(chunk.0, Ordering::Release);
+        slabs.add_chunk(index);
+        debug!(index, ?chunk, "chunk taken for compressed pages");
+        slabs.alloc(class).ok_or(StoreError::NoSpace)
+    }
+
+    /// Frees the slots of entries that were never swapped in.
+    fn give_back(&self, backend: &dyn Backend, lane: &mut dyn Lane, entries: &[Entry]) {
+        for entry in entries {
+            self.release(backend, lane, *entry);
+        }
+    }
+
+    /// Frees the slot of an entry no one can reach any more, and gives its
+    /// chunk back to the GPU, scrubbed, when that emptied it (unless the
+    /// store keeps its chunks).
+    fn release(&self, backend: &dyn Backend, lane: &mut dyn Lane, entry: Entry) {
+        let Some((slot, class)) = entry.slot() else {
+            return;
+        };
+        let mut slabs = self.lock_slabs();
+        self.full.store(false, Ordering::Relaxed);
+        let Some(index) = slabs.free(slot, class) else {
+            return;
+        };
+        if self.keep_chunks {
+            return;
+        }
+        slabs.remove_chunk(index);
+        let chunk = ChunkId(self.chunks[index].swap(NO_CHUNK, Ordering::AcqRel));
+        drop(slabs);
+        scrub_and_free(backend, lane, chunk);
+        debug!(index, ?chunk, "empty chunk given back");
+    }
+
+    /// Keeps the counters as `old` gives way to `new`.
+    fn count(&self, old: Entry, new: Entry) {
+        for (entry, add) in [(old, false), (new, true)] {
+            let change = |counter: &AtomicU64, by: u64| match add {
+                true => counter.fetch_add(by, Ordering::Relaxed),
+                false => counter.fetch_sub(by, Ordering::Relaxed),
+            };
+            match entry.len {
+                0 => {}
+                SAME => {
+                    change(&self.pages_same, 1);
+                }
+                len => {
+                    change(&self.pages_stored, 1);
+                    change(&self.compressed_bytes, u64::from(len));
+                    if len as usize == PAGE {
+                        change(&self.pages_raw, 1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Calls `f(page, holds_data)` for every page of `first..=last`.
+    pub(super) fn pages_with_data(&self, first: u64, last: u64, mut f: impl FnMut(u64, bool)) {
+        let mut page = first;
+        while page <= last {
+            let group = page as usize / GROUP;
+            let entries = self.groups[group].read().unwrap_or_else(|e| e.into_inner());
+            while page <= last && page as usize / GROUP == group {
+                f(page, entries[page as usize % GROUP].holds_data());
+                page += 1;
+            }
+        }
+    }
+
+    fn codec(&self, lane: usize) -> std::sync::MutexGuard<'_, Codec> {
+        self.codecs[lane].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Scrubs and frees every chunk still held: the store is going away.
+    pub(super) fn free_all(&self, backend: &dyn Backend, lane: &mut dyn Lane) {
+        for chunk in self.chunks.iter() {
+            let id = chunk.swap(NO_CHUNK, Ordering::AcqRel);
+            if id != NO_CHUNK {
+                scrub_and_free(backend, lane, ChunkId(id));
+            }
+        }
+    }
+}
+
+/// The pages of one write batch.
+#[derive(Clone, Copy)]
+enum Pages<'a> {
+    /// Whole pages of bytes.
+    Bytes(&'a [u8]),
+    /// This many pages made to read as zeros (trim and zero).
+    Empty(usize),
+}
+
+/// Pages one batch may hold: a step and a page of staging each.
+fn batch_pages(lane: &mut dyn Lane) -> usize {
+    (lane.staging().len() / PAGE).min(MAX_BATCH)
+}
+
+/// Fills `piece`, which starts `in_page` bytes into a page, as that page
+/// filled with `word` reads.
+fn fill_piece(piece: &mut [u8], word: u64, in_page: usize) {
+    let bytes = word.to_ne_bytes();
+    for (n, byte) in piece.iter_mut().enumerate() {
+        *byte = bytes[(in_page + n) % 8];
+    }
+}
+
+/// Zeroes a chunk and frees it: VRAM given back never carries pages.
+fn scrub_and_free(backend: &dyn Backend, lane: &mut dyn Lane, chunk: ChunkId) {
+    let zero = TransferOp::Zero {
+        chunk,
+        chunk_offset: 0,
+        len: CHUNK_SIZE,
+    };
+    if let Err(err) = lane.submit(&[zero]).and_then(|()| lane.wait()) {
+        warn!(%err, "could not scrub VRAM before freeing it; freeing it as it is");
+    }
+    backend.free_chunk(chunk);
+}
