@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::nbd::{nbdsh, run, Server};
 use rand::rngs::SmallRng;
-use rand::{RngCore, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -573,6 +573,120 @@ attempt('chunk2-again', lambda: h.pwrite(b'c' * 4096, 8 << 20))"
     assert!(server.is_running());
     let status = server.status_when(|s| s["nospace_requests"] == 2);
     assert!(status["failure"].is_null(), "{status}");
+}
+
+/// A file of pages that compress about 3:1, as program memory does, with
+/// a zero page every so often.
+fn compressible_file(dir: &tempfile::TempDir, name: &str, len: u64) -> std::path::PathBuf {
+    let mut rng = SmallRng::seed_from_u64(len);
+    let mut data = vec![0u8; len as usize];
+    for (n, page) in data.chunks_mut(4096).enumerate() {
+        if n % 9 == 4 {
+            continue;
+        }
+        for run in page.chunks_mut(16) {
+            match rng.gen_range(0..3) {
+                0 => rng.fill_bytes(run),
+                _ => run.fill(rng.gen_range(0..4)),
+            }
+        }
+    }
+    let path = dir.path().join(name);
+    std::fs::write(&path, &data).unwrap();
+    path
+}
+
+/// Compressed exports under real clients: nbdcopy over four connections
+/// fills one twice the size of its VRAM with compressible data and reads
+/// it back, qemu-io's unaligned writes merge into compressed pages, and
+/// fio verifies random blocks over four jobs (random data stays raw, so
+/// that export gets VRAM for all of it).
+#[test]
+fn compressed_exports_serve_nbdcopy_qemu_io_and_fio() {
+    for compress in ["compress=lz4", "compress=zstd"] {
+        let server = serve(&["size=32M", compress, "allocation=lazy"]);
+        let json: Value =
+            serde_json::from_str(&run("nbdinfo", &["--json", &server.uri()])).unwrap();
+        assert_eq!(json["exports"][0]["export-size"], 64 * MIB, "{compress}");
+        let dir = tempfile::tempdir().unwrap();
+        let source = compressible_file(&dir, "in.bin", 48 * MIB);
+        let back = dir.path().join("out.bin");
+        run(
+            "nbdcopy",
+            &["--connections=4", source.to_str().unwrap(), &server.uri()],
+        );
+        run(
+            "nbdcopy",
+            &["--connections=4", &server.uri(), back.to_str().unwrap()],
+        );
+        let original = std::fs::read(&source).unwrap();
+        let copied = std::fs::read(&back).unwrap();
+        assert!(
+            copied[..original.len()] == original[..],
+            "{compress}: data differs"
+        );
+        assert!(
+            copied[original.len()..].iter().all(|b| *b == 0),
+            "{compress}"
+        );
+        // The pages that are not zeros (nbdcopy skips those), more than
+        // the VRAM holds, in part of that VRAM.
+        let status =
+            server.status_when(|s| s["compress"]["original_bytes"].as_u64() > Some(40 * MIB));
+        let packed = &status["compress"];
+        assert!(
+            packed["vram_used"].as_u64().unwrap() < 30 * MIB,
+            "{compress}: {packed}"
+        );
+        server.stop();
+        unaligned_writes_read_back(&serve(&["size=16M", compress]));
+        fio_verify(&["size=96M", compress, "ratio=1"]);
+    }
+}
+
+/// An export larger than its VRAM fills: the write that finds no room
+/// fails with ENOSPC, every page stored before reads back, the status
+/// file says the area is full, and a trim makes room again.
+#[test]
+fn a_full_compressed_export_fails_writes_with_enospc_and_keeps_every_page() {
+    let mut server = serve(&["size=4M", "compress=lz4", "ratio=4", "verify=on"]);
+    let out = nbdsh(
+        &server.uri(),
+        &format!(
+            "{TRY}
+import os
+blocks = []
+while True:
+    data = os.urandom(65536)
+    try:
+        h.pwrite(data, len(blocks) * 65536)
+    except nbd.Error as e:
+        print('full after', len(blocks), errno.errorcode.get(e.errno, e.errno))
+        break
+    blocks.append(data)
+attempt('read-all', lambda: all(h.pread(65536, i * 65536) == b for i, b in enumerate(blocks)) or 1 / 0)
+attempt('zero-page', lambda: h.pwrite(bytes(4096), len(blocks) * 65536))
+attempt('trim', lambda: h.trim(65536, 0))
+attempt('after-trim', lambda: h.pwrite(os.urandom(65536), len(blocks) * 65536))
+attempt('read-rest', lambda: all(h.pread(65536, i * 65536) == b for i, b in enumerate(blocks) if i) or 1 / 0)"
+        ),
+    );
+    for line in [
+        "full after 64 ENOSPC",
+        "read-all ok",
+        "zero-page ok",
+        "trim ok",
+        "after-trim ok",
+        "read-rest ok",
+    ] {
+        assert!(out.contains(line), "{line}:\n{out}");
+    }
+    assert!(server.is_running());
+    // Written at once at the first ENOSPC, then every 2 s.
+    let status = server.status_when(|s| s["compress"]["full"] == false);
+    assert_eq!(status["nospace_requests"], 1, "{status}");
+    assert_eq!(status["compress"]["full_writes"], 1, "{status}");
+    assert_eq!(status["checksum_errors"], 0, "{status}");
 }
 
 #[test]

@@ -291,6 +291,19 @@ pub struct StartArgs {
     /// process reads it (the plugin's scrub=).
     #[arg(long, value_name = "PERIOD")]
     pub scrub: Option<String>,
+    /// Compress each 4 KiB page on its own, as zram does: off, lz4, zstd or
+    /// zstd:LEVEL (1 to 19). --size is then the VRAM the area may take,
+    /// and the swap area is --ratio times larger; a swap-out that finds
+    /// that VRAM full fails (the kernel keeps the page in RAM) and nothing
+    /// stored is lost. Excludes --encrypt (the plugin's compress=)
+    /// [default: off].
+    #[arg(long, value_name = "ALGORITHM")]
+    pub compress: Option<String>,
+    /// With --compress: the swap area's size over the VRAM behind it, 1.0
+    /// to 8.0 (program memory packs about 2.6:1 with lz4, 3.4:1 with
+    /// zstd) [default: 2.0].
+    #[arg(long, value_name = "R")]
+    pub ratio: Option<f64>,
     /// Test the VRAM first (one quick pass of memtest over the size to
     /// serve) and refuse to start on bad memory.
     #[arg(long)]

@@ -72,6 +72,16 @@ pub struct Settings {
     /// The plugin's scrub= (with verify): a period such as "24h".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scrub: Option<String>,
+    /// The plugin's compress=: "off", "lz4", "zstd" or "zstd:LEVEL".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compress: Option<String>,
+    /// The plugin's ratio=, kept as written (`ratio = 2.5` or `"2.5"`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "number_or_text"
+    )]
+    pub ratio: Option<String>,
     /// The power policy (`vramswap power`): "stop" the area on battery, or
     /// "keep" it (the default).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,6 +113,8 @@ impl From<&StartArgs> for Settings {
             memtest: args.memtest.then_some(true),
             encrypt: args.encrypt.then_some(true),
             scrub: args.scrub.clone(),
+            compress: args.compress.clone(),
+            ratio: args.ratio.map(|r| r.to_string()),
             // The power policy is set in the config file only.
             on_battery: None,
             battery_below: None,
@@ -196,6 +208,8 @@ impl Settings {
             memtest: pick(&self.memtest, &over.memtest),
             encrypt: pick(&self.encrypt, &over.encrypt),
             scrub: pick(&self.scrub, &over.scrub),
+            compress: pick(&self.compress, &over.compress),
+            ratio: pick(&self.ratio, &over.ratio),
             on_battery: pick(&self.on_battery, &over.on_battery),
             battery_below: pick(&self.battery_below, &over.battery_below),
         }
@@ -219,6 +233,8 @@ impl Settings {
             ("mapped", &self.mapped),
             ("verify", &verify),
             ("scrub", &self.scrub),
+            ("compress", &self.compress),
+            ("ratio", &self.ratio),
         ] {
             if let Some(value) = value {
                 export.set(key, value).map_err(|e| origin.refuses(e))?;
@@ -227,6 +243,13 @@ impl Settings {
         // The rules between keys (size excludes reserve, scrub needs
         // verify) are the export's own: the plugin checks the same.
         export.complete().map_err(|e| origin.refuses(e))?;
+        if export.compress.is_on() && self.encrypt == Some(true) {
+            bail!(
+                "{}: excludes --encrypt: dm-crypt would hand the server ciphertext, \
+                 which does not compress (see SECURITY.md)",
+                origin.names("compress", export.given("compress").unwrap_or_default())
+            );
+        }
         if let Some(nbd) = &self.nbd {
             crate::nbd::kernel_name(nbd)
                 .map_err(|e| anyhow::anyhow!("{}{e}", origin.prefix("nbd")))?;
@@ -283,6 +306,24 @@ impl Settings {
             group: None,
         })
     }
+}
+
+/// A number in a config file, as TOML writes it (`2`, `2.5`) or quoted.
+fn number_or_text<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Integer(i64),
+        Float(f64),
+        Text(String),
+    }
+    Ok(Some(match Number::deserialize(deserializer)? {
+        Number::Integer(n) => n.to_string(),
+        Number::Float(x) => x.to_string(),
+        Number::Text(text) => text,
+    }))
 }
 
 /// The areas of every config file read.
@@ -481,6 +522,40 @@ memtest = true
     }
 
     #[test]
+    fn compression_is_read_from_the_file_with_its_ratio_as_written() {
+        let system = FakeSystem::new();
+        system.fixture(
+            MAIN_FILE,
+            "[a]\nsize = \"8G\"\ncompress = \"zstd:3\"\nratio = 2.5\n[b]\ncompress = \"lz4\"\nratio = \"3\"\n",
+        );
+        let config = Config::load(&system, None).unwrap();
+        let (settings, origin) = &config.areas["a"];
+        let export = settings.to_options("a", origin).unwrap().export;
+        assert_eq!(
+            export.to_args(),
+            ["size=8589934592", "compress=zstd:3", "ratio=2.5"]
+        );
+        let (settings, origin) = &config.areas["b"];
+        assert_eq!(settings.ratio.as_deref(), Some("3"));
+        let export = settings.to_options("b", origin).unwrap().export;
+        assert_eq!(export.to_args(), ["compress=lz4", "ratio=3"]);
+        // As flags, the refusal names the flags.
+        let both = Settings {
+            compress: Some("lz4".into()),
+            encrypt: Some(true),
+            ..Settings::default()
+        };
+        let err = both
+            .to_options("c", &Origin::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--compress lz4: excludes --encrypt"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let system = FakeSystem::new();
         system.fixture(MAIN_FILE, GOOD);
@@ -544,6 +619,22 @@ memtest = true
             (
                 "[a]\nverify = true\nscrub = \"often\"\n",
                 "/etc/vramswap.toml:3: scrub = \"often\": expected a duration",
+            ),
+            (
+                "[a]\ncompress = \"gzip\"\n",
+                "/etc/vramswap.toml:2: compress = \"gzip\": 'gzip' is not a compression",
+            ),
+            (
+                "[a]\ncompress = \"lz4\"\nratio = 9.5\n",
+                "/etc/vramswap.toml:3: ratio = \"9.5\": '9.5' is not a ratio",
+            ),
+            (
+                "[a]\nratio = 3\n",
+                "/etc/vramswap.toml:2: ratio = \"3\": needs compress=",
+            ),
+            (
+                "[a]\ncompress = \"zstd\"\nencrypt = true\n",
+                "/etc/vramswap.toml:2: compress = \"zstd\": excludes --encrypt",
             ),
             (
                 "[a]\non-battery = \"sometimes\"\n",

@@ -111,6 +111,13 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
                 status.problems.push(format!("{n} {what}"));
             }
         }
+        if report["compress"]["full"].as_bool() == Some(true) {
+            status.problems.push(
+                "its VRAM is full of compressed pages: swap-outs to it fail (ENOSPC) \
+                 until pages are freed; a larger size= or a lower ratio= gives room"
+                    .into(),
+            );
+        }
         if let Some(signal) = report["daemon"]["quit_pending"]["signal"].as_str() {
             status.problems.push(format!(
                 "nbdkit got {signal} and holds it back while its clients are connected: \
@@ -128,6 +135,29 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
     status.pid = Some(state.pid);
     status.priority = Some(state.priority);
     Ok(status)
+}
+
+/// `compress=`'s counts as zramctl names them: the bytes of the pages
+/// written (DATA), compressed (COMPR), and the VRAM they take (TOTAL).
+fn compress_line(report: &serde_json::Value) -> Option<String> {
+    let c = &report["compress"];
+    let algorithm = c["algorithm"].as_str()?;
+    let n = |key: &str| c[key].as_u64().unwrap_or(0);
+    let ratio = match n("vram_used") {
+        0 => "-".to_string(),
+        used => format!("{:.2}", n("original_bytes") as f64 / used as f64),
+    };
+    Some(format!(
+        "compress {algorithm}: DATA {} COMPR {} TOTAL {} of {} VRAM (ratio {ratio}), \
+         {} pages stored ({} raw), {} same-filled",
+        ByteSize(n("original_bytes")),
+        ByteSize(n("compressed_bytes")),
+        ByteSize(n("vram_used")),
+        ByteSize(n("budget")),
+        n("pages_stored"),
+        n("pages_raw"),
+        n("pages_same"),
+    ))
 }
 
 /// Prints the status of the named instances (all when none is named);
@@ -179,6 +209,9 @@ pub fn run(system: &dyn System, names: &[String], json: bool) -> Result<()> {
                     s.problems.join("; ")
                 }
             );
+            if let Some(line) = s.server.as_ref().and_then(compress_line) {
+                println!("{:<12} {line}", "");
+            }
         }
     }
     let sick: Vec<&str> = statuses
@@ -289,6 +322,32 @@ mod tests {
                 "nbdkit got SIGTERM and holds it back while its clients are connected: \
               it exits when they disconnect (vramswap stop swaps off first)"
             ]
+        );
+        // A compressed area counts its pages as zramctl does, and one whose
+        // VRAM is full says so.
+        let compress = r#""compress":{"algorithm":"lz4","budget":4294967296,"pages_stored":300000,"pages_same":20000,"pages_raw":1000,"original_bytes":1310720000,"compressed_bytes":450000000,"slot_bytes":470000000,"vram_used":490733568,"full_writes":0,"full":false,"corrupt_reads":0}"#;
+        system.fixture(
+            "/run/vramswap/good/server.json",
+            &format!(r#"{{"failure":null,{compress}}}"#),
+        );
+        let packed = inspect(&system, "good").unwrap();
+        assert!(packed.healthy, "{packed:?}");
+        assert_eq!(
+            compress_line(packed.server.as_ref().unwrap()).unwrap(),
+            "compress lz4: DATA 1.22 GiB COMPR 429.15 MiB TOTAL 468 MiB of 4 GiB VRAM (ratio 2.67), \
+             300000 pages stored (1000 raw), 20000 same-filled"
+        );
+        system.fixture(
+            "/run/vramswap/good/server.json",
+            &format!(
+                r#"{{"failure":null,{}}}"#,
+                compress.replace(r#""full":false"#, r#""full":true"#)
+            ),
+        );
+        let full = inspect(&system, "good").unwrap();
+        assert!(
+            full.problems[0].starts_with("its VRAM is full of compressed pages"),
+            "{full:?}"
         );
         assert_eq!(
             run(&system, &["nope".into()], false)

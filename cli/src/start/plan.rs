@@ -149,6 +149,16 @@ impl Plan {
         self.queue_attribute("wbt_lat_usec")
     }
 
+    /// Bytes of the swap area: the VRAM size, or with compression the
+    /// export that many times larger.
+    pub fn area_size(&self) -> u64 {
+        let export = &self.options.export;
+        match export.compress.is_on() {
+            true => export.ratio.apply(self.size),
+            false => self.size,
+        }
+    }
+
     /// `/sys/block/nbdN/queue/NAME` of the plan's device.
     fn queue_attribute(&self, name: &str) -> PathBuf {
         Path::new("/sys/block")
@@ -320,6 +330,15 @@ impl Plan {
             ByteSize(self.size),
             self.options.export.allocation
         );
+        let export = &self.options.export;
+        if export.compress.is_on() {
+            println!(
+                "  compress {}: a {} swap area on that VRAM (ratio {})",
+                export.compress,
+                ByteSize(self.area_size()),
+                export.ratio
+            );
+        }
         println!(
             "  swap    {}, {} connections, priority {}{}",
             self.nbd_device,
@@ -346,7 +365,7 @@ impl Plan {
             pid,
             socket: self.instance.socket(),
             nbd_device: self.nbd_device.clone(),
-            size: self.size,
+            size: self.area_size(),
             backend: self.backend.to_string(),
             device_name: self.device.name.clone(),
             device_uuid: self.device.uuid_string(),
@@ -600,6 +619,25 @@ mod tests {
                 "write /run/vramswap/default/state.json",
             ]
         );
+    }
+
+    #[test]
+    fn compression_reaches_the_plugin_and_sizes_the_area() {
+        let mut system = machine();
+        let mut opts = options();
+        opts.export.set("compress", "lz4").unwrap();
+        opts.export.set("ratio", "2.5").unwrap();
+        let (_, plan) = preflight(&mut system, &gpus(), &opts, false);
+        let plan = plan.unwrap();
+        let server = plan.describe(Step::StartServer);
+        assert!(
+            server.contains("size=8589934592 readahead=0 direct=on storage-daemon=on")
+                && server.ends_with("compress=lz4 ratio=2.5"),
+            "{server}"
+        );
+        // The VRAM is what is tested and taken; the area is larger.
+        assert_eq!(plan.size, 8 << 30);
+        assert_eq!(plan.area_size(), 20 << 30);
     }
 
     #[test]
