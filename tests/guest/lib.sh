@@ -92,7 +92,8 @@ hog_pids=()
 # hogs_start CGROUP MIB SEED...: one hog of MIB per seed, in memory
 # cgroup CGROUP ("" for none), each writing its pattern and then holding
 # until hogs_verify. Returns once every hog has written all its pages.
-# hog_argv0=NAME (in the call's environment) runs them under that argv[0].
+# hog_argv0=NAME (in the call's environment) runs them under that argv[0];
+# hog_compressible=1 gives them pages that lz4 packs about 3:1.
 hogs_start() {
     local group=$1 mib=$2 seed pid
     shift 2
@@ -100,7 +101,8 @@ hogs_start() {
     hog_pids=()
     for seed in "$@"; do
         bash -c '[ -z "$0" ] || echo $$ >"/sys/fs/cgroup/$0/cgroup.procs"; exec -a "$1" "${@:2}"' \
-            "$group" "${hog_argv0:-hog}" hog --hold /tmp/hogs-verify "$mib" "$seed" \
+            "$group" "${hog_argv0:-hog}" hog --hold /tmp/hogs-verify \
+            ${hog_compressible:+--compressible} "$mib" "$seed" \
             >"/tmp/hog-$seed.out" &
         hog_pids+=($!)
     done
