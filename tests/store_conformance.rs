@@ -638,6 +638,42 @@ fn randomized_model_with_compression() {
     });
 }
 
+/// Compressed pages in chunks part mapped, part not (as on the H200):
+/// small reads of pages in mapped chunks are CPU loads, the rest DMA, and
+/// the model cannot tell them apart. The host model maps the first 8 MiB
+/// of chunks it lends.
+#[test]
+fn compressed_pages_part_mapped_part_not_match_the_model() {
+    use vramswap::backend::host::HostBackend;
+    for compress in [Compression::Lz4, Compression::Zstd(1)] {
+        let counting = Arc::new(Counting::new(Arc::new(HostBackend::with_mappable(
+            None,
+            8 * MIB,
+        ))));
+        let config = StoreConfig {
+            compress,
+            ratio: "1".parse().unwrap(),
+            ..config(24 * MIB, AllocationPolicy::Eager)
+        };
+        let store = BlockStore::open(counting.clone(), &config).unwrap();
+        let span = 16 * MIB;
+        let mut model = vec![0u8; span as usize];
+        let mut rng = SmallRng::seed_from_u64(8);
+        for _ in 0..400 {
+            let (offset, len) = random_op(&mut rng, &store, &mut model, 0, span, MIB);
+            check_range(&store, &model, 0, offset, len);
+            let probe = rng.gen_range(0..span - 8192);
+            check_range(&store, &model, 0, probe, rng.gen_range(1..=8192));
+        }
+        check_range(&store, &model, 0, 0, span);
+        assert!(
+            counting.mapped_reads.load(Ordering::Relaxed) > 0,
+            "{compress}"
+        );
+        assert!(counting.downloads.load(Ordering::Relaxed) > 0, "{compress}");
+    }
+}
+
 /// zramctl's columns: pages of each kind, their bytes before and after,
 /// and what the VRAM behind them takes.
 #[test]

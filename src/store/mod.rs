@@ -319,7 +319,7 @@ impl BlockStore {
             return Ok(());
         }
         if let Some(packed) = &self.packed {
-            return self.settle(packed.read(&self.lanes, buf, offset));
+            return self.settle(packed.read(&*self.backend, &self.lanes, buf, offset));
         }
         // Windows were filled before this read came: their bytes are in
         // staging already, and a copy out is all that is left.

@@ -31,6 +31,7 @@ use tracing::{debug, warn};
 
 use super::error::StoreError;
 use super::lanes::LanePool;
+use super::read::MAPPED_READ_MAX;
 use crate::backend::{
     Backend, BackendError, ChunkId, Fill, Lane, TransferOp, BLOCK_SIZE, CHUNK_SIZE, MAX_BATCH,
 };
@@ -265,15 +266,23 @@ impl PackedPages {
         Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `offset` (in range), on one lane.
+    /// Reads `buf.len()` bytes at `offset` (in range), on one lane: a
+    /// small read of mapped chunks by CPU loads, the rest by DMA.
     pub(super) fn read(
         &self,
+        backend: &dyn Backend,
         lanes: &LanePool,
         buf: &mut [u8],
         offset: u64,
     ) -> Result<(), StoreError> {
         let mut held = lanes.one();
         let mut codec = self.codec(held.first_index());
+        if buf.len() <= MAPPED_READ_MAX
+            && backend.mapped()
+            && self.read_mapped(backend, &mut codec, buf, offset)?
+        {
+            return Ok(());
+        }
         let lane = held.first();
         let per_batch = batch_pages(lane);
         let end = offset + buf.len() as u64;
@@ -335,6 +344,49 @@ impl PackedPages {
             drop(guards);
         }
         Ok(())
+    }
+
+    /// Reads a small request by CPU loads through the mapping of the
+    /// chunks its pages are in: no batch, no wait. Each group's lock is
+    /// held shared across its page's loads, as across a DMA. Returns false,
+    /// for the DMA path to read it all, where a page's chunk is not mapped.
+    fn read_mapped(
+        &self,
+        backend: &dyn Backend,
+        codec: &mut Codec,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<bool, StoreError> {
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let page = pos / PAGE as u64;
+            let page_start = page * PAGE as u64;
+            let piece_end = (page_start + PAGE as u64).min(end);
+            let piece = &mut buf[(pos - offset) as usize..(piece_end - offset) as usize];
+            let in_page = pos - page_start;
+            let entries = self.groups[page as usize / GROUP]
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            let entry = entries[page as usize % GROUP];
+            match entry.slot() {
+                None if entry.len == SAME => fill_piece(piece, entry.word, in_page as usize),
+                None => piece.fill(0),
+                Some((slot, class)) => {
+                    let chunk = self.chunk(slot);
+                    if !backend.chunk_mapped(chunk) {
+                        return Ok(false);
+                    }
+                    let mut stored = [0u8; PAGE];
+                    let stored = &mut stored[..entry.len as usize];
+                    backend.read_mapped(chunk, slot.offset(class), stored)?;
+                    self.unpack(codec, entry, stored, page_start, piece, in_page)?;
+                }
+            }
+            drop(entries);
+            pos = piece_end;
+        }
+        Ok(true)
     }
 
     /// Turns the stored bytes of a page back into `piece`, the part of the
