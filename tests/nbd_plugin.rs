@@ -87,6 +87,14 @@ fn nbdcopy_round_trip(args: &[&str]) {
     let server = serve(args);
     let dir = tempfile::tempdir().unwrap();
     let source = random_file(&dir, "in.bin", 40 * MIB + 12345, 7);
+    let copied = copy_in_and_back(&server, &dir, &source);
+    assert_eq!(copied.len() as u64, 64 * MIB);
+}
+
+/// Copies `source` into the export and the whole export back out, each
+/// over four connections; checks that the export holds `source` and
+/// zeros after it, and returns what came back.
+fn copy_in_and_back(server: &Server, dir: &tempfile::TempDir, source: &std::path::Path) -> Vec<u8> {
     let back = dir.path().join("out.bin");
     run(
         "nbdcopy",
@@ -96,9 +104,8 @@ fn nbdcopy_round_trip(args: &[&str]) {
         "nbdcopy",
         &["--connections=4", &server.uri(), back.to_str().unwrap()],
     );
-    let original = std::fs::read(&source).unwrap();
+    let original = std::fs::read(source).unwrap();
     let copied = std::fs::read(&back).unwrap();
-    assert_eq!(copied.len() as u64, 64 * MIB);
     assert!(
         copied[..original.len()] == original[..],
         "data differs after a round trip"
@@ -107,6 +114,7 @@ fn nbdcopy_round_trip(args: &[&str]) {
         copied[original.len()..].iter().all(|b| *b == 0),
         "tail beyond the data is not zero"
     );
+    copied
 }
 
 /// nbdcopy's reads are streams, served from read-ahead windows (the
@@ -610,25 +618,7 @@ fn compressed_exports_serve_nbdcopy_qemu_io_and_fio() {
         assert_eq!(json["exports"][0]["export-size"], 64 * MIB, "{compress}");
         let dir = tempfile::tempdir().unwrap();
         let source = compressible_file(&dir, "in.bin", 48 * MIB);
-        let back = dir.path().join("out.bin");
-        run(
-            "nbdcopy",
-            &["--connections=4", source.to_str().unwrap(), &server.uri()],
-        );
-        run(
-            "nbdcopy",
-            &["--connections=4", &server.uri(), back.to_str().unwrap()],
-        );
-        let original = std::fs::read(&source).unwrap();
-        let copied = std::fs::read(&back).unwrap();
-        assert!(
-            copied[..original.len()] == original[..],
-            "{compress}: data differs"
-        );
-        assert!(
-            copied[original.len()..].iter().all(|b| *b == 0),
-            "{compress}"
-        );
+        copy_in_and_back(&server, &dir, &source);
         // The pages that are not zeros (nbdcopy skips those), more than
         // the VRAM holds, in part of that VRAM.
         let status =

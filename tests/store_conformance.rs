@@ -415,6 +415,21 @@ fn check_range(store: &BlockStore, model: &[u8], base: u64, offset: u64, len: u6
     }
 }
 
+/// `steps` random requests of up to `max_len` bytes over the first `span`
+/// bytes of the store, each checked against a model, and after each a
+/// probe of up to `probe` bytes at random; then the whole span.
+fn run_model(store: &BlockStore, seed: u64, span: u64, steps: usize, max_len: u64, probe: u64) {
+    let mut model = vec![0u8; span as usize];
+    let mut rng = SmallRng::seed_from_u64(seed);
+    for _ in 0..steps {
+        let (offset, len) = random_op(&mut rng, store, &mut model, 0, span, max_len);
+        check_range(store, &model, 0, offset, len);
+        let at = rng.gen_range(0..span - probe);
+        check_range(store, &model, 0, at, rng.gen_range(1..=probe));
+    }
+    check_range(store, &model, 0, 0, span);
+}
+
 #[test]
 fn randomized_single_thread_model_with_large_requests() {
     for_each_backend(|kind| {
@@ -462,15 +477,7 @@ fn a_store_part_mapped_part_not_matches_the_model() {
             ..config(size, allocation)
         };
         let store = BlockStore::open(counting.clone(), &config).unwrap();
-        let mut model = vec![0u8; size as usize];
-        let mut rng = SmallRng::seed_from_u64(7);
-        for _ in 0..400 {
-            let (offset, len) = random_op(&mut rng, &store, &mut model, 0, size, 5 * MIB);
-            check_range(&store, &model, 0, offset, len);
-            let probe = rng.gen_range(0..size - 8192);
-            check_range(&store, &model, 0, probe, rng.gen_range(1..=8192));
-        }
-        check_range(&store, &model, 0, 0, size);
+        run_model(&store, 7, size, 400, 5 * MIB, 8192);
         let mut chunks = counting.chunks.lock().unwrap().clone();
         chunks.sort_by_key(|c| c.0);
         chunks.dedup();
@@ -601,15 +608,7 @@ fn randomized_model_with_compression() {
             let span = 16 * MIB;
             let store = compressed(kind, 24 * MIB, allocation, compress, verify, "1.5");
             assert_eq!(store.size(), 36 * MIB);
-            let mut model = vec![0u8; span as usize];
-            let mut rng = SmallRng::seed_from_u64(11);
-            for _ in 0..300 {
-                let (offset, len) = random_op(&mut rng, &store, &mut model, 0, span, 3 * MIB);
-                check_range(&store, &model, 0, offset, len);
-                let probe = rng.gen_range(0..span - 70_000);
-                check_range(&store, &model, 0, probe, rng.gen_range(1..=70_000));
-            }
-            check_range(&store, &model, 0, 0, span);
+            run_model(&store, 11, span, 300, 3 * MIB, 70_000);
             let stats = store.stats();
             let packed = stats.compress.unwrap();
             assert_eq!(packed.compression, compress);
@@ -656,16 +655,7 @@ fn compressed_pages_part_mapped_part_not_match_the_model() {
             ..config(24 * MIB, AllocationPolicy::Eager)
         };
         let store = BlockStore::open(counting.clone(), &config).unwrap();
-        let span = 16 * MIB;
-        let mut model = vec![0u8; span as usize];
-        let mut rng = SmallRng::seed_from_u64(8);
-        for _ in 0..400 {
-            let (offset, len) = random_op(&mut rng, &store, &mut model, 0, span, MIB);
-            check_range(&store, &model, 0, offset, len);
-            let probe = rng.gen_range(0..span - 8192);
-            check_range(&store, &model, 0, probe, rng.gen_range(1..=8192));
-        }
-        check_range(&store, &model, 0, 0, span);
+        run_model(&store, 8, 16 * MIB, 400, MIB, 8192);
         assert!(
             counting.mapped_reads.load(Ordering::Relaxed) > 0,
             "{compress}"

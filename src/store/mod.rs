@@ -379,33 +379,22 @@ impl BlockStore {
         &self,
         offset: u64,
         len: u64,
-        mut f: impl FnMut(u64, u64, bool),
+        f: impl FnMut(u64, u64, bool),
     ) -> Result<(), StoreError> {
         self.check(offset, len)?;
         let end = offset + len;
+        let mut runs = Runs { run: None, f };
         if let Some(packed) = &self.packed {
             if len > 0 {
                 let page = packed::PAGE as u64;
-                let mut run: Option<(u64, u64, bool)> = None;
                 packed.pages_with_data(offset / page, (end - 1) / page, |n, data| {
                     let from = (n * page).max(offset);
-                    let piece = ((n + 1) * page).min(end) - from;
-                    run = match run {
-                        Some((o, l, d)) if d == data => Some((o, l + piece, d)),
-                        Some((o, l, d)) => {
-                            f(o, l, d);
-                            Some((from, piece, data))
-                        }
-                        None => Some((from, piece, data)),
-                    };
+                    runs.push(from, ((n + 1) * page).min(end) - from, data);
                 });
-                if let Some((o, l, d)) = run {
-                    f(o, l, d);
-                }
             }
+            runs.finish();
             return Ok(());
         }
-        let mut run: Option<(u64, u64, bool)> = None;
         let mut pos = offset;
         while pos < end {
             let slot_index = (pos / CHUNK_SIZE) as usize;
@@ -419,21 +408,10 @@ impl BlockStore {
             let block = ((pos % CHUNK_SIZE) / BLOCK_SIZE) as usize;
             let block_end =
                 (slot_index as u64 * CHUNK_SIZE + (block as u64 + 1) * BLOCK_SIZE).min(end);
-            let data = bits & (1 << block) != 0;
-            let piece = block_end - pos;
-            run = match run {
-                Some((o, l, d)) if d == data => Some((o, l + piece, d)),
-                Some((o, l, d)) => {
-                    f(o, l, d);
-                    Some((pos, piece, data))
-                }
-                None => Some((pos, piece, data)),
-            };
+            runs.push(pos, block_end - pos, bits & (1 << block) != 0);
             pos = block_end;
         }
-        if let Some((o, l, d)) = run {
-            f(o, l, d);
-        }
+        runs.finish();
         Ok(())
     }
 
@@ -503,6 +481,32 @@ impl BlockStore {
     /// With `compress=`: what the pages hold and take, cheaply (no walk).
     pub fn compress_stats(&self) -> Option<CompressStats> {
         self.packed.as_ref().map(PackedPages::stats)
+    }
+}
+
+/// [`BlockStore::extents`]' runs: pieces that hold data, or not, merged
+/// with their neighbours of the same kind and passed on to `f`.
+struct Runs<F: FnMut(u64, u64, bool)> {
+    run: Option<(u64, u64, bool)>,
+    f: F,
+}
+
+impl<F: FnMut(u64, u64, bool)> Runs<F> {
+    fn push(&mut self, at: u64, len: u64, data: bool) {
+        self.run = match self.run {
+            Some((o, l, d)) if d == data => Some((o, l + len, d)),
+            Some((o, l, d)) => {
+                (self.f)(o, l, d);
+                Some((at, len, data))
+            }
+            None => Some((at, len, data)),
+        };
+    }
+
+    fn finish(mut self) {
+        if let Some((o, l, d)) = self.run.take() {
+            (self.f)(o, l, d);
+        }
     }
 }
 
