@@ -1,8 +1,9 @@
 #!/bin/bash
 # Issue 24: compressed swap in VRAM (lavapipe). An area on 64 MiB of VRAM
 # exporting three times that (--compress lz4 --ratio 3): a hog whose pages
-# lz4 packs about 3:1 swaps out more than twice the VRAM in pages and
-# back with none corrupt, and status counts them as zramctl would. Then
+# lz4 packs about 3:1 swaps out more than twice the VRAM in pages, status
+# counts them as zramctl would, a suspend and resume bring them back and
+# start the area again compressed, and none is corrupt. Then
 # the VRAM fills: a hog pushes out more than it holds. What Linux does
 # with swap-outs the device refuses is logged; what must hold is that no
 # page comes back wrong, nothing deadlocks, the server serves on, and
@@ -40,6 +41,22 @@ say "the area holds $((original >> 20)) MiB of pages in $((used >> 20)) MiB of V
 vs status zip
 [ "$original" -ge $((128 << 20)) ] || fail "the area holds less than twice its 64 MiB of VRAM"
 [ "$used" -le $((64 << 20)) ] || fail "the area took more VRAM than its size"
+
+say "suspend and resume with those pages out"
+unwatch
+vs suspend
+alive "${hog_pids[0]}" || fail "the hog died in suspend's swapoff"
+vs resume
+pid=$(server_pid zip) device=$(nbd_device zip)
+grep -Eq '"compress": ?"lz4"' /run/vramswap/zip/state.json ||
+    fail "resume started the area without its compression"
+watch_server "$pid" 150
+# resume puts the cgroup's limit back, and the kernel swaps the hog out
+# down to it again, into the new server.
+fresh_status
+original=$(compress_field original_bytes)
+say "after resume the area holds $((original >> 20)) MiB of pages again"
+[ "$original" -ge $((100 << 20)) ] || fail "the hog's pages did not go back out after resume"
 hogs_verify
 expect_no_oom
 
