@@ -733,6 +733,15 @@ fn compressed_pages_are_counted_as_zram_counts_them() {
             (after.pages_stored, after.pages_same),
             (packed.pages_stored + 1, packed.pages_same - 1)
         );
+        // Zeroing what is left of a page leaves no page at all, as zeroing
+        // the whole of it does.
+        store.zero(MIB + 4096 + 8, 4096 - 8).unwrap();
+        store.zero(MIB + 4096, 8).unwrap();
+        let zeroed = store.stats().compress.unwrap();
+        assert_eq!(
+            (zeroed.pages_stored, zeroed.pages_same),
+            (packed.pages_stored, packed.pages_same - 1)
+        );
         store.zero(0, 16 * MIB).unwrap();
         let empty = store.stats().compress.unwrap();
         assert_eq!(

@@ -513,10 +513,15 @@ impl PackedPages {
         let in_page = (pos - page_start) as usize;
         let merged = &mut bytes[in_page..in_page + (to - pos) as usize];
         source.copy_into(merged, (pos - offset) as usize);
-        let packed = self.pack(backend, lane, codec, Pages::Bytes(&bytes))?;
-        entries[page % GROUP] = packed[0];
+        let mut new = self.pack(backend, lane, codec, Pages::Bytes(&bytes))?[0];
+        // A trim or zero that leaves the page all zeros leaves no page, as
+        // one of the whole page does.
+        if matches!(source, Source::Zeros) && new == Entry::same(0) {
+            new = Entry::EMPTY;
+        }
+        entries[page % GROUP] = new;
         drop(entries);
-        self.count(old, packed[0]);
+        self.count(old, new);
         self.release(backend, lane, old);
         Ok(())
     }
