@@ -4,8 +4,12 @@
 //!
 //! ```text
 //! cargo bench --bench compress -- [--pages 65536] [--random-pct 25]
-//!     [--churn-seconds 60] [--export 1G] [--ratio 1.5]
+//!     [--churn-seconds 60] [--export 1G] [--ratio 1.5] [--csv FILE]
 //! ```
+//!
+//! `--csv FILE` also writes part 1 as `test,server,value,unit` rows
+//! (`compress.csv`, which `bench-plot DIR` draws as `compress.png`); a
+//! `--churn-seconds` of 0 skips part 2.
 //!
 //! Part 1, codecs: the C library's lz4 (what zram runs, `LZ4_compress_default`),
 //! lz4_flex (what the store runs) and zstd at levels 1 and 3, each on the
@@ -38,6 +42,7 @@ struct Args {
     churn: f64,
     export: u64,
     ratio: String,
+    csv: Option<std::path::PathBuf>,
 }
 
 fn die(msg: &str) -> ! {
@@ -52,6 +57,7 @@ fn parse_args() -> Args {
         churn: 60.0,
         export: 1 << 30,
         ratio: "1.5".into(),
+        csv: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -70,6 +76,7 @@ fn parse_args() -> Args {
                 args.export = parse_size(&value()).unwrap_or_else(|e| die(&e.to_string()))
             }
             "--ratio" => args.ratio = value(),
+            "--csv" => args.csv = Some(value().into()),
             // cargo bench passes --bench to every bench binary.
             "--bench" => {}
             other => die(&format!("unknown argument {other}")),
@@ -125,7 +132,7 @@ fn codecs() -> Vec<(&'static str, Compress<'static>, Decompress<'static>)> {
     let (z3c, z3d) = zstd(3);
     vec![
         (
-            "lz4 (C, zram's)",
+            "lz4 C (zram's)",
             Box::new(|page: &[u8], out: &mut [u8]| {
                 lz4::block::compress_to_buffer(page, None, false, out).unwrap()
             }),
@@ -142,8 +149,8 @@ fn codecs() -> Vec<(&'static str, Compress<'static>, Decompress<'static>)> {
                 lz4_flex::block::decompress_into(packed, page).unwrap();
             }),
         ),
-        ("zstd:1", z1c, z1d),
-        ("zstd:3", z3c, z3d),
+        ("zstd-1", z1c, z1d),
+        ("zstd-3", z3c, z3d),
     ]
 }
 
@@ -162,6 +169,7 @@ fn part_codecs(args: &Args) {
     );
     let mut out = vec![0u8; 2 * PAGE];
     let mut back = vec![0u8; PAGE];
+    let mut csv = String::from("test,server,value,unit\n");
     for (name, mut compress, mut decompress) in codecs() {
         let mut packed: Vec<Vec<u8>> = Vec::with_capacity(args.pages);
         let start = Instant::now();
@@ -181,14 +189,26 @@ fn part_codecs(args: &Args) {
         }
         let total: usize = packed.iter().map(Vec::len).sum();
         let slots: usize = packed.iter().map(|p| slot_bytes(p.len())).sum();
-        println!(
-            "{:<16} {:>7.3} {:>12.3} {:>14.0} {:>16.0}",
-            name,
+        let (ratio, in_slots) = (
             pages.len() as f64 / total as f64,
             pages.len() as f64 / slots as f64,
-            compress_ns,
-            decompress_ns
         );
+        println!(
+            "{:<16} {:>7.3} {:>12.3} {:>14.0} {:>16.0}",
+            name, ratio, in_slots, compress_ns, decompress_ns
+        );
+        let mbs = |ns: f64| PAGE as f64 / ns * 1e3;
+        for (test, value, unit) in [
+            ("ratio", ratio, "x"),
+            ("ratio-in-slots", in_slots, "x"),
+            ("compress", mbs(compress_ns), "MB/s"),
+            ("decompress", mbs(decompress_ns), "MB/s"),
+        ] {
+            csv += &format!("{test},{name},{value:.3},{unit}\n");
+        }
+    }
+    if let Some(path) = &args.csv {
+        std::fs::write(path, csv).unwrap_or_else(|e| die(&format!("{}: {e}", path.display())));
     }
 }
 
@@ -293,5 +313,7 @@ fn ratio_hundredths(text: &str) -> u64 {
 fn main() {
     let args = parse_args();
     part_codecs(&args);
-    part_churn(&args);
+    if args.churn > 0.0 {
+        part_churn(&args);
+    }
 }

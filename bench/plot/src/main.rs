@@ -10,7 +10,10 @@
 //!   `nbd-compare --peer` (nbd-vram, nbdkit-vram): every shape's ratio of
 //!   each vramswap server to that peer, from the same run;
 //! - `scaling.png` from `scaling.csv`: start-up time and server memory by
-//!   export size.
+//!   export size;
+//! - `compress-ratio.png` and `compress-speed.png` from `compress.csv`
+//!   (`benches/compress.rs --csv`): what each codec makes of 4 KiB pages,
+//!   and how fast, on one CPU thread.
 //!
 //! Text is drawn with DejaVu Sans (Debian's fonts-dejavu-core); no Python,
 //! no font service.
@@ -561,6 +564,26 @@ fn main() -> Result<()> {
         drawn.extend(versus(&dir, &rows)?);
     }
     drawn.extend(scaling(&dir)?);
+    let compress = dir.join("compress.csv");
+    if compress.exists() {
+        let rows = read_csv(&compress)?;
+        drawn.extend(bars(
+            &dir,
+            &rows,
+            "compress-ratio.png",
+            "4 KiB pages: original over compressed bytes, and over their slots",
+            "ratio",
+            &["ratio", "ratio-in-slots"],
+        )?);
+        drawn.extend(bars(
+            &dir,
+            &rows,
+            "compress-speed.png",
+            "4 KiB pages: one CPU thread",
+            "MB/s",
+            &["compress", "decompress"],
+        )?);
+    }
     if drawn.is_empty() {
         bail!("{}: no bench/run CSV files to plot", dir.display());
     }
