@@ -22,26 +22,31 @@
 //!
 //! Nothing on the I/O path allocates: the table, the slab bookkeeping and
 //! one compression context per lane are made at open.
+//!
+//! The rooms: this file (the page table, slots taken and given back, the
+//! counts), `read.rs` and `write.rs` (the two paths), `codec.rs` (lz4
+//! and zstd) and `slabs.rs` (where slots are).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
-use arrayvec::ArrayVec;
 use tracing::{debug, warn};
 
 use super::error::StoreError;
 use super::lanes::LanePool;
-use super::read::MAPPED_READ_MAX;
 use crate::backend::{
-    Backend, BackendError, ChunkId, Fill, Lane, TransferOp, BLOCK_SIZE, CHUNK_SIZE, MAX_BATCH,
+    Backend, BackendError, ChunkId, Lane, TransferOp, BLOCK_SIZE, CHUNK_SIZE, MAX_BATCH,
 };
 
 mod codec;
+mod read;
 mod slabs;
+mod write;
 
 pub use codec::{Compression, DEFAULT_ZSTD_LEVEL};
+pub(in crate::store) use write::Source;
 
-use codec::{fill_word, Codec, Packed};
+use codec::Codec;
 use slabs::{class_of, Slabs, Slot};
 
 /// The unit of compression: the kernel's page.
@@ -150,22 +155,6 @@ pub(super) struct PackedPages {
     corrupt_reads: AtomicU64,
 }
 
-/// Where a request's bytes come from.
-#[derive(Clone, Copy)]
-pub(super) enum Source<'a> {
-    Bytes(&'a [u8]),
-    Zeros,
-}
-
-impl Source<'_> {
-    fn copy_into(self, dst: &mut [u8], at: usize) {
-        match self {
-            Source::Bytes(bytes) => dst.copy_from_slice(&bytes[at..at + dst.len()]),
-            Source::Zeros => dst.fill(0),
-        }
-    }
-}
-
 impl PackedPages {
     /// A table for `size` bytes of device on up to `budget_chunks` chunks,
     /// with a context per lane of `lanes`.
@@ -264,344 +253,6 @@ impl PackedPages {
             slabs.add_chunk(index);
         }
         Ok(())
-    }
-
-    /// Reads `buf.len()` bytes at `offset` (in range), on one lane: a
-    /// small read of mapped chunks by CPU loads, the rest by DMA.
-    pub(super) fn read(
-        &self,
-        backend: &dyn Backend,
-        lanes: &LanePool,
-        buf: &mut [u8],
-        offset: u64,
-    ) -> Result<(), StoreError> {
-        let mut held = lanes.one();
-        let mut codec = self.codec(held.first_index());
-        if buf.len() <= MAPPED_READ_MAX
-            && backend.mapped()
-            && self.read_mapped(backend, &mut codec, buf, offset)?
-        {
-            return Ok(());
-        }
-        let lane = held.first();
-        let per_batch = batch_pages(lane);
-        let end = offset + buf.len() as u64;
-        let mut pos = offset;
-        while pos < end {
-            let mut guards: ArrayVec<_, { MAX_BATCH / GROUP + 2 }> = ArrayVec::new();
-            let mut steps: ArrayVec<TransferOp, MAX_BATCH> = ArrayVec::new();
-            // Pages to unpack once the batch is done: (device offset of
-            // the page, its entry).
-            let mut waiting: ArrayVec<(u64, Entry), MAX_BATCH> = ArrayVec::new();
-            let mut group_of_guard = usize::MAX;
-            while pos < end && steps.len() < per_batch && !guards.is_full() {
-                let page = pos / PAGE as u64;
-                let group = page as usize / GROUP;
-                if group != group_of_guard {
-                    guards.push(self.groups[group].read().unwrap_or_else(|e| e.into_inner()));
-                    group_of_guard = group;
-                }
-                let Some(entries) = guards.last() else { break };
-                let entry = entries[page as usize % GROUP];
-                let page_start = page * PAGE as u64;
-                let piece_end = (page_start + PAGE as u64).min(end);
-                let piece = &mut buf[(pos - offset) as usize..(piece_end - offset) as usize];
-                let in_page = (pos - page_start) as usize;
-                match entry.slot() {
-                    None if entry.len == SAME => fill_piece(piece, entry.word, in_page),
-                    None => piece.fill(0),
-                    Some((slot, class)) => {
-                        steps.push(TransferOp::Download {
-                            staging_offset: waiting.len() * PAGE,
-                            chunk: self.chunk(slot),
-                            chunk_offset: slot.offset(class),
-                            len: u64::from(entry.len),
-                        });
-                        waiting.push((page_start, entry));
-                    }
-                }
-                pos = piece_end;
-            }
-            if steps.is_empty() {
-                continue;
-            }
-            lane.submit(&steps).and_then(|()| lane.wait())?;
-            let staged = lane.staged();
-            for (n, &(page_start, entry)) in waiting.iter().enumerate() {
-                let stored = &staged[n * PAGE..n * PAGE + entry.len as usize];
-                let from = page_start.max(offset);
-                let to = (page_start + PAGE as u64).min(end);
-                let piece = &mut buf[(from - offset) as usize..(to - offset) as usize];
-                self.unpack(
-                    &mut codec,
-                    entry,
-                    stored,
-                    page_start,
-                    piece,
-                    from - page_start,
-                )?;
-            }
-            drop(guards);
-        }
-        Ok(())
-    }
-
-    /// Reads a small request by CPU loads through the mapping of the
-    /// chunks its pages are in: no batch, no wait. Each group's lock is
-    /// held shared across its page's loads, as across a DMA. Returns false,
-    /// for the DMA path to read it all, where a page's chunk is not mapped.
-    fn read_mapped(
-        &self,
-        backend: &dyn Backend,
-        codec: &mut Codec,
-        buf: &mut [u8],
-        offset: u64,
-    ) -> Result<bool, StoreError> {
-        let end = offset + buf.len() as u64;
-        let mut pos = offset;
-        while pos < end {
-            let page = pos / PAGE as u64;
-            let page_start = page * PAGE as u64;
-            let piece_end = (page_start + PAGE as u64).min(end);
-            let piece = &mut buf[(pos - offset) as usize..(piece_end - offset) as usize];
-            let in_page = pos - page_start;
-            let entries = self.groups[page as usize / GROUP]
-                .read()
-                .unwrap_or_else(|e| e.into_inner());
-            let entry = entries[page as usize % GROUP];
-            match entry.slot() {
-                None if entry.len == SAME => fill_piece(piece, entry.word, in_page as usize),
-                None => piece.fill(0),
-                Some((slot, class)) => {
-                    let chunk = self.chunk(slot);
-                    if !backend.chunk_mapped(chunk) {
-                        return Ok(false);
-                    }
-                    let mut stored = [0u8; PAGE];
-                    let stored = &mut stored[..entry.len as usize];
-                    backend.read_mapped(chunk, slot.offset(class), stored)?;
-                    self.unpack(codec, entry, stored, page_start, piece, in_page)?;
-                }
-            }
-            drop(entries);
-            pos = piece_end;
-        }
-        Ok(true)
-    }
-
-    /// Turns the stored bytes of a page back into `piece`, the part of the
-    /// page from `in_page` on.
-    fn unpack(
-        &self,
-        codec: &mut Codec,
-        entry: Entry,
-        stored: &[u8],
-        page_start: u64,
-        piece: &mut [u8],
-        in_page: u64,
-    ) -> Result<(), StoreError> {
-        let corrupt = || {
-            self.corrupt_reads.fetch_add(1, Ordering::Relaxed);
-            warn!(
-                offset = page_start,
-                "a compressed page does not read back as it was written"
-            );
-            StoreError::Corrupt { offset: page_start }
-        };
-        if self.verify && u64::from(crc32c::crc32c(stored)) != entry.word {
-            return Err(corrupt());
-        }
-        let in_page = in_page as usize;
-        if stored.len() == PAGE {
-            piece.copy_from_slice(&stored[in_page..in_page + piece.len()]);
-        } else if piece.len() == PAGE {
-            if !codec.decompress(stored, piece) {
-                return Err(corrupt());
-            }
-        } else {
-            let mut page = [0u8; PAGE];
-            if !codec.decompress(stored, &mut page) {
-                return Err(corrupt());
-            }
-            piece.copy_from_slice(&page[in_page..in_page + piece.len()]);
-        }
-        Ok(())
-    }
-
-    /// Writes `len` bytes from `source` at `offset` (in range), on one lane.
-    pub(super) fn write(
-        &self,
-        backend: &dyn Backend,
-        lanes: &LanePool,
-        source: Source<'_>,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), StoreError> {
-        let mut held = lanes.one();
-        let mut codec = self.codec(held.first_index());
-        let lane = held.first();
-        let per_batch = batch_pages(lane);
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let page = pos / PAGE as u64;
-            let page_start = page * PAGE as u64;
-            if pos != page_start || end - pos < PAGE as u64 {
-                let to = (page_start + PAGE as u64).min(end);
-                self.write_partial(backend, lane, &mut codec, source, offset, pos, to)?;
-                pos = to;
-                continue;
-            }
-            let whole = (((end - pos) / PAGE as u64) as usize).min(per_batch);
-            let at = (pos - offset) as usize;
-            let pages = match source {
-                Source::Bytes(bytes) => Pages::Bytes(&bytes[at..at + whole * PAGE]),
-                Source::Zeros => Pages::Empty(whole),
-            };
-            let packed = self.pack(backend, lane, &mut codec, pages)?;
-            for (n, entry) in packed.iter().enumerate() {
-                let page = page as usize + n;
-                let mut entries = self.groups[page / GROUP]
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner());
-                let old = std::mem::replace(&mut entries[page % GROUP], *entry);
-                drop(entries);
-                self.count(old, *entry);
-                self.release(backend, lane, old);
-            }
-            pos += (whole * PAGE) as u64;
-        }
-        Ok(())
-    }
-
-    /// Writes `pos..to`, which lies in one page and does not cover it:
-    /// the old page is read, merged and written back under its group's
-    /// lock.
-    #[allow(clippy::too_many_arguments)]
-    fn write_partial(
-        &self,
-        backend: &dyn Backend,
-        lane: &mut dyn Lane,
-        codec: &mut Codec,
-        source: Source<'_>,
-        offset: u64,
-        pos: u64,
-        to: u64,
-    ) -> Result<(), StoreError> {
-        let page = (pos / PAGE as u64) as usize;
-        let page_start = (page * PAGE) as u64;
-        let mut entries = self.groups[page / GROUP]
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        let old = entries[page % GROUP];
-        let mut bytes = [0u8; PAGE];
-        match old.slot() {
-            None if old.len == SAME => fill_word(&mut bytes, old.word),
-            None => {}
-            Some((slot, class)) => {
-                let step = TransferOp::Download {
-                    staging_offset: 0,
-                    chunk: self.chunk(slot),
-                    chunk_offset: slot.offset(class),
-                    len: u64::from(old.len),
-                };
-                lane.submit(&[step]).and_then(|()| lane.wait())?;
-                let stored = &lane.staged()[..old.len as usize];
-                self.unpack(codec, old, stored, page_start, &mut bytes, 0)?;
-            }
-        }
-        let in_page = (pos - page_start) as usize;
-        let merged = &mut bytes[in_page..in_page + (to - pos) as usize];
-        source.copy_into(merged, (pos - offset) as usize);
-        let mut new = self.pack(backend, lane, codec, Pages::Bytes(&bytes))?[0];
-        // A trim or zero that leaves the page all zeros leaves no page, as
-        // one of the whole page does.
-        if matches!(source, Source::Zeros) && new == Entry::same(0) {
-            new = Entry::EMPTY;
-        }
-        entries[page % GROUP] = new;
-        drop(entries);
-        self.count(old, new);
-        self.release(backend, lane, old);
-        Ok(())
-    }
-
-    /// Compresses `pages`, takes slots for them and uploads them: their
-    /// new entries, to swap in. On failure no slot is left taken.
-    fn pack(
-        &self,
-        backend: &dyn Backend,
-        lane: &mut dyn Lane,
-        codec: &mut Codec,
-        pages: Pages<'_>,
-    ) -> Result<ArrayVec<Entry, MAX_BATCH>, StoreError> {
-        let mut entries: ArrayVec<Entry, MAX_BATCH> = ArrayVec::new();
-        let mut steps: ArrayVec<TransferOp, MAX_BATCH> = ArrayVec::new();
-        let count = match pages {
-            Pages::Bytes(bytes) => bytes.len() / PAGE,
-            Pages::Empty(count) => count,
-        };
-        for n in 0..count {
-            let Pages::Bytes(bytes) = pages else {
-                entries.push(Entry::EMPTY);
-                continue;
-            };
-            let page = &bytes[n * PAGE..(n + 1) * PAGE];
-            let (len, stored) = match codec.compress(page) {
-                Packed::Same(word) => {
-                    entries.push(Entry::same(word));
-                    continue;
-                }
-                Packed::Compressed(len) => (len, codec.packed(len)),
-                Packed::Raw => (PAGE, page),
-            };
-            let class = class_of(len);
-            let slot = match self.take_slot(backend, class) {
-                Ok(slot) => slot,
-                Err(err) => {
-                    self.give_back(backend, lane, &entries);
-                    return Err(err);
-                }
-            };
-            let word = match self.verify {
-                true => u64::from(crc32c::crc32c(stored)),
-                false => 0,
-            };
-            let (chunk, chunk_offset) = (self.chunk(slot), slot.offset(class));
-            // Where the chunk is mapped VRAM, CPU stores put the bytes
-            // there at once (fenced): no staging, no step.
-            let mapped = backend.chunk_mapped(chunk);
-            let result = match mapped {
-                true => backend.write_mapped(chunk, chunk_offset, Fill::Bytes(stored)),
-                false => {
-                    lane.staging()[n * PAGE..n * PAGE + len].copy_from_slice(stored);
-                    steps.push(TransferOp::Upload {
-                        staging_offset: n * PAGE,
-                        chunk,
-                        chunk_offset,
-                        len: len as u64,
-                    });
-                    Ok(())
-                }
-            };
-            entries.push(Entry {
-                slab: slot.slab,
-                index: slot.index,
-                len: len as u16,
-                word,
-            });
-            if let Err(err) = result {
-                self.give_back(backend, lane, &entries);
-                return Err(err.into());
-            }
-        }
-        if !steps.is_empty() {
-            if let Err(err) = lane.submit(&steps).and_then(|()| lane.wait()) {
-                self.give_back(backend, lane, &entries);
-                return Err(err.into());
-            }
-        }
-        Ok(entries)
     }
 
     /// A slot of `class`, from a new chunk if the budget has room for one.
@@ -710,27 +361,9 @@ impl PackedPages {
     }
 }
 
-/// The pages of one write batch.
-#[derive(Clone, Copy)]
-enum Pages<'a> {
-    /// Whole pages of bytes.
-    Bytes(&'a [u8]),
-    /// This many pages made to read as zeros (trim and zero).
-    Empty(usize),
-}
-
 /// Pages one batch may hold: a step and a page of staging each.
 fn batch_pages(lane: &mut dyn Lane) -> usize {
     (lane.staging().len() / PAGE).min(MAX_BATCH)
-}
-
-/// Fills `piece`, which starts `in_page` bytes into a page, as that page
-/// filled with `word` reads.
-fn fill_piece(piece: &mut [u8], word: u64, in_page: usize) {
-    let bytes = word.to_ne_bytes();
-    for (n, byte) in piece.iter_mut().enumerate() {
-        *byte = bytes[(in_page + n) % 8];
-    }
 }
 
 /// Zeroes a chunk and frees it: VRAM given back never carries pages.
