@@ -261,12 +261,12 @@ impl BlockStore {
                 Some(packed) => packed.budget / CHUNK_SIZE,
                 None => self.slots.len() as u64,
             },
-            chunks_allocated: match &self.packed {
-                Some(packed) => packed.chunks_held(),
+            chunks_allocated: match &compress {
+                Some(packed) => packed.vram_used / CHUNK_SIZE,
                 None => self.chunks_allocated.load(Ordering::Relaxed),
             },
-            blocks_with_data: match &self.packed {
-                Some(packed) => packed.slabs_held(),
+            blocks_with_data: match &compress {
+                Some(packed) => packed.slabs,
                 None => self
                     .slots
                     .iter()
@@ -275,7 +275,8 @@ impl BlockStore {
             },
             failure: self.failure(),
             verify: self.checksums.is_some() || self.verify_packed(),
-            checksum_errors: self.checksum_errors(),
+            checksum_errors: self.checksum_errors.load(Ordering::Relaxed)
+                + compress.map_or(0, |c| c.corrupt_reads),
             readahead: self
                 .readahead
                 .as_ref()

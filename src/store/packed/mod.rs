@@ -125,6 +125,8 @@ pub struct CompressStats {
     pub slot_bytes: u64,
     /// VRAM taken now, whole chunks (zramctl's TOTAL): slots plus slack.
     pub vram_used: u64,
+    /// 64 KiB blocks of it that are slabs now.
+    pub slabs: u64,
     /// Writes refused with ENOSPC because no slot could be had.
     pub full_writes: u64,
     /// Whether the last write that needed a slot found none, with no
@@ -214,6 +216,7 @@ impl PackedPages {
             compressed_bytes: self.compressed_bytes.load(Ordering::Relaxed),
             slot_bytes: slabs.slot_bytes,
             vram_used: slabs.chunks * CHUNK_SIZE,
+            slabs: slabs.slabs,
             full_writes: self.full_writes.load(Ordering::Relaxed),
             full: self.full.load(Ordering::Relaxed),
             corrupt_reads: self.corrupt_reads.load(Ordering::Relaxed),
@@ -223,16 +226,6 @@ impl PackedPages {
     /// Whether stored pages are checksummed (`verify=on`).
     pub(super) fn verifies(&self) -> bool {
         self.verify
-    }
-
-    /// Chunks held now.
-    pub(super) fn chunks_held(&self) -> u64 {
-        self.lock_slabs().counts().chunks
-    }
-
-    /// 64 KiB blocks that are slabs now.
-    pub(super) fn slabs_held(&self) -> u64 {
-        self.lock_slabs().counts().slabs
     }
 
     fn lock_slabs(&self) -> std::sync::MutexGuard<'_, Slabs> {
