@@ -25,7 +25,8 @@
 //!
 //! The rooms: this file (the page table, slots taken and given back, the
 //! counts), `read.rs` and `write.rs` (the two paths), `codec.rs` (lz4
-//! and zstd) and `slabs.rs` (where slots are).
+//! and zstd), `slabs.rs` (where slots are) and `spans.rs` (a batch's
+//! slots moved by few steps).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -41,6 +42,7 @@ use crate::backend::{
 mod codec;
 mod read;
 mod slabs;
+mod spans;
 mod write;
 
 pub use codec::{Compression, DEFAULT_ZSTD_LEVEL};
@@ -354,9 +356,15 @@ impl PackedPages {
     }
 }
 
-/// Pages one batch may hold: a step and a page of staging each.
+/// Pages one read batch may hold: a page of staging each.
 fn batch_pages(lane: &mut dyn Lane) -> usize {
     (lane.staging().len() / PAGE).min(MAX_BATCH)
+}
+
+/// Pages one write batch may hold: two pages of staging each, one where
+/// the packed page waits and one where it goes out from.
+fn write_batch_pages(lane: &mut dyn Lane) -> usize {
+    (lane.staging().len() / (2 * PAGE)).min(MAX_BATCH)
 }
 
 /// Zeroes a chunk and frees it: VRAM given back never carries pages.

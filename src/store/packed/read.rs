@@ -8,8 +8,9 @@ use arrayvec::ArrayVec;
 use tracing::warn;
 
 use super::codec::Codec;
+use super::spans::{lay_out, Piece};
 use super::{batch_pages, Entry, PackedPages, GROUP, PAGE, SAME};
-use crate::backend::{Backend, TransferOp, MAX_BATCH};
+use crate::backend::{Backend, MAX_BATCH};
 use crate::store::error::StoreError;
 use crate::store::lanes::LanePool;
 use crate::store::read::MAPPED_READ_MAX;
@@ -38,12 +39,12 @@ impl PackedPages {
         let mut pos = offset;
         while pos < end {
             let mut guards: ArrayVec<_, { MAX_BATCH / GROUP + 2 }> = ArrayVec::new();
-            let mut steps: ArrayVec<TransferOp, MAX_BATCH> = ArrayVec::new();
+            let mut pieces: ArrayVec<Piece, MAX_BATCH> = ArrayVec::new();
             // Pages to unpack once the batch is done: (device offset of
             // the page, its entry).
             let mut waiting: ArrayVec<(u64, Entry), MAX_BATCH> = ArrayVec::new();
             let mut group_of_guard = usize::MAX;
-            while pos < end && steps.len() < per_batch && !guards.is_full() {
+            while pos < end && pieces.len() < per_batch && !guards.is_full() {
                 let page = pos / PAGE as u64;
                 let group = page as usize / GROUP;
                 if group != group_of_guard {
@@ -60,24 +61,27 @@ impl PackedPages {
                     None if entry.len == SAME => fill_piece(piece, entry.word, in_page),
                     None => piece.fill(0),
                     Some((slot, class)) => {
-                        steps.push(TransferOp::Download {
-                            staging_offset: waiting.len() * PAGE,
+                        pieces.push(Piece {
+                            at: waiting.len(),
                             chunk: self.chunk(slot),
-                            chunk_offset: slot.offset(class),
+                            offset: slot.offset(class),
                             len: u64::from(entry.len),
+                            staged: 0,
                         });
                         waiting.push((page_start, entry));
                     }
                 }
                 pos = piece_end;
             }
-            if steps.is_empty() {
+            if pieces.is_empty() {
                 continue;
             }
+            let steps = lay_out(&mut pieces, PAGE as u64, lane.staging().len(), false);
             lane.submit(&steps).and_then(|()| lane.wait())?;
             let staged = lane.staged();
-            for (n, &(page_start, entry)) in waiting.iter().enumerate() {
-                let stored = &staged[n * PAGE..n * PAGE + entry.len as usize];
+            for piece in &pieces {
+                let (page_start, entry) = waiting[piece.at];
+                let stored = &staged[piece.staged..piece.staged + entry.len as usize];
                 let from = page_start.max(offset);
                 let to = (page_start + PAGE as u64).min(end);
                 let piece = &mut buf[(from - offset) as usize..(to - offset) as usize];

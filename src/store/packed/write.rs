@@ -5,8 +5,9 @@
 use arrayvec::ArrayVec;
 
 use super::codec::{fill_word, Codec, Packed};
-use super::slabs::class_of;
-use super::{batch_pages, Entry, PackedPages, GROUP, PAGE, SAME};
+use super::slabs::{class_of, class_size};
+use super::spans::{lay_out, Piece};
+use super::{write_batch_pages, Entry, PackedPages, GROUP, PAGE, SAME};
 use crate::backend::{Backend, Fill, Lane, TransferOp, MAX_BATCH};
 use crate::store::error::StoreError;
 use crate::store::lanes::LanePool;
@@ -49,7 +50,7 @@ impl PackedPages {
         let mut held = lanes.one();
         let mut codec = self.codec(held.first_index());
         let lane = held.first();
-        let per_batch = batch_pages(lane);
+        let per_batch = write_batch_pages(lane);
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -136,7 +137,10 @@ impl PackedPages {
     }
 
     /// Compresses `pages`, takes slots for them and uploads them: their
-    /// new entries, to swap in. On failure no slot is left taken.
+    /// new entries, to swap in. On failure no slot is left taken. The
+    /// packed bytes wait in the back half of staging until every slot of
+    /// the batch is known, then go to the front half in VRAM order, so
+    /// that neighbouring slots take one step (`spans.rs`).
     fn pack(
         &self,
         backend: &dyn Backend,
@@ -145,7 +149,8 @@ impl PackedPages {
         pages: Pages<'_>,
     ) -> Result<ArrayVec<Entry, MAX_BATCH>, StoreError> {
         let mut entries: ArrayVec<Entry, MAX_BATCH> = ArrayVec::new();
-        let mut steps: ArrayVec<TransferOp, MAX_BATCH> = ArrayVec::new();
+        let mut pieces: ArrayVec<Piece, MAX_BATCH> = ArrayVec::new();
+        let back = lane.staging().len() / 2;
         let count = match pages {
             Pages::Bytes(bytes) => bytes.len() / PAGE,
             Pages::Empty(count) => count,
@@ -183,12 +188,14 @@ impl PackedPages {
             let result = match mapped {
                 true => backend.write_mapped(chunk, chunk_offset, Fill::Bytes(stored)),
                 false => {
-                    lane.staging()[n * PAGE..n * PAGE + len].copy_from_slice(stored);
-                    steps.push(TransferOp::Upload {
-                        staging_offset: n * PAGE,
+                    let at = back + n * PAGE;
+                    lane.staging()[at..at + len].copy_from_slice(stored);
+                    pieces.push(Piece {
+                        at: n,
                         chunk,
-                        chunk_offset,
-                        len: len as u64,
+                        offset: chunk_offset,
+                        len: class_size(class) as u64,
+                        staged: 0,
                     });
                     Ok(())
                 }
@@ -204,7 +211,14 @@ impl PackedPages {
                 return Err(err.into());
             }
         }
-        if !steps.is_empty() {
+        if !pieces.is_empty() {
+            let steps = lay_out(&mut pieces, 0, back, true);
+            let staging = lane.staging();
+            for piece in &pieces {
+                let from = back + piece.at * PAGE;
+                let len = entries[piece.at].len as usize;
+                staging.copy_within(from..from + len, piece.staged);
+            }
             if let Err(err) = lane.submit(&steps).and_then(|()| lane.wait()) {
                 self.give_back(backend, lane, &entries);
                 return Err(err.into());
