@@ -95,6 +95,7 @@ fn compress_report(c: &CompressStats) -> serde_json::Value {
         "compressed_bytes": c.compressed_bytes,
         "slot_bytes": c.slot_bytes,
         "vram_used": c.vram_used,
+        "compacted_slabs": c.compacted_slabs,
         "full_writes": c.full_writes,
         "full": c.full,
         "corrupt_reads": c.corrupt_reads,

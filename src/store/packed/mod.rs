@@ -40,6 +40,7 @@ use crate::backend::{
 };
 
 mod codec;
+mod compact;
 mod read;
 mod slabs;
 mod spans;
@@ -55,6 +56,8 @@ use slabs::{class_of, Slabs, Slot};
 pub(super) const PAGE: usize = 4096;
 const GROUP: usize = BLOCK_SIZE as usize / PAGE;
 const NO_CHUNK: u32 = u32::MAX;
+/// Compactions one write may run before it gives up with ENOSPC.
+const COMPACTIONS_PER_SLOT: usize = 8;
 
 /// Where one page is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +132,9 @@ pub struct CompressStats {
     pub vram_used: u64,
     /// 64 KiB blocks of it that are slabs now.
     pub slabs: u64,
+    /// 64 KiB blocks compaction emptied by moving their pages into the
+    /// free slots of other slabs of their class.
+    pub compacted_slabs: u64,
     /// Writes refused with ENOSPC because no slot could be had.
     pub full_writes: u64,
     /// Whether the last write that needed a slot found none, with no
@@ -145,6 +151,10 @@ pub(super) struct PackedPages {
     /// The chunk at each index of the slab table, or [`NO_CHUNK`].
     chunks: Box<[AtomicU32]>,
     slabs: Mutex<Slabs>,
+    /// Held by the one compaction running (`compact.rs`).
+    compacting: Mutex<()>,
+    /// Blocks compaction has emptied.
+    compacted_slabs: AtomicU64,
     /// One context per lane, used by whoever holds that lane.
     codecs: Box<[Mutex<Codec>]>,
     /// Keep chunks that empty (eager allocation) instead of giving them back.
@@ -183,6 +193,8 @@ impl PackedPages {
                 .map(|_| AtomicU32::new(NO_CHUNK))
                 .collect(),
             slabs: Mutex::new(Slabs::new(budget_chunks)),
+            compacting: Mutex::new(()),
+            compacted_slabs: AtomicU64::new(0),
             codecs: codecs.into_boxed_slice(),
             keep_chunks,
             verify,
@@ -219,6 +231,7 @@ impl PackedPages {
             slot_bytes: slabs.slot_bytes,
             vram_used: slabs.chunks * CHUNK_SIZE,
             slabs: slabs.slabs,
+            compacted_slabs: self.compacted_slabs.load(Ordering::Relaxed),
             full_writes: self.full_writes.load(Ordering::Relaxed),
             full: self.full.load(Ordering::Relaxed),
             corrupt_reads: self.corrupt_reads.load(Ordering::Relaxed),
@@ -250,30 +263,56 @@ impl PackedPages {
         Ok(())
     }
 
-    /// A slot of `class`, from a new chunk if the budget has room for one.
-    fn take_slot(&self, backend: &dyn Backend, class: usize) -> Result<Slot, StoreError> {
-        let mut slabs = self.lock_slabs();
-        if let Some(slot) = slabs.alloc(class) {
+    /// A slot of `class` for a page being written, from a new chunk if
+    /// the budget has room for one, else from the slack that compaction
+    /// wins back (with `lane` and the first `room` bytes of its staging).
+    /// With none anywhere the store is full: ENOSPC.
+    fn take_slot(
+        &self,
+        backend: &dyn Backend,
+        lane: &mut dyn Lane,
+        room: usize,
+        class: usize,
+    ) -> Result<Slot, StoreError> {
+        // Each compaction empties blocks; writers beside this one may take
+        // them first, so a few rounds, not one.
+        for _ in 0..COMPACTIONS_PER_SLOT {
+            if let Some(slot) = self.try_slot(backend, class)? {
+                return Ok(slot);
+            }
+            if !self.compact(backend, lane, room)? {
+                break;
+            }
+        }
+        if let Some(slot) = self.try_slot(backend, class)? {
             return Ok(slot);
         }
-        let full = |err: StoreError| {
-            self.full_writes.fetch_add(1, Ordering::Relaxed);
-            if !self.full.swap(true, Ordering::Relaxed) {
-                warn!("compressed store full: writes fail with ENOSPC until pages are freed");
-            }
-            err
-        };
+        self.full_writes.fetch_add(1, Ordering::Relaxed);
+        if !self.full.swap(true, Ordering::Relaxed) {
+            warn!("compressed store full: writes fail with ENOSPC until pages are freed");
+        }
+        Err(StoreError::NoSpace)
+    }
+
+    /// A slot of `class`, from a new chunk if the budget has room for one;
+    /// `None` where there is none.
+    fn try_slot(&self, backend: &dyn Backend, class: usize) -> Result<Option<Slot>, StoreError> {
+        let mut slabs = self.lock_slabs();
+        if let Some(slot) = slabs.alloc(class) {
+            return Ok(Some(slot));
+        }
         let Some(index) = slabs.vacant_chunk() else {
-            return Err(full(StoreError::NoSpace));
+            return Ok(None);
         };
-        let chunk = backend.allocate_chunk().map_err(|err| match err {
-            BackendError::OutOfDeviceMemory => full(StoreError::NoSpace),
-            other => other.into(),
-        })?;
+        let chunk = match backend.allocate_chunk() {
+            Ok(chunk) => chunk,
+            Err(BackendError::OutOfDeviceMemory) => return Ok(None),
+            Err(other) => return Err(other.into()),
+        };
         self.chunks[index].store(chunk.0, Ordering::Release);
         slabs.add_chunk(index);
         debug!(index, ?chunk, "chunk taken for compressed pages");
-        slabs.alloc(class).ok_or(StoreError::NoSpace)
+        Ok(slabs.alloc(class))
     }
 
     /// Frees the slots of entries that were never swapped in.

@@ -13,6 +13,8 @@
 //! grows: the I/O path allocates nothing. This is plain bookkeeping, one
 //! lock around it (the caller's); it moves no byte.
 
+use arrayvec::ArrayVec;
+
 use super::PAGE;
 use crate::backend::{BLOCKS_PER_CHUNK, BLOCK_SIZE};
 
@@ -99,6 +101,19 @@ impl Bits {
         }
     }
 
+    /// The members, lowest first.
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.summary
+            .iter()
+            .enumerate()
+            .flat_map(move |(top, &bits)| {
+                ones(bits).flat_map(move |bit| {
+                    let word = top * 64 + bit;
+                    ones(self.words[word]).map(move |low| word * 64 + low)
+                })
+            })
+    }
+
     fn first(&self) -> Option<usize> {
         let (top, bits) = self
             .summary
@@ -108,6 +123,17 @@ impl Bits {
         let word = top * 64 + bits.trailing_zeros() as usize;
         Some(word * 64 + self.words[word].trailing_zeros() as usize)
     }
+}
+
+/// The positions of the set bits of `bits`, lowest first.
+fn ones(mut bits: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let bit = bits.trailing_zeros() as usize;
+        (bits != 0).then(|| {
+            bits &= bits - 1;
+            bit
+        })
+    })
 }
 
 /// The state of one 64 KiB block.
@@ -257,6 +283,58 @@ impl Slabs {
         (self.free_blocks[chunk] == u64::MAX).then_some(chunk)
     }
 
+    /// Picks slabs to empty (compaction, `compact.rs`): of the class whose
+    /// slabs with room have the most free bytes, as many of its least used
+    /// slabs as the free slots of its other slabs can take in, at most
+    /// `victims`' capacity. They leave the class's slabs with room, so no
+    /// new page goes into them until [`Slabs::end_drain`]. Returns the
+    /// class; `None` where no class has a whole slab's worth of free
+    /// slots, which bounds what fragmentation can waste: less than one
+    /// slab per class.
+    pub(super) fn start_drain<const N: usize>(
+        &mut self,
+        victims: &mut ArrayVec<u32, N>,
+    ) -> Option<usize> {
+        let free_slots = |slabs: &Slabs, class: usize| -> usize {
+            let per_slab = slots_per_slab(class);
+            slabs.partial[class]
+                .iter()
+                .map(|slab| per_slab - slabs.slabs[slab].used as usize)
+                .sum()
+        };
+        let (class, free) = (0..CLASSES)
+            .map(|class| (class, free_slots(self, class)))
+            .filter(|&(class, free)| free >= slots_per_slab(class))
+            .max_by_key(|&(class, free)| free * class_size(class))?;
+        let drain = (free / slots_per_slab(class)).min(N);
+        // The `drain` least used slabs of the class, by insertion.
+        let mut least: ArrayVec<(u16, u32), N> = ArrayVec::new();
+        for slab in self.partial[class].iter() {
+            let used = self.slabs[slab].used;
+            let at = least.partition_point(|&(u, _)| u <= used);
+            if at < drain {
+                if least.len() == drain {
+                    least.pop();
+                }
+                least.insert(at, (used, slab as u32));
+            }
+        }
+        for &(_, slab) in &least {
+            self.partial[class].remove(slab as usize);
+            victims.push(slab);
+        }
+        Some(class)
+    }
+
+    /// Ends the draining of `slab` of `class`: if it is still a slab of
+    /// that class with room, new pages may go there again.
+    pub(super) fn end_drain(&mut self, slab: u32, class: usize) {
+        let state = &self.slabs[slab as usize];
+        if state.class as usize == class && (state.used as usize) < slots_per_slab(class) {
+            self.partial[class].insert(slab as usize);
+        }
+    }
+
     /// The lowest chunk index with no chunk, if the table has room.
     pub(super) fn vacant_chunk(&self) -> Option<usize> {
         self.present.iter().position(|p| !p)
@@ -349,6 +427,49 @@ mod tests {
         assert!(slabs.chunk_empty(0));
         slabs.remove_chunk(0);
         assert_eq!(slabs.counts(), SlabCounts::default());
+    }
+
+    #[test]
+    fn draining_picks_the_least_used_slabs_the_rest_can_take_in() {
+        let mut slabs = Slabs::new(1);
+        slabs.add_chunk(0);
+        // Five raw slabs (16 slots each), used 16, 12, 3, 9, 1.
+        let taken: Vec<Slot> = (0..5 * 16).map(|_| slabs.alloc(RAW).unwrap()).collect();
+        let keep = [16, 12, 3, 9, 1];
+        for (slab, &used) in keep.iter().enumerate() {
+            for slot in &taken[slab * 16 + used..(slab + 1) * 16] {
+                slabs.free(*slot, RAW);
+            }
+        }
+        // Free slots: 4 + 13 + 7 + 15 = 39 in the four partial slabs:
+        // room for two slabs' pages, the least used two.
+        let mut victims: ArrayVec<u32, 8> = ArrayVec::new();
+        assert_eq!(slabs.start_drain(&mut victims), Some(RAW));
+        assert_eq!(victims.as_slice(), [4, 2]);
+        // No new page goes into a slab being drained.
+        let next = slabs.alloc(RAW).unwrap();
+        assert_eq!(next.slab, 1);
+        // Ending the drain of a slab still holding pages makes it usable
+        // again; one emptied meanwhile is a free block.
+        for slot in &taken[2 * 16..2 * 16 + 3] {
+            slabs.free(*slot, RAW);
+        }
+        slabs.end_drain(2, RAW);
+        slabs.end_drain(4, RAW);
+        assert_eq!(slabs.counts().slabs, 4, "slab 2 is a free block");
+        assert_eq!(slabs.alloc(RAW).unwrap().slab, 1);
+        for _ in 0..2 {
+            slabs.alloc(RAW).unwrap();
+        }
+        // Slab 1 is full; then slabs with room, lowest first: 3, then 4.
+        assert_eq!(slabs.alloc(RAW).unwrap().slab, 3);
+        // A class whose free slots make no whole slab is not drained.
+        let mut slabs = Slabs::new(1);
+        slabs.add_chunk(0);
+        let one = slabs.alloc(0).unwrap();
+        let mut victims: ArrayVec<u32, 8> = ArrayVec::new();
+        assert_eq!(slabs.start_drain(&mut victims), None);
+        slabs.free(one, 0);
     }
 
     /// One step of a random workload: take a slot of a class, or free the

@@ -170,7 +170,7 @@ impl PackedPages {
                 Packed::Raw => (PAGE, page),
             };
             let class = class_of(len);
-            let slot = match self.take_slot(backend, class) {
+            let slot = match self.take_slot(backend, lane, back, class) {
                 Ok(slot) => slot,
                 Err(err) => {
                     self.give_back(backend, lane, &entries);
