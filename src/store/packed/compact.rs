@@ -47,15 +47,16 @@ impl PackedPages {
     ) -> Result<bool, StoreError> {
         let _one = self.compacting.lock().unwrap_or_else(|e| e.into_inner());
         let mut victims: ArrayVec<u32, DRAIN> = ArrayVec::new();
-        let (class, before) = {
+        let (class, before, held) = {
             let mut slabs = self.lock_slabs();
             let Some(class) = slabs.start_drain(&mut victims) else {
                 return Ok(false);
             };
-            (class, slabs.counts().slabs)
+            let held = victims.iter().map(|&slab| slabs.used(slab)).sum();
+            (class, slabs.counts().slabs, held)
         };
         victims.sort_unstable();
-        let moved = self.move_out(backend, lane, room, class, &victims);
+        let moved = self.move_out(backend, lane, room, class, &victims, held);
         let mut slabs = self.lock_slabs();
         for &slab in &victims {
             slabs.end_drain(slab, class);
@@ -69,7 +70,9 @@ impl PackedPages {
     }
 
     /// Moves every page in a slot of `class` in `victims` (sorted) that
-    /// its group lets it, into other slots. Returns the pages moved.
+    /// its group lets it, into other slots; the table is searched until
+    /// `held`, the pages the victims held, have moved. Returns the pages
+    /// moved.
     fn move_out(
         &self,
         backend: &dyn Backend,
@@ -77,6 +80,7 @@ impl PackedPages {
         room: usize,
         class: usize,
         victims: &[u32],
+        held: usize,
     ) -> Result<usize, StoreError> {
         let in_victim = |entry: &Entry| {
             entry
@@ -86,6 +90,9 @@ impl PackedPages {
         let per_batch = (room / PAGE).clamp(1, GROUP);
         let mut moved = 0;
         for group in self.groups.iter() {
+            if moved >= held {
+                break;
+            }
             let mut entries = match group.try_write() {
                 Ok(entries) => entries,
                 Err(TryLockError::Poisoned(e)) => e.into_inner(),

@@ -326,6 +326,11 @@ impl Slabs {
         Some(class)
     }
 
+    /// Slots in use in `slab`.
+    pub(super) fn used(&self, slab: u32) -> usize {
+        self.slabs[slab as usize].used as usize
+    }
+
     /// Ends the draining of `slab` of `class`: if it is still a slab of
     /// that class with room, new pages may go there again.
     pub(super) fn end_drain(&mut self, slab: u32, class: usize) {
