@@ -8,7 +8,11 @@
 # shellcheck source=SCRIPTDIR/../lib.sh
 . "$GUEST_DIR/lib.sh"
 
-vs start --backend vulkan --size 256M --priority 40
+# 160 MiB: room for the ~96 MiB swapped out; under lavapipe the area's
+# "VRAM" is the guest's own RAM, which resume needs beside the hog's 224 MiB
+# while its pages are all in (a 256 MiB area left the guest 44 MiB free
+# there, and a CI run on a loaded machine OOM-killed the hog, 2026-12-05).
+vs start --backend vulkan --size 160M --priority 40
 device=$(nbd_device default)
 pid=$(server_pid default)
 cgroup sleep 128
