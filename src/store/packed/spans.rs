@@ -1,13 +1,14 @@
 //! Few transfers for many pages: a batch's slots laid out in staging in
 //! VRAM order, neighbours in one chunk moved by one step.
 //!
-//! Each page is its own slot, so a batch of 64 pages was 64 copies. With
-//! CUDA every copy is a driver call, and the process makes about 450k of
-//! them a second whatever its threads do (docs/BENCHMARKS.md, "Compressed
-//! pages on the H200"): 64 copies a batch held compressed reads and writes
-//! to ~2 GB/s however many connections came. The pages one request writes
-//! take neighbouring slots of their classes, so sorted by place they fall
-//! into a few runs, one step each.
+//! Each page is its own slot, so a batch of 64 pages was 64 copies, and
+//! with CUDA every copy is a driver call (the process makes about 450k of
+//! them a second, however many threads call). Pages written together
+//! often take neighbouring slots of their classes; sorted by place they
+//! fall into fewer runs, one step each. On the H200 this did not move
+//! compressed sequential reads off their ~2 GB/s (docs/BENCHMARKS.md,
+//! "Compressed pages on the H200"): Vulkan, whose steps are regions of
+//! one command, stops near there too, so copies are not all of that bound.
 
 use arrayvec::ArrayVec;
 
