@@ -275,12 +275,14 @@ impl PackedPages {
         class: usize,
     ) -> Result<Slot, StoreError> {
         // Each compaction empties blocks; writers beside this one may take
-        // them first, so a few rounds, not one.
+        // them first, so a few rounds, not one. Once a write has been
+        // refused, only a freed slot can make compaction find anything:
+        // until one is (`release` clears `full`), refusals are quick.
         for _ in 0..COMPACTIONS_PER_SLOT {
             if let Some(slot) = self.try_slot(backend, class)? {
                 return Ok(slot);
             }
-            if !self.compact(backend, lane, room)? {
+            if self.full.load(Ordering::Relaxed) || !self.compact(backend, lane, room)? {
                 break;
             }
         }
