@@ -17,6 +17,7 @@
 //! ```
 
 pub mod backend;
+pub mod budget;
 mod checksum;
 pub mod export;
 pub mod maps;

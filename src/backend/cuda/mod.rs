@@ -29,13 +29,15 @@
 //! devices, `device` opens one and owns its memory, `vkmem` imports mapped
 //! blocks from Vulkan and carves chunks out of them, `lane` queues and
 //! waits for copies, `conv` holds every conversion between the driver's
-//! values and ours.
+//! values and ours; `nvml` reads a GPU's free VRAM for the swap watcher
+//! through NVML, with no CUDA context.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 mod conv;
 mod device;
 mod driver;
 mod lane;
+mod nvml;
 #[cfg(feature = "vulkan")]
 mod vkmem;
 
@@ -44,6 +46,7 @@ use std::sync::Arc;
 use self::device::DeviceShared;
 use self::driver::FreeMemory;
 use self::lane::CudaLane;
+pub(crate) use self::nvml::NvmlBudget;
 use super::{
     select_adapter, Backend, BackendError, ChunkId, DeviceInfo, Fill, HostRegion, Lane,
     MemoryReport, OpenError, OpenOptions,

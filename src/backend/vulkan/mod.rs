@@ -14,9 +14,11 @@
 //! Files split by lifetime: `instance` finds adapters, `device` opens one
 //! and owns its memory, `lane` records and waits for copies, `compute`
 //! runs the self-test's shaders, `conv` holds every conversion between
-//! Vulkan's values and ours.
+//! Vulkan's values and ours; `budget` reads a device's free VRAM for the
+//! swap watcher without opening it.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+mod budget;
 mod compute;
 mod conv;
 mod device;
@@ -28,6 +30,7 @@ mod lane;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+pub(crate) use self::budget::VulkanBudget;
 use self::compute::VulkanSelfTest;
 use self::device::DeviceShared;
 use self::instance::Instance;
