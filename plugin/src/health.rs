@@ -5,14 +5,15 @@
 //! The first error of each kind is written at once; later ones mark the
 //! report dirty and a flusher thread writes it at most twice a second, so
 //! a storm of failing requests costs no I/O to speak of, and the file is
-//! never more than half a second behind. With `compress=` the flusher
-//! also rewrites it every 2 s with what the pages hold.
+//! never more than half a second behind. With `compress=` or lazy
+//! allocation the flusher also rewrites it every 2 s with what the pages
+//! hold and the VRAM they take.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use vramswap::{BlockStore, CompressStats};
+use vramswap::{AllocationPolicy, BlockStore, CompressStats};
 
 static FAILED: AtomicU64 = AtomicU64::new(0);
 static NOSPACE: AtomicU64 = AtomicU64::new(0);
@@ -51,12 +52,14 @@ pub fn changed() {
     DIRTY.store(true, Ordering::Release);
 }
 
-fn compressed(store: &RwLock<Option<Arc<BlockStore>>>) -> bool {
+/// Whether the store's counts change with its writes: compressed pages,
+/// or chunks taken and given back (lazy allocation).
+fn changing(store: &RwLock<Option<Arc<BlockStore>>>) -> bool {
     store
         .read()
         .unwrap_or_else(PoisonError::into_inner)
         .as_ref()
-        .is_some_and(|s| s.compress_stats().is_some())
+        .is_some_and(|s| s.compress_stats().is_some() || s.allocation() == AllocationPolicy::Lazy)
 }
 
 /// Starts the thread that writes changes the first write did not cover.
@@ -71,9 +74,9 @@ pub fn start_flusher(store: &'static RwLock<Option<Arc<BlockStore>>>) {
         .spawn(move || {
             for tick in 0u64.. {
                 std::thread::sleep(Duration::from_millis(500));
-                // A compressed store's counts change with every write:
-                // they are rewritten every 2 s.
-                if DIRTY.swap(false, Ordering::AcqRel) || (tick % 4 == 3 && compressed(store)) {
+                // A compressed or lazy store's counts change with its
+                // writes: they are rewritten every 2 s.
+                if DIRTY.swap(false, Ordering::AcqRel) || (tick % 4 == 3 && changing(store)) {
                     write(store);
                 }
             }
@@ -111,13 +114,14 @@ pub fn write(store: &RwLock<Option<Arc<BlockStore>>>) {
     // file last renamed holds the latest counts, and two writers never
     // share the temporary file.
     let _one = WRITING.lock().unwrap_or_else(PoisonError::into_inner);
-    let (failure, checksum_errors, mapped, compress) = store
+    let (failure, checksum_errors, mapped, compress, vram_held) = store
         .read()
         .unwrap_or_else(PoisonError::into_inner)
         .as_ref()
-        .map_or((None, 0, false, None), |s| {
+        .map_or((None, 0, false, None, 0), |s| {
             let compress = s.compress_stats().map(|c| compress_report(&c));
-            (s.failure(), s.checksum_errors(), s.mapped(), compress)
+            let held = s.vram_held();
+            (s.failure(), s.checksum_errors(), s.mapped(), compress, held)
         });
     let report = serde_json::json!({
         "failure": failure,
@@ -129,6 +133,7 @@ pub fn write(store: &RwLock<Option<Arc<BlockStore>>>) {
         "warm_connections": crate::warmup::warm_connections(),
         "daemon": crate::daemon::report(),
         "compress": compress,
+        "vram_held": vram_held,
         "updated": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
     });
     let path = std::path::PathBuf::from(path);

@@ -467,6 +467,15 @@ impl BlockStore {
         piece_count(offset, len, self.lanes.piece_bytes)
     }
 
+    /// Bytes of VRAM the store holds now: its allocated chunks (or, with
+    /// compression, what its pages take).
+    pub fn vram_held(&self) -> u64 {
+        match &self.packed {
+            Some(packed) => packed.stats().vram_used,
+            None => self.chunks_allocated.load(Ordering::Relaxed) * CHUNK_SIZE,
+        }
+    }
+
     /// Whether writes go straight into mapped VRAM (`mapped=`).
     pub fn mapped(&self) -> bool {
         self.backend.mapped()
