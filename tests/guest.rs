@@ -13,7 +13,7 @@ use std::process::Command;
 
 /// In the order they run; each leaves no instance behind for the next.
 const SCENARIOS: &[&str] = &[
-    "swap", "stall", "two", "sleep", "kill", "term", "upgrade", "crypt", "zip",
+    "swap", "stall", "two", "sleep", "kill", "term", "upgrade", "crypt", "zip", "elastic",
 ];
 
 #[test]

@@ -63,7 +63,7 @@ pub enum Command {
         Settings come from the NAME's section of the config file when there is one;\n\
         options given here override it. On failure every step already done is undone,\n\
         in reverse order.")]
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Swapoff, detach and stop instances, giving their VRAM back.
     #[command(
         after_help = "Examples:\n  vramswap stop\n  vramswap stop scratch\n  vramswap stop --all\n\n\
@@ -101,6 +101,29 @@ pub enum Command {
     /// Start again the instances `suspend` stopped, then put back the
     /// memory limits it lifted.
     Resume,
+    /// Watch an elastic area: give slices back when other programs need
+    /// the VRAM, take them again when they are done.
+    ///
+    /// `start --elastic` runs it in the background, and `stop` ends it; it
+    /// is not usually run by hand. Once a second it reads the GPU's free
+    /// VRAM (VK_EXT_memory_budget with the vulkan backend; NVML, else
+    /// cuMemGetInfo, with cuda; or --budget-file). Under the headroom, it
+    /// swaps off the emptiest online slice (swapoff moves its pages to RAM
+    /// or to lower-priority swap) and discards the slice's range, which
+    /// gives its VRAM back; if swapoff fails, the slice stays online and the
+    /// log says why. Above the headroom plus a slice for the settle time, it
+    /// turns the next slice back on. Events go to stderr (the journal under
+    /// systemd) and to /run/vramswap/NAME/elastic.json, which status shows.
+    Elastic {
+        /// The elastic instance to watch.
+        name: String,
+        /// Where the kernel has no NBD (the GPU bench machine): swapoff,
+        /// mkswap and swapon are not run, only logged; slices are online or
+        /// offline by the watcher's own record, and the range is still
+        /// discarded on the server.
+        #[arg(long, hide = true)]
+        stand_in_swap: bool,
+    },
     /// Apply the power policy: stop areas set to `on-battery = "stop"` while
     /// on battery, start them again on AC.
     ///
@@ -313,6 +336,30 @@ pub struct StartArgs {
     /// nothing is readable after stop or reboot.
     #[arg(long)]
     pub encrypt: bool,
+    /// Give VRAM back when other programs need it: the area is cut into
+    /// slices, each its own swap area at descending priority, and a
+    /// watcher swaps off the emptiest slice and frees its VRAM whenever
+    /// free VRAM falls under --headroom, and turns slices back on once it
+    /// has stayed above it for --settle. Allocates lazily; excludes
+    /// --compress and --encrypt.
+    #[arg(long)]
+    pub elastic: bool,
+    /// With --elastic: the number of slices, 1 to 16 [default: about 8,
+    /// none under 512 MiB].
+    #[arg(long, value_name = "N")]
+    pub slices: Option<u32>,
+    /// With --elastic: free VRAM to keep for other programs, e.g. 2G
+    /// [default: 1G].
+    #[arg(long, value_name = "SIZE")]
+    pub headroom: Option<String>,
+    /// With --elastic: seconds free VRAM must stay above the headroom plus
+    /// a slice before that slice comes back [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub settle: Option<u64>,
+    /// With --elastic: read the free VRAM from FILE (a size such as 3G),
+    /// not from the GPU: for tests, or a budget some other tool manages.
+    #[arg(long, value_name = "FILE")]
+    pub budget_file: Option<PathBuf>,
     /// Seconds to wait for nbdkit to open the GPU and answer [default: 300].
     #[arg(long)]
     pub timeout: Option<u64>,

@@ -25,6 +25,7 @@ use vramswap::export::ConfigError;
 use vramswap::ExportConfig;
 
 use crate::args::StartArgs;
+use crate::elastic::ElasticOptions;
 use crate::name::check_name;
 use crate::system::System;
 
@@ -89,6 +90,21 @@ pub struct Settings {
     /// With `on-battery = "stop"`: only once the charge is under this %.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub battery_below: Option<u8>,
+    /// Slices that give VRAM back when other programs need it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub elastic: Option<bool>,
+    /// With elastic: how many slices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slices: Option<u32>,
+    /// With elastic: the VRAM to keep free for other programs, e.g. "1G".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headroom: Option<String>,
+    /// With elastic: seconds free VRAM must stay high before a slice returns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settle: Option<u64>,
+    /// With elastic: read free VRAM from this file instead of the GPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_file: Option<PathBuf>,
 }
 
 /// The settings given as options (the rest stay unset, so a config
@@ -118,6 +134,11 @@ impl From<&StartArgs> for Settings {
             // The power policy is set in the config file only.
             on_battery: None,
             battery_below: None,
+            elastic: args.elastic.then_some(true),
+            slices: args.slices,
+            headroom: args.headroom.clone(),
+            settle: args.settle,
+            budget_file: args.budget_file.clone(),
         }
     }
 }
@@ -144,6 +165,8 @@ pub struct StartOptions {
     pub settings: Settings,
     /// The group this instance is a member of (one GPU of several).
     pub group: Option<String>,
+    /// `--elastic`: slices that give VRAM back.
+    pub elastic: Option<ElasticOptions>,
 }
 
 /// Where a setting came from, for error messages.
@@ -212,6 +235,11 @@ impl Settings {
             ratio: pick(&self.ratio, &over.ratio),
             on_battery: pick(&self.on_battery, &over.on_battery),
             battery_below: pick(&self.battery_below, &over.battery_below),
+            elastic: pick(&self.elastic, &over.elastic),
+            slices: pick(&self.slices, &over.slices),
+            headroom: pick(&self.headroom, &over.headroom),
+            settle: pick(&self.settle, &over.settle),
+            budget_file: pick(&self.budget_file, &over.budget_file),
         }
     }
 
@@ -221,6 +249,17 @@ impl Settings {
     pub fn to_options(&self, name: &str, origin: &Origin) -> Result<StartOptions> {
         check_name(name)?;
         let mut export = ExportConfig::default();
+        // An elastic area gives VRAM back by discarding slices: chunks
+        // must come and go (lazy allocation).
+        let allocation = match (self.elastic, self.allocation.as_deref()) {
+            (Some(true), Some("eager")) => bail!(
+                "{}: excludes --elastic, which gives VRAM back chunk by chunk \
+                 (elastic areas allocate lazily)",
+                origin.names("allocation", "eager")
+            ),
+            (Some(true), _) => Some("lazy".to_string()),
+            (_, given) => given.map(str::to_string),
+        };
         let verify = self
             .verify
             .map(|on| if on { "on" } else { "off" }.to_string());
@@ -229,7 +268,7 @@ impl Settings {
             ("device", &self.device),
             ("size", &self.size),
             ("reserve", &self.reserve),
-            ("allocation", &self.allocation),
+            ("allocation", &allocation),
             ("mapped", &self.mapped),
             ("verify", &verify),
             ("scrub", &self.scrub),
@@ -250,6 +289,7 @@ impl Settings {
                 origin.names("compress", export.given("compress").unwrap_or_default())
             );
         }
+        let elastic = self.elastic_options(&export, origin)?;
         if let Some(nbd) = &self.nbd {
             crate::nbd::kernel_name(nbd)
                 .map_err(|e| anyhow::anyhow!("{}{e}", origin.prefix("nbd")))?;
@@ -304,7 +344,66 @@ impl Settings {
             encrypt: self.encrypt.unwrap_or(false),
             settings: self.clone(),
             group: None,
+            elastic,
         })
+    }
+
+    /// `--elastic` and its keys, checked: they need it, and it excludes
+    /// what would keep a slice's VRAM from going back with its range.
+    fn elastic_options(
+        &self,
+        export: &ExportConfig,
+        origin: &Origin,
+    ) -> Result<Option<ElasticOptions>> {
+        if self.elastic != Some(true) {
+            for (key, given) in [
+                ("slices", self.slices.is_some()),
+                ("headroom", self.headroom.is_some()),
+                ("settle", self.settle.is_some()),
+                ("budget-file", self.budget_file.is_some()),
+            ] {
+                if given {
+                    bail!("{}{key} needs elastic (--elastic)", origin.prefix(key));
+                }
+            }
+            return Ok(None);
+        }
+        if export.compress.is_on() {
+            bail!(
+                "{}: excludes --elastic: compressed pages of every slice share the same \
+                 VRAM slabs, so a slice swapped off would give back no VRAM of its own",
+                origin.names("compress", export.given("compress").unwrap_or_default())
+            );
+        }
+        if self.encrypt == Some(true) {
+            bail!(
+                "{}--encrypt excludes --elastic: each slice would need a mapping and a key \
+                 of its own",
+                origin.prefix("encrypt")
+            );
+        }
+        if let Some(n) = self.slices {
+            if !(1..=crate::elastic::SLICES_MAX).contains(&n) {
+                bail!(
+                    "{}: expected 1 to {}",
+                    origin.names("slices", &n.to_string()),
+                    crate::elastic::SLICES_MAX
+                );
+            }
+        }
+        let headroom = match &self.headroom {
+            Some(text) => vramswap::parse_size(text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", origin.names("headroom", text)))?,
+            None => crate::elastic::DEFAULT_HEADROOM,
+        };
+        Ok(Some(ElasticOptions {
+            slices: self.slices,
+            headroom,
+            settle: self
+                .settle
+                .map_or(crate::elastic::DEFAULT_SETTLE, Duration::from_secs),
+            budget_file: self.budget_file.clone(),
+        }))
     }
 }
 

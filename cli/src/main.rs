@@ -7,6 +7,7 @@ mod args;
 mod cgroups;
 mod config;
 mod devices;
+mod elastic;
 mod group;
 mod memtest;
 mod name;
@@ -18,6 +19,7 @@ mod state;
 mod status;
 mod stop;
 mod system;
+mod trim;
 
 use std::fmt;
 use std::process::ExitCode;
@@ -114,7 +116,12 @@ fn init_logging(verbose: u8, quiet: bool) {
 fn main() -> ExitCode {
     system::die_on_closed_pipe();
     let cli = Cli::parse();
-    init_logging(cli.verbose, cli.quiet);
+    // The watcher runs for as long as its area: what it does is its output.
+    let verbose = match cli.command {
+        Command::Elastic { .. } => cli.verbose.max(1),
+        _ => cli.verbose,
+    };
+    init_logging(verbose, cli.quiet);
     let mut system = system::RealSystem::new();
     let result = match &cli.command {
         Command::Devices { json } => devices::run(&RealGpus, *json),
@@ -124,6 +131,10 @@ fn main() -> ExitCode {
         Command::Suspend => sleep::suspend(&mut system, &RealGpus),
         Command::Resume => sleep::resume(&mut system, &RealGpus),
         Command::Power => power::run(&mut system, &RealGpus),
+        Command::Elastic {
+            name,
+            stand_in_swap,
+        } => elastic::watch::run(&mut system, name, *stand_in_swap),
         Command::Memtest(args) => memtest::run(args, cli.quiet),
     };
     match result {

@@ -180,6 +180,7 @@ mod tests {
             // 'b' is one GPU of group 'g' (start g --device all).
             group: (name == "b").then(|| "g".to_string()),
             crypt: None,
+            elastic: None,
         };
         system.fixture(
             &format!("/run/vramswap/{name}/state.json"),

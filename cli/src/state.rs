@@ -56,6 +56,10 @@ impl InstanceDir {
     pub fn state(&self) -> PathBuf {
         self.dir.join("state.json")
     }
+    /// What an elastic area's watcher last did (see `elastic::watch`).
+    pub fn elastic(&self) -> PathBuf {
+        self.dir.join("elastic.json")
+    }
 }
 
 /// What `start` recorded.
@@ -87,23 +91,42 @@ pub struct State {
     /// The dm-crypt mapping swap runs on (`--encrypt`), over `nbd_device`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crypt: Option<String>,
+    /// The slices of an elastic area (`--elastic`), on `nbd_device`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elastic: Option<crate::elastic::Layout>,
 }
 
 impl State {
     /// The block devices the kernel may list this instance's swap area
-    /// under in /proc/swaps: the NBD device, or the dm-crypt mapping on it.
+    /// under in /proc/swaps: the NBD device, or the dm-crypt mapping on
+    /// it, or the first slice of an elastic area.
     pub fn swap_paths(&self, system: &dyn System) -> Vec<String> {
-        match &self.crypt {
-            Some(mapping) => crate::nbd::mapper_paths(system, mapping),
-            None => vec![self.nbd_device.clone()],
+        match (&self.crypt, &self.elastic) {
+            (Some(mapping), _) => crate::nbd::mapper_paths(system, mapping),
+            (None, Some(layout)) => crate::nbd::mapper_paths(system, &layout.slices[0].mapping),
+            (None, None) => vec![self.nbd_device.clone()],
         }
     }
 
-    /// This instance's active swap area and the path it is listed under.
-    pub fn swap_area(&self, system: &dyn System) -> Option<(String, crate::nbd::SwapArea)> {
-        self.swap_paths(system)
+    /// Every active swap area of this instance (one, or an elastic area's
+    /// online slices), with the path each is listed under.
+    pub fn swap_areas(&self, system: &dyn System) -> Vec<(String, crate::nbd::SwapArea)> {
+        let candidates: Vec<Vec<String>> = match (&self.crypt, &self.elastic) {
+            (None, Some(layout)) => layout
+                .slices
+                .iter()
+                .map(|s| crate::nbd::mapper_paths(system, &s.mapping))
+                .collect(),
+            _ => vec![self.swap_paths(system)],
+        };
+        candidates
             .into_iter()
-            .find_map(|path| crate::nbd::swap_area(system, &path).map(|area| (path, area)))
+            .filter_map(|paths| {
+                paths
+                    .into_iter()
+                    .find_map(|path| crate::nbd::swap_area(system, &path).map(|area| (path, area)))
+            })
+            .collect()
     }
 }
 
@@ -234,6 +257,7 @@ mod tests {
             started: 1_795_000_000,
             group: None,
             crypt: None,
+            elastic: None,
         }
     }
 

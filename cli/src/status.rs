@@ -5,11 +5,12 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 use vramswap::ByteSize;
 
+use crate::elastic::watch::Record;
 use crate::nbd;
 use crate::state::{self, InstanceDir, State};
 use crate::system::System;
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, PartialEq)]
 pub struct InstanceStatus {
     pub name: String,
     /// The group of GPUs this instance is one of (`start --device all`).
@@ -33,6 +34,32 @@ pub struct InstanceStatus {
     /// What the server reports about itself (failed requests, a lost
     /// device), when it has written its status file.
     pub server: Option<serde_json::Value>,
+    /// An elastic area's slices and watcher (`start --elastic`).
+    pub elastic: Option<ElasticStatus>,
+}
+
+/// An elastic area: its slices, what it lends now, and its watcher.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ElasticStatus {
+    pub slices: Vec<SliceStatus>,
+    /// The sizes of the online slices: the most VRAM the area may take now.
+    pub lent: u64,
+    /// VRAM the server holds now (4 MiB chunks with data), as it last said.
+    pub held: Option<u64>,
+    pub headroom: u64,
+    pub settle: u64,
+    pub watcher_alive: bool,
+    /// What the watcher last read and did (`elastic.json`).
+    pub watcher: Option<Record>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct SliceStatus {
+    pub mapping: String,
+    pub size: u64,
+    pub priority: i32,
+    pub online: bool,
+    pub used: u64,
 }
 
 pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
@@ -58,6 +85,7 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
         swap_used: None,
         priority: None,
         server: None,
+        elastic: None,
     };
     let state = match State::load(system, &instance) {
         Ok(state) => state,
@@ -72,9 +100,10 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
     status.nbd_attached = nbd::kernel_name(&state.nbd_device)
         .map(|n| nbd::is_attached(system, n))
         .unwrap_or(false);
-    let area = state.swap_area(system);
-    status.swap_active = area.is_some();
-    status.swap_used = area.map(|(_, a)| a.used_kib << 10);
+    let areas = state.swap_areas(system);
+    status.swap_active = !areas.is_empty();
+    status.swap_used =
+        (!areas.is_empty()).then(|| areas.iter().map(|(_, a)| a.used_kib << 10).sum());
     if !status.server_alive {
         status
             .problems
@@ -85,7 +114,17 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
             .problems
             .push(format!("{} is not attached", state.nbd_device));
     }
-    if !status.swap_active {
+    if let Some(layout) = &state.elastic {
+        let elastic = elastic_status(system, &instance, layout);
+        if !elastic.watcher_alive {
+            status.problems.push(
+                "the elastic watcher is not running: slices stay as they are (stop and start \
+                 the area to run it again)"
+                    .into(),
+            );
+        }
+        status.elastic = Some(elastic);
+    } else if !status.swap_active {
         status.problems.push(format!(
             "{} is not an active swap area",
             state.swap_paths(system)[0]
@@ -135,6 +174,93 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
     status.pid = Some(state.pid);
     status.priority = Some(state.priority);
     Ok(status)
+}
+
+fn elastic_status(
+    system: &dyn System,
+    instance: &InstanceDir,
+    layout: &crate::elastic::Layout,
+) -> ElasticStatus {
+    let slices: Vec<SliceStatus> = layout
+        .slices
+        .iter()
+        .map(|slice| {
+            let area = nbd::mapper_paths(system, &slice.mapping)
+                .into_iter()
+                .find_map(|path| nbd::swap_area(system, &path));
+            SliceStatus {
+                mapping: slice.mapping.clone(),
+                size: slice.size,
+                priority: slice.priority,
+                online: area.is_some(),
+                used: area.map_or(0, |a| a.used_kib << 10),
+            }
+        })
+        .collect();
+    let watcher = Record::load(system, instance);
+    let watcher_alive = watcher
+        .as_ref()
+        .is_some_and(|r| r.pid != 0 && system.alive(r.pid));
+    // Under --stand-in-swap the kernel holds no slice: the watcher says.
+    let slices = match watcher.as_ref().map(|r| &r.stand_in_online) {
+        Some(online) if online.len() == slices.len() => slices
+            .into_iter()
+            .zip(online)
+            .map(|(s, &online)| SliceStatus { online, ..s })
+            .collect(),
+        _ => slices,
+    };
+    ElasticStatus {
+        lent: slices.iter().filter(|s| s.online).map(|s| s.size).sum(),
+        slices,
+        held: state::server_report(system, instance).and_then(|r| r["vram_held"].as_u64()),
+        headroom: layout.headroom,
+        settle: layout.settle,
+        watcher_alive,
+        watcher,
+    }
+}
+
+/// An elastic area in a few lines: the slices, what is lent, the watcher.
+fn elastic_lines(e: &ElasticStatus) -> Vec<String> {
+    let online = e.slices.iter().filter(|s| s.online).count();
+    let mut lines = vec![format!(
+        "elastic: {online} of {} slices online, {} lent{}, headroom {}, free VRAM {}",
+        e.slices.len(),
+        ByteSize(e.lent),
+        e.held
+            .map_or(String::new(), |h| format!(" ({} held)", ByteSize(h))),
+        ByteSize(e.headroom),
+        e.watcher
+            .as_ref()
+            .and_then(|w| w.free)
+            .map_or("unknown".into(), |f| ByteSize(f).to_string()),
+    )];
+    lines.push(
+        e.slices
+            .iter()
+            .map(|s| {
+                let short = s.mapping.rsplit('-').next().unwrap_or(&s.mapping);
+                match s.online {
+                    true => format!("{short} on ({} used)", ByteSize(s.used)),
+                    false => format!("{short} off"),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    if let Some(w) = &e.watcher {
+        for (what, event) in [
+            ("last yield", &w.last_yield),
+            ("last return", &w.last_return),
+            ("last failure", &w.last_failure),
+        ] {
+            if let Some(ev) = event {
+                lines.push(format!("{what}: {} ({})", ev.slice, ev.reason));
+            }
+        }
+    }
+    lines
 }
 
 /// `compress=`'s counts as zramctl names them: the bytes of the pages
@@ -212,6 +338,9 @@ pub fn run(system: &dyn System, names: &[String], json: bool) -> Result<()> {
             if let Some(line) = s.server.as_ref().and_then(compress_line) {
                 println!("{:<12} {line}", "");
             }
+            for line in s.elastic.iter().flat_map(elastic_lines) {
+                println!("{:<12} {line}", "");
+            }
         }
     }
     let sick: Vec<&str> = statuses
@@ -248,10 +377,70 @@ mod tests {
             started: 0,
             group: None,
             crypt: None,
+            elastic: None,
         };
         system.fixture(
             &format!("/run/vramswap/{name}/state.json"),
             &state.to_json(),
+        );
+    }
+
+    #[test]
+    fn an_elastic_area_shows_its_slices_and_needs_its_watcher() {
+        let mut system = FakeSystem::new();
+        instance(&mut system, "el", "/dev/nbd0", 10);
+        system.alive.insert(10, true);
+        system.fixture("/sys/block/nbd0/pid", "1\n");
+        let dir = InstanceDir::new("el").unwrap();
+        let mut state = State::load(&system, &dir).unwrap();
+        let options = crate::elastic::ElasticOptions {
+            slices: Some(2),
+            headroom: 1 << 30,
+            settle: std::time::Duration::from_secs(30),
+            budget_file: None,
+        };
+        state.elastic = Some(crate::elastic::layout("el", 256 << 20, 50, &options).unwrap());
+        system.fixture("/run/vramswap/el/state.json", &state.to_json());
+        system.fixture("/sys/block/dm-0/dm/name", "vramswap-el-s0\n");
+        system.fixture("/sys/block/dm-1/dm/name", "vramswap-el-s1\n");
+        system.fixture(
+            "/proc/swaps",
+            "Filename Type Size Used Priority\n/dev/dm-0 partition 131068 2048 50\n",
+        );
+        let no_watcher = inspect(&system, "el").unwrap();
+        assert_eq!(
+            no_watcher.problems,
+            [
+                "the elastic watcher is not running: slices stay as they are (stop and start \
+              the area to run it again)"
+            ]
+        );
+        // A slice offline is no problem; the area swaps on the other.
+        let record = Record {
+            pid: 7000,
+            free: Some(3 << 30),
+            ..Default::default()
+        };
+        system.fixture(
+            "/run/vramswap/el/elastic.json",
+            &serde_json::to_string(&record).unwrap(),
+        );
+        system.alive.insert(7000, true);
+        let status = inspect(&system, "el").unwrap();
+        assert!(status.healthy, "{status:?}");
+        assert_eq!(status.swap_used, Some(2 << 20));
+        let elastic = status.elastic.as_ref().unwrap();
+        assert_eq!(
+            elastic.slices.iter().map(|s| s.online).collect::<Vec<_>>(),
+            [true, false]
+        );
+        assert_eq!(elastic.lent, 128 << 20);
+        assert_eq!(
+            elastic_lines(elastic)[..2],
+            [
+                "elastic: 1 of 2 slices online, 128 MiB lent, headroom 1 GiB, free VRAM 3 GiB",
+                "s0 on (2 MiB used), s1 off"
+            ]
         );
     }
 

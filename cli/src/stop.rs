@@ -75,18 +75,32 @@ pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
     if !server_alive && nbd::is_attached(system, kernel_name) {
         detach(system, &device, "nothing was removed")?;
     }
+    // An elastic area's watcher first: it must not turn a slice back on
+    // behind the swapoffs below.
+    if state.elastic.is_some() {
+        crate::elastic::watch::stop_watcher(system, &instance)?;
+    }
     let mut swap_left = None;
-    if let Some((swap, area)) = state.swap_area(system) {
+    for (swap, area) in state.swap_areas(system) {
         if let Err(err) = swapoff(system, &swap, area.used_kib) {
             if server_alive {
                 bail!(
-                    "{err:#}: the pages stay in VRAM and nothing was stopped; free some RAM \
+                    "{err:#}: the pages stay in VRAM and nothing was stopped{}; free some RAM \
                      (the kernel needs room for {}) and try again",
+                    if state.elastic.is_some() {
+                        " (but the elastic watcher: slices stay as they are)"
+                    } else {
+                        ""
+                    },
                     ByteSize(nbd::swap_area(system, &swap).map_or(0, |a| a.used_kib) << 10)
                 );
             }
             swap_left = Some((swap, err));
+            break;
         }
+    }
+    if let (Some(layout), None) = (&state.elastic, &swap_left) {
+        crate::elastic::watch::remove_mappings(system, layout)?;
     }
     // The mapping goes (its key with it) before the device under it.
     if let Some(mapping) = &state.crypt {
@@ -127,11 +141,21 @@ pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
 /// swap is off and the device detached: a storage daemon holds SIGTERM
 /// back only while a client is connected, and none should be left.
 pub fn stop_server(system: &mut dyn System, instance: &InstanceDir) -> Result<()> {
-    const GRACE: Duration = Duration::from_secs(30);
-    const POLL: Duration = Duration::from_millis(100);
     let Some(pid) = state::read_pid(system, &instance.pidfile()) else {
         return Ok(());
     };
+    terminate(
+        system,
+        pid,
+        Duration::from_secs(30),
+        "(a client still connected holds it there); swap is off and the device detached",
+    )
+}
+
+/// Ends process `pid` if it runs: SIGTERM, then SIGKILL if it has not
+/// exited after `grace`, saying why it was late (`late`).
+pub fn terminate(system: &mut dyn System, pid: u32, grace: Duration, late: &str) -> Result<()> {
+    const POLL: Duration = Duration::from_millis(100);
     if !system.alive(pid) {
         return Ok(());
     }
@@ -140,11 +164,10 @@ pub fn stop_server(system: &mut dyn System, instance: &InstanceDir) -> Result<()
         .with_context(|| format!("kill -TERM {pid}"))?;
     let mut waited = Duration::ZERO;
     while system.alive(pid) {
-        if waited >= GRACE {
+        if waited >= grace {
             warn!(
-                "nbdkit {pid} has not exited {} s after SIGTERM (a client still connected \
-                 holds it there); swap is off and the device detached: killing it",
-                GRACE.as_secs()
+                "process {pid} has not exited {} s after SIGTERM {late}: killing it",
+                grace.as_secs()
             );
             system
                 .signal(pid, libc::SIGKILL)
@@ -168,7 +191,7 @@ fn detach(system: &mut dyn System, device: &str, left: &str) -> Result<()> {
 }
 
 /// Runs swapoff, showing how much is still to come back while it works.
-fn swapoff(system: &mut dyn System, device: &str, used_kib: u64) -> Result<()> {
+pub fn swapoff(system: &mut dyn System, device: &str, used_kib: u64) -> Result<()> {
     info!(
         "swapoff {device}: moving {} back into RAM",
         ByteSize(used_kib << 10)
@@ -234,6 +257,7 @@ mod tests {
             started: 0,
             group: None,
             crypt: None,
+            elastic: None,
         };
         system.fixture("/run/vramswap/default/state.json", &state.to_json());
         system.fixture("/run/vramswap/default/nbdkit.pid", "4321\n");

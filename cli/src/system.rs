@@ -8,7 +8,7 @@
 //! `/run/vramswap`.
 
 use std::fmt;
-use std::io;
+use std::io::{self, IsTerminal};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -143,6 +143,14 @@ pub trait System {
         every: Duration,
         tick: &mut dyn FnMut(),
     ) -> io::Result<Output>;
+
+    /// Starts a program in the background and returns its pid without
+    /// waiting for it. Its stderr goes where ours does, or when ours is a
+    /// terminal (which will not be there for long), to the end of `log`.
+    fn spawn(&mut self, cmd: &Cmd, log: &Path) -> io::Result<u32>;
+
+    /// Discards `len` bytes at `offset` of the NBD export on `socket`.
+    fn discard(&mut self, socket: &Path, offset: u64, len: u64) -> io::Result<()>;
 
     /// Whether a program is on PATH (or is an executable path).
     fn has_program(&self, program: &str) -> bool;
@@ -294,6 +302,25 @@ impl System for RealSystem {
         command(cmd).output().map(output)
     }
 
+    fn spawn(&mut self, cmd: &Cmd, log: &Path) -> io::Result<u32> {
+        tracing::debug!("starting in the background: {cmd}");
+        let mut command = command(cmd);
+        command.stdout(Stdio::null());
+        if std::io::stderr().is_terminal() {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(under(&self.root, log))?;
+            command.stderr(file);
+        }
+        // Not waited for: it outlives this process, and init reaps it.
+        Ok(command.spawn()?.id())
+    }
+
+    fn discard(&mut self, socket: &Path, offset: u64, len: u64) -> io::Result<()> {
+        crate::trim::trim(&under(&self.root, socket), offset, len)
+    }
+
     fn run_watching(
         &mut self,
         cmd: &Cmd,
@@ -432,6 +459,10 @@ pub mod fake {
         /// `read_direct`: the device, the number of readers, the read size
         /// and the CPUs used.
         ReadDirect(PathBuf, usize, usize, Vec<u32>),
+        /// `spawn`: the command line; the process gets pid 7000.
+        Spawn(String),
+        /// `discard`: the socket, offset and length.
+        Discard(PathBuf, u64, u64),
     }
 
     pub struct FakeSystem {
@@ -569,6 +600,20 @@ pub mod fake {
         ) -> io::Result<Output> {
             tick();
             self.run(cmd)
+        }
+
+        fn spawn(&mut self, cmd: &Cmd, _log: &Path) -> io::Result<u32> {
+            let line = cmd.to_string();
+            self.calls.push(Call::Spawn(line.clone()));
+            self.check(&format!("spawn {} {}", cmd.program, cmd.args.join(" ")))?;
+            self.alive.insert(7000, true);
+            Ok(7000)
+        }
+
+        fn discard(&mut self, socket: &Path, offset: u64, len: u64) -> io::Result<()> {
+            self.calls
+                .push(Call::Discard(socket.to_path_buf(), offset, len));
+            self.check(&format!("discard {offset} {len}"))
         }
 
         fn has_program(&self, program: &str) -> bool {

@@ -26,6 +26,7 @@ pub fn options() -> StartOptions {
         encrypt: false,
         settings: Default::default(),
         group: None,
+        elastic: None,
     }
 }
 

@@ -11,6 +11,7 @@ use vramswap::export::WarmUp;
 use vramswap::ByteSize;
 
 use crate::config::StartOptions;
+use crate::elastic::{watch, Layout, Slice};
 use crate::nbd;
 use crate::state::{self, InstanceDir, State, STATE_VERSION};
 use crate::stop::stop_server;
@@ -40,6 +41,8 @@ pub struct Plan {
     /// which the server is pinned to.
     pub numa: Option<(u32, String)>,
     pub options: StartOptions,
+    /// With `--elastic`: the slices.
+    pub elastic: Option<Layout>,
 }
 
 /// One step of the plan.
@@ -52,13 +55,15 @@ pub enum Step {
     NoThrottling,
     WarmUp,
     Encrypt,
+    Slices,
     Mkswap,
     Swapon,
     WriteState,
+    Watch,
 }
 
 /// Every step, in order; [`Plan::steps`] leaves out those a plan skips.
-pub const STEPS: [Step; 10] = [
+pub const STEPS: [Step; 12] = [
     Step::CreateDir,
     Step::StartServer,
     Step::WaitForServer,
@@ -66,9 +71,11 @@ pub const STEPS: [Step; 10] = [
     Step::NoThrottling,
     Step::WarmUp,
     Step::Encrypt,
+    Step::Slices,
     Step::Mkswap,
     Step::Swapon,
     Step::WriteState,
+    Step::Watch,
 ];
 
 impl Step {
@@ -81,9 +88,11 @@ impl Step {
             Step::NoThrottling => "turn off writeback throttling",
             Step::WarmUp => "warm up nbdkit's threads",
             Step::Encrypt => "open the dm-crypt mapping",
+            Step::Slices => "map the slices",
             Step::Mkswap => "mkswap",
             Step::Swapon => "swapon",
             Step::WriteState => "record state",
+            Step::Watch => "start the elastic watcher",
         }
     }
 }
@@ -227,6 +236,7 @@ impl Plan {
         STEPS
             .into_iter()
             .filter(|s| *s != Step::Encrypt || self.options.encrypt)
+            .filter(|s| !matches!(s, Step::Slices | Step::Watch) || self.elastic.is_some())
             .collect()
     }
 
@@ -302,10 +312,46 @@ impl Plan {
                 Some(mapping) => self.encrypt_command(&mapping).to_string(),
                 None => "no encryption".into(),
             },
-            Step::Mkswap => self.mkswap_command().to_string(),
-            Step::Swapon => self.swapon_command().to_string(),
+            Step::Slices => self.each_slice(|s| self.slice_command(s)),
+            Step::Mkswap => match &self.elastic {
+                Some(_) => self.each_slice(|s| watch::mkswap_command(s, &s.path())),
+                None => self.mkswap_command().to_string(),
+            },
+            Step::Swapon => match &self.elastic {
+                Some(_) => {
+                    self.each_slice(|s| watch::swapon_command(s, &s.path(), self.options.discard))
+                }
+                None => self.swapon_command().to_string(),
+            },
             Step::WriteState => format!("write {}", self.instance.state().display()),
+            Step::Watch => format!("{} &", watch::command(&self.instance.name)),
         }
+    }
+
+    /// `dmsetup create` of one slice over the NBD device.
+    fn slice_command(&self, slice: &Slice) -> Cmd {
+        Cmd::new("dmsetup")
+            .args(["create", &slice.mapping, "--table"])
+            .arg(slice.table(&self.nbd_device))
+    }
+
+    /// `describe` of a step run once per slice.
+    fn each_slice(&self, cmd: impl Fn(&Slice) -> Cmd) -> String {
+        let slices = self.elastic.iter().flat_map(|l| &l.slices);
+        slices
+            .map(|s| cmd(s).to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Runs a step's command for each slice, in order, given the slice's
+    /// block device (see [`watch::device`]).
+    fn run_each(&self, system: &mut dyn System, cmd: impl Fn(&str, &Slice) -> Cmd) -> Result<()> {
+        for slice in self.elastic.iter().flat_map(|l| &l.slices) {
+            let device = watch::device(system, slice);
+            run_ok(system, &cmd(&device, slice))?;
+        }
+        Ok(())
     }
 
     /// Why this plan's backend is a poor choice for its GPU, if it is:
@@ -350,6 +396,17 @@ impl Plan {
                 ""
             }
         );
+        if let Some(layout) = &self.elastic {
+            println!(
+                "  elastic {} slices of {}, priorities {} to {}; headroom {}, settle {} s",
+                layout.slices.len(),
+                ByteSize(layout.slices[0].size),
+                layout.slices[0].priority,
+                layout.slices[layout.slices.len() - 1].priority,
+                ByteSize(layout.headroom),
+                layout.settle
+            );
+        }
         if let Some(why) = self.caution() {
             println!("  note    {why}");
         }
@@ -377,6 +434,7 @@ impl Plan {
                 .map_or(0, |d| d.as_secs()),
             group: self.options.group.clone(),
             crypt: self.crypt_mapping(),
+            elastic: self.elastic.clone(),
         }
     }
 
@@ -412,8 +470,24 @@ impl Plan {
                 Some(mapping) => run_ok(system, &self.encrypt_command(&mapping)),
                 None => Ok(()),
             },
-            Step::Mkswap => run_ok(system, &self.mkswap_command()),
-            Step::Swapon => run_ok(system, &self.swapon_command()),
+            Step::Slices => self.run_each(system, |_, s| self.slice_command(s)),
+            Step::Mkswap => match &self.elastic {
+                Some(_) => self.run_each(system, |device, s| watch::mkswap_command(s, device)),
+                None => run_ok(system, &self.mkswap_command()),
+            },
+            Step::Swapon => match &self.elastic {
+                Some(_) => self.run_each(system, |device, s| {
+                    watch::swapon_command(s, device, self.options.discard)
+                }),
+                None => run_ok(system, &self.swapon_command()),
+            },
+            Step::Watch => {
+                let cmd = watch::command(&self.instance.name);
+                system
+                    .spawn(&cmd, &self.instance.dir.join("elastic.log"))
+                    .with_context(|| format!("cannot run {}", cmd.program))?;
+                Ok(())
+            }
             Step::WriteState => {
                 let pid = state::read_pid(system, &self.instance.pidfile())
                     .ok_or_else(|| anyhow!("nbdkit wrote no pidfile"))?;
@@ -440,7 +514,26 @@ impl Plan {
             Step::Encrypt => self
                 .crypt_mapping()
                 .map(|mapping| run_ok(system, &Cmd::new("cryptsetup").arg("close").arg(mapping))),
-            Step::Swapon => Some(run_ok(system, &Cmd::new("swapoff").arg(self.swap_device()))),
+            Step::Swapon => Some(match &self.elastic {
+                // Each slice that is on; the first failure is the error.
+                Some(layout) => {
+                    let mut result = Ok(());
+                    for slice in &layout.slices {
+                        if watch::is_mapped(system, slice) {
+                            let device = watch::device(system, slice);
+                            let off = run_ok(system, &Cmd::new("swapoff").arg(device));
+                            result = result.and(off);
+                        }
+                    }
+                    result
+                }
+                None => run_ok(system, &Cmd::new("swapoff").arg(self.swap_device())),
+            }),
+            Step::Slices => self
+                .elastic
+                .as_ref()
+                .map(|layout| watch::remove_mappings(system, layout)),
+            Step::Watch => Some(watch::stop_watcher(system, &self.instance)),
             // Left off: the device is only ever vramswap's swap, and the
             // hang it prevents outlives the instance (see wbt_attribute).
             Step::WaitForServer
@@ -866,6 +959,7 @@ mod tests {
                 Step::Swapon | Step::WriteState => {
                     vec!["swapoff", "close", "detach", "stop nbdkit", "remove dir"]
                 }
+                Step::Slices | Step::Watch => unreachable!("only in elastic plans"),
             };
             if !encrypt {
                 expected.retain(|s| *s != "close");
@@ -877,6 +971,102 @@ mod tests {
                 "{step:?}: left the directory"
             );
         }
+    }
+
+    fn elastic_options() -> StartOptions {
+        let settings = crate::config::Settings {
+            size: Some("2G".into()),
+            elastic: Some(true),
+            slices: Some(4),
+            settle: Some(5),
+            plugin: options().plugin,
+            ..Default::default()
+        };
+        settings.to_options("default", &Default::default()).unwrap()
+    }
+
+    #[test]
+    fn an_elastic_plan_maps_slices_swaps_on_each_and_starts_the_watcher() {
+        let mut system = machine();
+        with_server(&mut system);
+        let (checks, plan) = preflight(&mut system, &gpus(), &elastic_options(), false);
+        assert!(checks.iter().all(|c| c.result.is_ok()), "{checks:?}");
+        let plan = plan.unwrap();
+        // Lazy allocation: a discarded slice gives its chunks back.
+        assert!(plan
+            .describe(Step::StartServer)
+            .contains(" allocation=lazy"));
+        let line = |step| plan.describe(step);
+        assert_eq!(
+            line(Step::Slices),
+            "dmsetup create vramswap-default-s0 --table '0 1048576 linear /dev/nbd0 0'; \
+             dmsetup create vramswap-default-s1 --table '0 1048576 linear /dev/nbd0 1048576'; \
+             dmsetup create vramswap-default-s2 --table '0 1048576 linear /dev/nbd0 2097152'; \
+             dmsetup create vramswap-default-s3 --table '0 1048576 linear /dev/nbd0 3145728'"
+        );
+        assert!(line(Step::Swapon).starts_with(
+            "swapon --priority 50 --discard /dev/mapper/vramswap-default-s0; \
+             swapon --priority 49 --discard /dev/mapper/vramswap-default-s1;"
+        ));
+        assert!(
+            line(Step::Watch).ends_with(" elastic default &"),
+            "{}",
+            line(Step::Watch)
+        );
+        plan.execute(&mut system).unwrap();
+        let state = State::load(&system, &plan.instance).unwrap();
+        let layout = state.elastic.unwrap();
+        assert_eq!(layout.slices.len(), 4);
+        assert_eq!((layout.settle, layout.headroom), (5, 1 << 30));
+        assert!(
+            matches!(system.calls.last(), Some(Call::Spawn(l)) if l.ends_with("elastic default"))
+        );
+    }
+
+    #[test]
+    fn an_elastic_start_that_fails_removes_the_slices_it_mapped() {
+        let mut system = machine();
+        with_server(&mut system);
+        for i in 0..4 {
+            let mapping = format!("vramswap-default-s{i}");
+            system.on_run.push((
+                format!("dmsetup create {mapping} "),
+                format!("/sys/block/dm-{i}/dm/name"),
+                format!("{mapping}\n"),
+            ));
+        }
+        system.fail_on = Some("swapon --priority 48".into());
+        let (_, plan) = preflight(&mut system, &gpus(), &elastic_options(), false);
+        let err = plan.unwrap().execute(&mut system).unwrap_err().to_string();
+        assert!(err.starts_with("step 9 (swapon) failed"), "{err}");
+        assert!(
+            err.ends_with(
+                "undone: map the slices, attach the NBD device, start nbdkit, \
+                 create the instance directory"
+            ),
+            "{err}"
+        );
+        // Every slice swapped off, the mappings removed newest first, and
+        // no watcher started.
+        let ran = system.ran();
+        let failed = ran
+            .iter()
+            .position(|l| l.starts_with("swapon --priority 48"))
+            .unwrap();
+        let after: Vec<&str> = ran[failed + 1..].iter().map(String::as_str).collect();
+        assert_eq!(
+            after[..6],
+            [
+                "swapoff /dev/dm-0",
+                "swapoff /dev/dm-1",
+                "swapoff /dev/dm-2",
+                "swapoff /dev/dm-3",
+                "dmsetup remove vramswap-default-s3",
+                "dmsetup remove vramswap-default-s2",
+            ]
+        );
+        assert!(!system.calls.iter().any(|c| matches!(c, Call::Spawn(_))));
+        assert!(!system.exists(Path::new("/run/vramswap/default")));
     }
 
     #[test]

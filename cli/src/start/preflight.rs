@@ -10,6 +10,7 @@ use vramswap::{ByteSize, ExportConfig};
 use super::plan::Plan;
 use crate::config::StartOptions;
 use crate::devices::Gpus;
+use crate::elastic::Layout;
 use crate::nbd;
 use crate::state::{self, InstanceDir, State};
 use crate::system::{Cmd, System};
@@ -36,7 +37,7 @@ type CheckFn = fn(&mut Preflight) -> Option<Verdict>;
 
 /// Every check, in the order they run; a check may use what the ones
 /// before it found.
-const CHECKS: [(&str, CheckFn); 10] = [
+const CHECKS: [(&str, CheckFn); 11] = [
     ("root", |p| Some(root(p))),
     ("name", |p| Some(name_is_free(p))),
     ("nbdkit", |p| Some(nbdkit_version(p.system))),
@@ -45,6 +46,7 @@ const CHECKS: [(&str, CheckFn); 10] = [
     ("nbd", |p| Some(nbd(p))),
     ("gpu", |p| Some(gpu(p))),
     ("size", size),
+    ("elastic", elastic),
     ("memtest", memtest),
     ("numa", numa),
 ];
@@ -61,6 +63,7 @@ struct Preflight<'a> {
     /// `None` until the gpu check has run.
     gpu: Option<std::result::Result<(BackendKind, DeviceInfo), String>>,
     size: Option<u64>,
+    elastic: Option<Layout>,
     numa: Option<(u32, String)>,
 }
 
@@ -92,6 +95,7 @@ pub fn preflight(
         nbd_device: None,
         gpu: None,
         size: None,
+        elastic: None,
         numa: None,
     };
     let mut checks = Vec::new();
@@ -123,6 +127,10 @@ impl Preflight<'_> {
             size: self.size?,
             numa: self.numa,
             options: self.options.clone(),
+            elastic: match &self.options.elastic {
+                Some(_) => Some(self.elastic?),
+                None => None,
+            },
         })
     }
 }
@@ -150,6 +158,9 @@ fn tools(p: &mut Preflight) -> Verdict {
     if p.options.encrypt {
         tools.push("cryptsetup");
     }
+    if p.options.elastic.is_some() {
+        tools.push("dmsetup");
+    }
     let missing: Vec<&str> = tools
         .iter()
         .copied()
@@ -161,10 +172,10 @@ fn tools(p: &mut Preflight) -> Verdict {
         Err(format!(
             "{} not found (install nbd-client, util-linux{})",
             missing.join(", "),
-            if p.options.encrypt {
-                ", cryptsetup-bin"
-            } else {
-                ""
+            match (p.options.encrypt, p.options.elastic.is_some()) {
+                (true, _) => ", cryptsetup-bin",
+                (false, true) => ", dmsetup",
+                (false, false) => "",
             }
         ))
     }
@@ -209,6 +220,23 @@ fn size(p: &mut Preflight) -> Option<Verdict> {
         });
     p.size = size.as_ref().ok().copied();
     Some(size.map(|s| format!("{} ({})", ByteSize(s), export.allocation)))
+}
+
+/// With `--elastic`: the area cut into slices.
+fn elastic(p: &mut Preflight) -> Option<Verdict> {
+    let options = p.options.elastic.as_ref()?;
+    let size = p.size?;
+    let layout = crate::elastic::layout(&p.options.name, size, p.options.priority, options)
+        .map_err(|e| e.to_string());
+    p.elastic = layout.as_ref().ok().cloned();
+    Some(layout.map(|l| {
+        format!(
+            "{} slices of {}, headroom {}",
+            l.slices.len(),
+            ByteSize(l.slices[0].size),
+            ByteSize(l.headroom)
+        )
+    }))
 }
 
 /// With `--memtest`: the quick memory test over the area about to be

@@ -1,0 +1,163 @@
+#!/bin/bash
+# Issue 27: an elastic area of 4 slices, its free VRAM read from a file
+# that the scenario keeps as a GPU would.
+# Pages go out into every slice; lowering the budget takes the slices
+# offline one at a time, emptiest first, each swapped off and its VRAM
+# given back, with every page intact; raising it brings them back, and
+# they take pages again; a swapoff the kernel refuses for lack of memory
+# leaves its slice online, says why, and loses nothing.
+# shellcheck source=SCRIPTDIR/../lib.sh
+. "$GUEST_DIR/lib.sh"
+
+# The budget file plays the GPU: what other programs leave free (BASE,
+# set by the scenario) plus the 48 MiB of each slice given back, updated
+# five times a second.
+budget=/run/elastic-budget
+echo $((4 << 30)) >/run/elastic-base
+echo $((4 << 30)) >"$budget"
+# 4 slices of 48 MiB (under lavapipe the "VRAM" is the guest's own RAM).
+vs start el --backend vulkan --size 192M --elastic --slices 4 --headroom 512M \
+    --settle 3 --budget-file "$budget"
+device=$(nbd_device el)
+pid=$(server_pid el)
+
+# The /dev/dm-N of slice I.
+slice_dev() {
+    local d
+    for d in /sys/block/dm-*; do
+        if [ "$(cat "$d/dm/name")" = "vramswap-el-s$1" ]; then
+            echo "/dev/${d##*/}"
+            return
+        fi
+    done
+    fail "no mapping vramswap-el-s$1"
+}
+# MiB swapped out to slice I, or "off".
+slice_used() {
+    awk -v d="$(slice_dev "$1")" '$1 == d { print int($4 / 1024); on = 1 } END { if (!on) print "off" }' /proc/swaps
+}
+slices() { echo "$(slice_used 0) $(slice_used 1) $(slice_used 2) $(slice_used 3)"; }
+# The slice the watcher must take first: the online one holding least (of
+# equals, the later, which has the lower priority).
+emptiest() {
+    local i kib best='' least=''
+    for i in 0 1 2 3; do
+        kib=$(awk -v d="$(slice_dev "$i")" '$1 == d { print $4 }' /proc/swaps)
+        [ -n "$kib" ] || continue
+        if [ -z "$least" ] || [ "$kib" -le "$least" ]; then
+            least=$kib best=$i
+        fi
+    done
+    echo "$best"
+}
+# Slices online: the guest's device-mapper swap areas are the slices.
+online() { awk '$1 ~ /^\/dev\/dm-/ { n++ } END { print n + 0 }' /proc/swaps; }
+# wait_online N: until N slices are online (60 s at most).
+wait_online() {
+    local i
+    for i in $(seq 120); do
+        [ "$(online)" = "$1" ] && return 0
+        sleep 0.5
+    done
+    fail "after 60 s $(online) slices are online, not $1 ($(slices))"
+}
+# The VRAM the server holds, in MiB, as its status file (rewritten every
+# 2 s) last said.
+held_mib() {
+    sleep 2.5
+    sed -n 's/.*"vram_held":\([0-9]*\).*/\1/p' /run/vramswap/el/server.json | awk '{ print int($1 / 1048576) }'
+}
+
+[ "$(online)" = 4 ] || fail "not every slice is on: $(slices)"
+for i in 0 1 2 3; do
+    prio=$(awk -v d="$(slice_dev "$i")" '$1 == d { print $5 }' /proc/swaps)
+    [ "$prio" = $((50 - i)) ] || fail "slice $i has priority $prio"
+done
+vs status el
+
+# Pages into all four: the kernel fills the highest priority first.
+cgroup el 24
+hogs_start el 200 41
+say "slices (MiB used): $(slices); the server holds $(held_mib) MiB"
+for i in 0 1 2 3; do
+    [ "$(slice_used "$i")" -gt 0 ] || fail "slice $i holds no pages: $(slices)"
+done
+# swapoff charges each page back to the hog's cgroup: at its limit that
+# is an OOM kill (docs/ELASTIC.md), so the limit goes first.
+echo max >/sys/fs/cgroup/el/memory.max
+
+# From here the budget follows the slices, twice a second, with one awk
+# (the slices are the guest's only device-mapper swap areas): under TCG a
+# busier loop starves the guest.
+base() { echo $(($1 << 20)) >/run/elastic-base; }
+touch /run/elastic-sim
+trap 'rm -f /run/elastic-sim' EXIT
+while [ -e /run/elastic-sim ]; do
+    awk -v base="$(cat /run/elastic-base)" '$1 ~ /^\/dev\/dm-/ { on++ }
+        END { printf "%d\n", base + (4 - on) * 48 * 1048576 }' /proc/swaps >"$budget.new"
+    mv "$budget.new" "$budget"
+    sleep 0.5
+done &
+sim=$!
+
+# Other programs take more, one slice's worth at a time: with K slices
+# given back, 536 - 48 K + 48 K MiB is free, over the 512 MiB headroom and
+# under headroom plus a slice, so exactly K go, and stay gone.
+for k in 1 2 3 4; do
+    next=$(emptiest)
+    before=$(slices)
+    base $((536 - 48 * k))
+    wait_online $((4 - k))
+    sleep 3
+    [ "$(online)" = $((4 - k)) ] || fail "more than $k slices went: $(slices)"
+    [ "$(slice_used "$next")" = off ] || fail "slice $next, the emptiest of $before, did not go: $(slices)"
+    say "$((536 - 48 * k)) MiB left by others: slice $next (the emptiest of $before) offline: $(slices)"
+done
+alive "${hog_pids[0]}" || fail "the hog died in the swapoffs"
+held=$(held_mib)
+say "every slice offline; the server holds $held MiB"
+[ "$held" -le 4 ] || fail "the server still holds $held MiB of VRAM"
+vs status el
+
+# The others are done: the slices come back, highest priority first, a
+# settle apart.
+base 4096
+wait_online 1
+[ "$(slice_used 0)" != off ] || fail "slice 0 did not come back first: $(slices)"
+wait_online 4
+say "budget 4G: every slice online again ($(slices))"
+# memory.high, not max: a limit set far below what the cgroup holds is an
+# OOM kill when reclaim (swap-out over NBD, slow under TCG) lags; over
+# memory.high the write reclaims what it can and nothing is killed.
+echo $((24 << 20)) >/sys/fs/cgroup/el/memory.high
+used0=$(slice_used 0)
+say "pages out again: $(slices)"
+[ "$used0" -gt 8 ] || fail "the slices took no pages again: $(slices)"
+
+# No memory for a swapoff: with strict overcommit and a limit below what
+# is committed plus a slice, the kernel refuses swapoff (ENOMEM).
+committed=$(awk '$1 == "Committed_AS:" { print $2 }' /proc/meminfo)
+swap=$(awk '$1 == "SwapTotal:" { print $2 }' /proc/meminfo)
+echo $((committed - swap + 32768)) >/proc/sys/vm/overcommit_kbytes
+echo 2 >/proc/sys/vm/overcommit_memory
+base 488
+for _ in $(seq 60); do
+    grep -qs '"last_failure": {' /run/vramswap/el/elastic.json && break
+    sleep 0.5
+done
+echo 0 >/proc/sys/vm/overcommit_memory
+base 4096
+failure=$(grep -A3 '"last_failure": {' /run/vramswap/el/elastic.json | sed -n 's/ *"reason": "\(.*\)",*$/\1/p')
+say "refused swapoff: $failure"
+case $failure in *"stays online"*) ;; *) fail "no failure recorded: $(cat /run/vramswap/el/elastic.json)" ;; esac
+[ "$(online)" = 4 ] || fail "a slice went offline although its swapoff failed: $(slices)"
+
+rm /run/elastic-sim
+wait "$sim"
+echo max >/sys/fs/cgroup/el/memory.high
+hogs_verify
+vs stop el
+expect_clean el "$device" "$pid"
+! dmsetup ls | grep -q vramswap-el || fail "slice mappings are left: $(dmsetup ls)"
+! pgrep -f "vramswap elastic el" >/dev/null || fail "the watcher still runs"
+expect_no_oom
