@@ -132,7 +132,7 @@ pub fn start(
 mod tests {
     use super::*;
     use crate::devices::fake::{gpu, FakeGpus};
-    use crate::system::fake::FakeSystem;
+    use crate::system::fake::{Call, FakeSystem};
 
     fn three_gpus() -> FakeGpus {
         let devices = (0..3)
@@ -233,6 +233,41 @@ mod tests {
         );
         assert_eq!(state::resolve(&system, "swap-gpu2").unwrap(), ["swap-gpu2"]);
         assert!(state::resolve(&system, "other").is_err());
+    }
+
+    #[test]
+    fn each_gpu_of_an_elastic_group_has_its_own_slices_and_watcher() {
+        let mut system = machine(&["swap-gpu0", "swap-gpu2"]);
+        let gpus = three_gpus();
+        let mut s = settings("0,2");
+        s.elastic = Some(true);
+        s.slices = Some(2);
+        start(
+            &mut system,
+            &gpus,
+            "swap",
+            &s,
+            &Origin::default(),
+            &[0, 2],
+            false,
+        )
+        .unwrap();
+        let ran = system.ran();
+        for member in ["swap-gpu0", "swap-gpu2"] {
+            for i in 0..2 {
+                let create = format!("dmsetup create vramswap-{member}-s{i} ");
+                assert!(ran.iter().any(|l| l.starts_with(&create)), "{ran:?}");
+            }
+            let state = state::State::load(&system, &InstanceDir::new(member).unwrap()).unwrap();
+            assert_eq!(state.elastic.unwrap().slices.len(), 2);
+        }
+        let watchers: Vec<&Call> = system
+            .calls
+            .iter()
+            .filter(|c| matches!(c, Call::Spawn(_)))
+            .collect();
+        assert_eq!(watchers.len(), 2);
+        assert!(matches!(watchers[1], Call::Spawn(l) if l.ends_with("elastic swap-gpu2")));
     }
 
     #[test]
