@@ -1,4 +1,4 @@
-//! Memory cgroups around suspend's swapoff.
+//! Memory cgroups around suspend's swapoff, and an elastic area's.
 //!
 //! swapoff charges every page it brings back to the cgroup the page
 //! belongs to. A cgroup whose `memory.max` leaves no room for its
@@ -9,7 +9,8 @@
 //! would push the pages straight back out to swap), of every cgroup whose
 //! memory and swap together exceed them, recording the old values first.
 //! `resume` puts them back once the areas swap again, and the kernel pushes
-//! what is over the limit back out to VRAM. A record that no resume took
+//! what is over the limit back out to VRAM. An elastic area's watcher does
+//! the same around the swapoff of each slice it gives back. A record that no resume took
 //! (suspend refused to sleep, or crashed halfway) is put back when suspend
 //! gives up, or by the next resume or start.
 //!
@@ -58,7 +59,7 @@ pub fn pending(system: &dyn System) -> bool {
 /// pages back; returns those lifted now. The record is written before
 /// each limit is touched, and keeps the values from before an earlier
 /// lift that was never put back.
-pub fn lift(system: &mut dyn System) -> Result<Vec<Lifted>> {
+pub fn lift(system: &mut dyn System, purpose: &str) -> Result<Vec<Lifted>> {
     let mut record = load(system)?;
     let mut lifted = Vec::new();
     for cgroup in walk(system, Path::new(ROOT))? {
@@ -76,8 +77,8 @@ pub fn lift(system: &mut dyn System) -> Result<Vec<Lifted>> {
                 .with_context(|| format!("lift {}", dir.join(file).display()))?;
         }
         info!(
-            "suspend: {}: memory.max {} and memory.high {} lifted for the swapoff, which \
-             brings back {} it has in swap; put back at resume",
+            "{purpose}: {}: memory.max {} and memory.high {} lifted for the swapoff, which \
+             brings back {} it has in swap; put back after it",
             entry.cgroup,
             entry.max,
             entry.high,
@@ -90,7 +91,16 @@ pub fn lift(system: &mut dyn System) -> Result<Vec<Lifted>> {
 
 /// Puts back every limit in the record, innermost cgroup first, and
 /// removes the record. A cgroup that is gone is skipped; a limit that
-/// cannot be written keeps the record, for the next try.
+/// cannot be written, or a cgroup that still holds more than its
+/// `memory.max` (its pages had nowhere to go), keeps the record, for the
+/// next try.
+///
+/// `memory.high` goes to the limit first: the kernel reclaims down to it
+/// and never kills for it. A `memory.max` written far below what the
+/// cgroup holds makes the kernel OOM-kill in the cgroup when that reclaim
+/// lags (swap-out over NBD is slow) or has nowhere to put the pages; once
+/// the cgroup is under it, `memory.max` finds little to do, and then
+/// `memory.high` takes its own value back.
 pub fn restore(system: &mut dyn System) -> Result<()> {
     let record = load(system)?;
     let mut failed = Vec::new();
@@ -100,18 +110,13 @@ pub fn restore(system: &mut dyn System) -> Result<()> {
             info!("{}: gone since suspend; nothing to put back", entry.cgroup);
             continue;
         }
-        // max before high: a high above the max would be no limit at all
-        // for the moment between the two writes; the other order never is.
-        let result = system
-            .write_attribute(&dir.join("memory.max"), &entry.max)
-            .and_then(|()| system.write_attribute(&dir.join("memory.high"), &entry.high));
-        match result {
+        match put_back(system, &dir, entry) {
             Ok(()) => info!(
                 "{}: memory.max {} and memory.high {} put back",
                 entry.cgroup, entry.max, entry.high
             ),
             Err(err) => {
-                warn!("{}: cannot put its limits back: {err}", entry.cgroup);
+                warn!("{}: cannot put its limits back: {err:#}", entry.cgroup);
                 failed.push(entry.cgroup.clone());
             }
         }
@@ -124,6 +129,32 @@ pub fn restore(system: &mut dyn System) -> Result<()> {
         );
     }
     system.remove_file(&record_path())?;
+    Ok(())
+}
+
+/// One cgroup's limits back, `memory.high` at the limit first (see
+/// [`restore`]).
+fn put_back(system: &mut dyn System, dir: &Path, entry: &Lifted) -> Result<()> {
+    let limit: Option<u64> = entry.max.parse().ok();
+    if limit.is_some() {
+        system.write_attribute(&dir.join("memory.high"), &entry.max)?;
+    }
+    let current: Option<u64> = read(system, &dir.join("memory.current"))
+        .ok()
+        .and_then(|c| c.parse().ok());
+    if let (Some(limit), Some(current)) = (limit, current) {
+        if current > limit {
+            bail!(
+                "it holds {} over its memory.max of {}, with nowhere to swap it: the limit \
+                 stays lifted (memory.high holds it there meanwhile) until a later try, \
+                 so that no process of it is OOM-killed",
+                vramswap::ByteSize(current - limit),
+                vramswap::ByteSize(limit)
+            );
+        }
+    }
+    system.write_attribute(&dir.join("memory.max"), &entry.max)?;
+    system.write_attribute(&dir.join("memory.high"), &entry.high)?;
     Ok(())
 }
 
@@ -265,7 +296,7 @@ mod tests {
     #[test]
     fn the_cgroups_that_cannot_take_their_pages_back_are_lifted_and_put_back() {
         let mut system = machine();
-        let lifted = lift(&mut system).unwrap();
+        let lifted = lift(&mut system, "suspend").unwrap();
         let names: Vec<&str> = lifted.iter().map(|l| l.cgroup.as_str()).collect();
         // Parents first; the roomy one, and those with nothing in swap, alone.
         assert_eq!(
@@ -305,10 +336,10 @@ mod tests {
     #[test]
     fn a_second_lift_before_a_restore_keeps_the_values_from_before_the_first() {
         let mut system = machine();
-        lift(&mut system).unwrap();
+        lift(&mut system, "suspend").unwrap();
         // Suspend ran again before any resume (it crashed, and runs anew):
         // the limits read now are the lifted ones; the record keeps the old.
-        lift(&mut system).unwrap();
+        lift(&mut system, "suspend").unwrap();
         restore(&mut system).unwrap();
         assert_eq!(
             limits(&system, "work.slice/hog.service").0,
@@ -317,9 +348,39 @@ mod tests {
     }
 
     #[test]
+    fn a_cgroup_still_over_its_limit_keeps_it_lifted_and_memory_high_holds_it() {
+        let mut system = machine();
+        lift(&mut system, "suspend").unwrap();
+        // Its pages came back and had nowhere to go out again.
+        let hog = Path::new(ROOT).join("work.slice/hog.service");
+        system
+            .write(&hog.join("memory.current"), &(200 * MIB).to_string(), 0o644)
+            .unwrap();
+        let err = restore(&mut system).unwrap_err().to_string();
+        assert!(err.contains("work.slice/hog.service"), "{err}");
+        // memory.high at the limit, memory.max still lifted: no OOM kill.
+        assert_eq!(
+            limits(&system, "work.slice/hog.service"),
+            ("max".into(), (128 * MIB).to_string())
+        );
+        // The others are back, and the record waits for the next try.
+        assert_eq!(limits(&system, "soft.service").1, (64 * MIB).to_string());
+        assert!(pending(&system));
+        system
+            .write(&hog.join("memory.current"), &(100 * MIB).to_string(), 0o644)
+            .unwrap();
+        restore(&mut system).unwrap();
+        assert_eq!(
+            limits(&system, "work.slice/hog.service"),
+            ((128 * MIB).to_string(), "max".into())
+        );
+        assert!(!pending(&system));
+    }
+
+    #[test]
     fn a_cgroup_gone_since_suspend_is_skipped_and_nothing_to_do_is_fine() {
         let mut system = machine();
-        lift(&mut system).unwrap();
+        lift(&mut system, "suspend").unwrap();
         system
             .remove_dir_all(&Path::new(ROOT).join("soft.service"))
             .unwrap();
@@ -327,7 +388,7 @@ mod tests {
         assert!(!pending(&system));
         // No record, no cgroup file system: nothing to do either way.
         let mut bare = FakeSystem::new();
-        assert!(lift(&mut bare).unwrap().is_empty());
+        assert!(lift(&mut bare, "suspend").unwrap().is_empty());
         restore(&mut bare).unwrap();
     }
 }

@@ -53,7 +53,15 @@ pub fn resume_pending(system: &dyn System) -> bool {
 }
 
 pub fn suspend(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
-    if let Err(err) = cgroups::lift(system) {
+    // Elastic watchers first: one in a swapoff of its own lifts and puts
+    // back limits too, and must be done before suspend lifts them.
+    for name in state::instances(system)? {
+        let instance = InstanceDir::new(&name)?;
+        if State::load(system, &instance).is_ok_and(|s| s.elastic.is_some()) {
+            crate::elastic::watch::stop_watcher(system, &instance)?;
+        }
+    }
+    if let Err(err) = cgroups::lift(system, "suspend") {
         give_back_limits(system);
         bail!("cannot lift the memory limits that the swapoff would meet: {err:#}; not suspending");
     }
@@ -68,6 +76,7 @@ pub fn suspend(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
             error!("suspend: starting again what was stopped, and refusing to sleep: swap in VRAM would hang the machine on resume");
             restart(system, gpus, &stopped.areas);
             give_back_limits(system);
+            crate::elastic::watch::restart_watchers(system);
             bail!("'{name}' could not be stopped: {err:#}; not suspending");
         }
         stopped.areas.push(Area {

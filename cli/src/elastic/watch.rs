@@ -126,6 +126,24 @@ pub fn stop_watcher(system: &mut dyn System, instance: &InstanceDir) -> Result<(
     }
 }
 
+/// Starts the watcher again of every elastic area that has none running
+/// (suspend stops them all first, and starts them again when it refuses
+/// to sleep).
+pub fn restart_watchers(system: &mut dyn System) {
+    for name in crate::state::instances(system).unwrap_or_default() {
+        let Ok(instance) = InstanceDir::new(&name) else {
+            continue;
+        };
+        let elastic = State::load(system, &instance).is_ok_and(|s| s.elastic.is_some());
+        let running = Record::load(system, &instance).is_some_and(|r| system.alive(r.pid));
+        if elastic && !running {
+            if let Err(err) = system.spawn(&command(&name), &instance.dir.join("elastic.log")) {
+                error!("elastic '{name}': cannot start its watcher again: {err}");
+            }
+        }
+    }
+}
+
 static TERM: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_term(_: libc::c_int) {
@@ -177,6 +195,9 @@ pub struct Watcher {
     policy: Policy,
     record: Record,
     stand_in: bool,
+    /// When to try again to put back cgroup limits a yield lifted and
+    /// could not put back (their pages had nowhere to go yet).
+    next_restore: Duration,
 }
 
 impl Watcher {
@@ -213,6 +234,7 @@ impl Watcher {
             policy,
             record,
             stand_in,
+            next_restore: Duration::ZERO,
         };
         watcher.save(system)?;
         Ok(watcher)
@@ -277,11 +299,14 @@ impl Watcher {
         };
         self.record.budget_error = None;
         self.record.free = Some(free);
+        if now >= self.next_restore && crate::cgroups::pending(system) {
+            self.put_back_limits(system, now);
+        }
         let slices = self.slices_now(system);
         match self.policy.decide(now, free, &slices) {
             Action::Yield { slice, reason } => {
                 let started = Instant::now();
-                let result = self.give_back(system, slice, slices[slice].used);
+                let result = self.give_back(system, slice, slices[slice].used, now);
                 self.settle_step(result, slice, reason, started, true, now);
             }
             Action::Return { slice, reason } => {
@@ -358,16 +383,38 @@ impl Watcher {
         }
     }
 
+    /// Puts back the cgroup limits a yield lifted; those whose pages
+    /// still have nowhere to go stay lifted until a later try.
+    fn put_back_limits(&mut self, system: &mut dyn System, now: Duration) {
+        if let Err(err) = crate::cgroups::restore(system) {
+            warn!("elastic '{}': {err:#}", self.instance.name);
+            self.next_restore = now + Duration::from_secs(self.layout.settle);
+        }
+    }
+
     /// Swaps slice `i` off, then discards its range so the server gives
-    /// the chunks behind it back to the GPU.
-    fn give_back(&mut self, system: &mut dyn System, i: usize, used: u64) -> Result<()> {
+    /// the chunks behind it back to the GPU. swapoff charges each page
+    /// back to its memory cgroup: the limits that would make that an OOM
+    /// kill are lifted first, as suspend does, and put back after.
+    fn give_back(
+        &mut self,
+        system: &mut dyn System,
+        i: usize,
+        used: u64,
+        now: Duration,
+    ) -> Result<()> {
         let slice = self.layout.slices[i].clone();
         if self.stand_in {
             info!("stand-in: swapoff {} not run", slice.path());
         } else {
             let (path, _) = active_area(system, &slice)
                 .ok_or_else(|| anyhow!("{} is not an active swap area", slice.path()))?;
-            crate::stop::swapoff(system, &path, used >> 10)?;
+            let purpose = format!("elastic '{}'", self.instance.name);
+            crate::cgroups::lift(system, &purpose)
+                .context("cannot lift the memory limits that the swapoff would meet")?;
+            let off = crate::stop::swapoff(system, &path, used >> 10);
+            self.put_back_limits(system, now);
+            off?;
         }
         if let Err(err) = system.discard(&self.state.socket, slice.offset, slice.size) {
             // Off is off: the kernel puts nothing there any more. The VRAM
@@ -494,6 +541,41 @@ mod tests {
         swaps(&system, &[Some(60), Some(60), Some(9), None]);
         watcher.tick(&mut system, Duration::from_secs(1)).unwrap();
         assert_eq!(system.ran().last().unwrap(), "swapoff /dev/dm-2");
+    }
+
+    #[test]
+    fn a_cgroup_at_its_limit_is_lifted_for_the_swapoff_and_put_back_after() {
+        let mut system = machine("100M");
+        system.fixture("/sys/fs/cgroup/cgroup.procs", "1\n");
+        crate::cgroups::fixtures::cgroup(
+            &system,
+            "hog",
+            24 * M,
+            40 * M,
+            &(24 * M).to_string(),
+            "max",
+        );
+        let mut watcher = Watcher::open(&mut system, "el", false).unwrap();
+        watcher.tick(&mut system, Duration::ZERO).unwrap();
+        let max = Path::new("/sys/fs/cgroup/hog/memory.max");
+        let writes: Vec<usize> = (0..system.calls.len())
+            .filter(|&i| matches!(&system.calls[i], Call::Write(p) if p == max))
+            .collect();
+        let swapoff = system
+            .calls
+            .iter()
+            .position(|c| matches!(c, Call::Run(l) if l.starts_with("swapoff")))
+            .unwrap();
+        assert!(
+            writes.len() == 2 && writes[0] < swapoff && swapoff < writes[1],
+            "{:?}",
+            system.calls
+        );
+        assert_eq!(
+            crate::cgroups::fixtures::limits(&system, "hog"),
+            ((24 * M).to_string(), "max".into())
+        );
+        assert!(!crate::cgroups::pending(&system));
     }
 
     #[test]
