@@ -68,7 +68,11 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  vramswap stop\n  vramswap stop scratch\n  vramswap stop --all\n\n\
         swapoff moves every swapped-out page back into RAM first; if RAM cannot hold\n\
-        them it fails, and vramswap stops nothing. An instance whose server has died\n\
+        them it fails, and vramswap stops nothing. Memory cgroups whose limits could not\n\
+        take their pages back are lifted for the swapoff, as suspend does, and put\n\
+        back after; one left over its memory.max with no swap to push it to keeps\n\
+        memory.high at the limit, and memory.max lifted until the next start, rather\n\
+        than have a process OOM-killed. An instance whose server has died\n\
         has lost its pages (processes that touch them get SIGBUS): stop says so and\n\
         removes it even if swapoff fails."
     )]

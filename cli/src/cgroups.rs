@@ -1,4 +1,4 @@
-//! Memory cgroups around suspend's swapoff, and an elastic area's.
+//! Memory cgroups around the swapoffs of suspend, stop and an elastic area.
 //!
 //! swapoff charges every page it brings back to the cgroup the page
 //! belongs to. A cgroup whose `memory.max` leaves no room for its
@@ -9,8 +9,9 @@
 //! would push the pages straight back out to swap), of every cgroup whose
 //! memory and swap together exceed them, recording the old values first.
 //! `resume` puts them back once the areas swap again, and the kernel pushes
-//! what is over the limit back out to VRAM. An elastic area's watcher does
-//! the same around the swapoff of each slice it gives back. A record that no resume took
+//! what is over the limit back out to VRAM. `stop` does the same around its
+//! swapoffs, and an elastic area's watcher around the swapoff of each slice
+//! it gives back. A record that no resume took
 //! (suspend refused to sleep, or crashed halfway) is put back when suspend
 //! gives up, or by the next resume or start.
 //!

@@ -53,14 +53,7 @@ pub fn resume_pending(system: &dyn System) -> bool {
 }
 
 pub fn suspend(system: &mut dyn System, gpus: &dyn Gpus) -> Result<()> {
-    // Elastic watchers first: one in a swapoff of its own lifts and puts
-    // back limits too, and must be done before suspend lifts them.
-    for name in state::instances(system)? {
-        let instance = InstanceDir::new(&name)?;
-        if State::load(system, &instance).is_ok_and(|s| s.elastic.is_some()) {
-            crate::elastic::watch::stop_watcher(system, &instance)?;
-        }
-    }
+    crate::elastic::watch::stop_watchers(system)?;
     if let Err(err) = cgroups::lift(system, "suspend") {
         give_back_limits(system);
         bail!("cannot lift the memory limits that the swapoff would meet: {err:#}; not suspending");

@@ -19,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
 use vramswap::ByteSize;
 
+use crate::cgroups;
 use crate::nbd;
 use crate::state::{self, InstanceDir, State};
 use crate::system::{Cmd, System};
@@ -42,6 +43,19 @@ pub fn run(system: &mut dyn System, names: &[String], all: bool) -> Result<()> {
     for name in &names {
         members.extend(state::resolve(system, name)?);
     }
+    // swapoff charges every page it brings back to its memory cgroup, and
+    // one at its memory.max would get an OOM kill: the limits are lifted
+    // for the swapoffs as suspend does, and put back after. Elastic
+    // watchers end first: one in a yield of its own puts limits back too.
+    crate::elastic::watch::stop_watchers(system)?;
+    if let Err(err) = cgroups::lift(system, "stop") {
+        put_back_limits(system);
+        crate::elastic::watch::restart_watchers(system);
+        bail!(
+            "cannot lift the memory limits that the swapoff would meet: {err:#}; nothing was \
+             stopped"
+        );
+    }
     let mut failed = Vec::new();
     for name in &members {
         if let Err(err) = stop_one(system, name) {
@@ -49,10 +63,26 @@ pub fn run(system: &mut dyn System, names: &[String], all: bool) -> Result<()> {
             failed.push(name.as_str());
         }
     }
+    put_back_limits(system);
+    // The elastic areas that are still up are watched again.
+    crate::elastic::watch::restart_watchers(system);
     if !failed.is_empty() {
         bail!("could not stop: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// Puts back the limits lifted for the swapoffs. Those of a cgroup that
+/// now holds more than its `memory.max`, with no swap left to push it to,
+/// stay lifted (`memory.high` holds it there) and recorded, for the next
+/// `start`; a suspend's record waits for its resume.
+fn put_back_limits(system: &mut dyn System) {
+    if !cgroups::pending(system) || crate::sleep::resume_pending(system) {
+        return;
+    }
+    if let Err(err) = cgroups::restore(system) {
+        warn!("{err:#}; the next 'vramswap start' tries again");
+    }
 }
 
 pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
@@ -85,13 +115,8 @@ pub fn stop_one(system: &mut dyn System, name: &str) -> Result<()> {
         if let Err(err) = swapoff(system, &swap, area.used_kib) {
             if server_alive {
                 bail!(
-                    "{err:#}: the pages stay in VRAM and nothing was stopped{}; free some RAM \
+                    "{err:#}: the pages stay in VRAM and nothing was stopped; free some RAM \
                      (the kernel needs room for {}) and try again",
-                    if state.elastic.is_some() {
-                        " (but the elastic watcher: slices stay as they are)"
-                    } else {
-                        ""
-                    },
                     ByteSize(nbd::swap_area(system, &swap).map_or(0, |a| a.used_kib) << 10)
                 );
             }
@@ -387,6 +412,57 @@ mod tests {
                 "rm /run/vramswap/default"
             ]
         );
+        assert!(!system.exists(std::path::Path::new("/run/vramswap/default")));
+    }
+
+    /// A cgroup at its 128 MiB limit with 100 MiB in swap; returns its
+    /// `memory.max` and `memory.high` as they are when called.
+    fn tight_cgroup(system: &FakeSystem) -> impl Fn(&FakeSystem) -> (String, String) {
+        crate::cgroups::fixtures::cgroup(
+            system,
+            "hog.scope",
+            128 << 20,
+            100 << 20,
+            "134217728",
+            "max",
+        );
+        |system| crate::cgroups::fixtures::limits(system, "hog.scope")
+    }
+
+    #[test]
+    fn stop_lifts_the_limits_its_swapoff_would_meet_and_puts_them_back() {
+        let mut system = running();
+        let limits = tight_cgroup(&system);
+        run(&mut system, &[], false).unwrap();
+        let max = std::path::PathBuf::from("/sys/fs/cgroup/hog.scope/memory.max");
+        let lifted = system
+            .calls
+            .iter()
+            .position(|c| *c == Call::Write(max.clone()))
+            .expect("memory.max was never written");
+        let swapoff = system
+            .calls
+            .iter()
+            .position(|c| *c == Call::Run("swapoff /dev/nbd0".into()))
+            .unwrap();
+        assert!(lifted < swapoff, "{:?}", system.calls);
+        assert_eq!(limits(&system), ("134217728".into(), "max".into()));
+        assert!(!crate::cgroups::pending(&system));
+    }
+
+    #[test]
+    fn a_cgroup_left_over_its_limit_stays_lifted_for_the_next_start() {
+        let mut system = running();
+        let limits = tight_cgroup(&system);
+        // Its pages are back in RAM, and no swap is left to push them to.
+        system.on_run.push((
+            "swapoff /dev/nbd0".into(),
+            "/sys/fs/cgroup/hog.scope/memory.current".into(),
+            format!("{}\n", 228 << 20),
+        ));
+        run(&mut system, &[], false).unwrap();
+        assert_eq!(limits(&system), ("max".into(), "134217728".into()));
+        assert!(crate::cgroups::pending(&system));
         assert!(!system.exists(std::path::Path::new("/run/vramswap/default")));
     }
 

@@ -126,9 +126,22 @@ pub fn stop_watcher(system: &mut dyn System, instance: &InstanceDir) -> Result<(
     }
 }
 
+/// Ends the watcher of every elastic area. Suspend and stop do so before
+/// they lift cgroup limits: a watcher in a yield of its own lifts and puts
+/// back limits too, and would put back those their swapoffs need.
+pub fn stop_watchers(system: &mut dyn System) -> Result<()> {
+    for name in crate::state::instances(system)? {
+        let instance = InstanceDir::new(&name)?;
+        if State::load(system, &instance).is_ok_and(|s| s.elastic.is_some()) {
+            stop_watcher(system, &instance)?;
+        }
+    }
+    Ok(())
+}
+
 /// Starts the watcher again of every elastic area that has none running
-/// (suspend stops them all first, and starts them again when it refuses
-/// to sleep).
+/// (suspend and stop end them all first, and start them again for the
+/// areas still up).
 pub fn restart_watchers(system: &mut dyn System) {
     for name in crate::state::instances(system).unwrap_or_default() {
         let Ok(instance) = InstanceDir::new(&name) else {
