@@ -6,12 +6,21 @@
 //!                                 [--seconds 2] [--csv FILE]
 //!                                 [--lanes 64] [--staging 1M]
 //!                                 [--requests 4M,64K] [--threads 1,4,16]
-//!                                 [--verify]
+//!                                 [--verify] [--compress lz4|zstd]
+//!                                 [--random-pct 25]
 //! ```
 //!
 //! `--verify` runs the store with block checksums on (`verify=on`): the
 //! same figures with a CRC32C computed per 64 KiB block on write and
 //! checked on read; compare with a run without it on the same machine.
+//!
+//! `--compress` runs the store compressed (`compress=`, eager, the export
+//! as large as the VRAM): every byte written and read is bench/swap's
+//! pages (`--random-pct` of each page's words hashed; lz4 packs 25 %
+//! about 1.6:1), so the figures are the store's own compressed path,
+//! codec included, with no nbdkit in front. Set beside `nbd-compare`'s
+//! compressed nbdcopy shapes on the same machine, they say whether the
+//! store or what serves it bounds those.
 //!
 //! The ceiling moves whole 4 MiB chunks between the backend's own pinned
 //! staging buffers and VRAM, no host copy at all, several batches in
@@ -28,6 +37,12 @@ use vramswap::backend::{
 };
 use vramswap::{parse_size, AllocationPolicy, BlockStore, SizeSpec, StoreConfig};
 
+#[path = "common/hog_page.rs"]
+mod hog_page;
+use hog_page::hog_page;
+
+const PAGE: usize = 4096;
+
 struct Args {
     backend: BackendKind,
     device: String,
@@ -37,6 +52,7 @@ struct Args {
     store: StoreConfig,
     requests: Vec<u64>,
     threads: Vec<usize>,
+    random_pct: usize,
 }
 
 fn parse_args() -> Args {
@@ -49,6 +65,7 @@ fn parse_args() -> Args {
         store: StoreConfig::default(),
         requests: vec![CHUNK_SIZE, 64 << 10],
         threads: vec![1, 4, 16],
+        random_pct: 25,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -92,6 +109,18 @@ fn parse_args() -> Args {
                     as usize
             }
             "--verify" => args.store.verify = true,
+            "--compress" => {
+                args.store.compress = value().parse().unwrap_or_else(|e| die(&format!("{e}")));
+                // Every page must fit: the export no larger than the VRAM.
+                args.store.ratio = "1".parse().expect("ratio 1");
+            }
+            "--random-pct" => {
+                args.random_pct = value()
+                    .parse()
+                    .ok()
+                    .filter(|pct| *pct <= 100)
+                    .unwrap_or_else(|| die("--random-pct: 0 to 100"))
+            }
             "--bench" => {} // cargo bench passes this
             other => die(&format!("unknown argument {other}")),
         }
@@ -121,6 +150,15 @@ impl Dir {
 
 fn pattern(seed: usize, len: usize) -> Vec<u8> {
     (0..len).map(|i| (i as u8) ^ (seed as u8) ^ 0x5a).collect()
+}
+
+/// `len` bytes of bench/swap's pages, numbered from `first`.
+fn hog_pages(first: u64, len: usize, random_pct: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    for (n, page) in bytes.chunks_mut(PAGE).enumerate() {
+        hog_page(first + n as u64, random_pct, page);
+    }
+    bytes
 }
 
 /// Runs `work(thread, iteration) -> bytes` on `threads` threads for about
@@ -274,11 +312,21 @@ fn batch_latency(backend: &dyn Backend, dir: Dir, len: u64, rounds: usize) -> (f
 }
 
 /// Whole requests through the block store, each thread in its own region.
-fn store_rate(store: &BlockStore, dir: Dir, request: u64, threads: usize, seconds: f64) -> f64 {
+fn store_rate(
+    store: &BlockStore,
+    dir: Dir,
+    request: u64,
+    threads: usize,
+    seconds: f64,
+    random_pct: usize,
+) -> f64 {
     let region = store.size() / threads as u64 / request * request;
     let per_region = region / request;
     let buffers: Vec<std::sync::Mutex<Vec<u8>>> = (0..threads)
-        .map(|t| std::sync::Mutex::new(pattern(t, request as usize)))
+        .map(|t| {
+            let first = (t as u64) << 32;
+            std::sync::Mutex::new(hog_pages(first, request as usize, random_pct))
+        })
         .collect();
     timed(threads, seconds, |t, i| {
         let offset = t as u64 * region + (i % per_region) * request;
@@ -382,10 +430,11 @@ fn main() {
         },
     )
     .unwrap_or_else(|e| die(&format!("{e}")));
-    // Reads must find data on the GPU, or they never leave the host.
-    let fill: Vec<u8> = vec![0x5a; CHUNK_SIZE as usize];
+    // Reads must find data on the GPU, or they never leave the host (a
+    // compressed store keeps a page of one repeated word in its table).
     let mut offset = 0;
     while offset < store.size() {
+        let fill = hog_pages(offset / PAGE as u64, CHUNK_SIZE as usize, args.random_pct);
         store
             .write(&fill, offset)
             .unwrap_or_else(|e| die(&format!("fill: {e}")));
@@ -393,14 +442,26 @@ fn main() {
     }
 
     println!(
-        "store: verify={} (block checksums {})",
+        "store: verify={} (block checksums {}), compress={}",
         if args.store.verify { "on" } else { "off" },
         if args.store.verify {
             "computed on write, checked on read"
         } else {
             "off"
-        }
+        },
+        args.store.compress
     );
+    if let Some(stats) = store.stats().compress {
+        println!(
+            "filled with bench/swap's pages ({} % of each page's words hashed): {} pages \
+             ({} raw) packed {:.2}:1 into {} of slots",
+            args.random_pct,
+            stats.pages_stored,
+            stats.pages_raw,
+            stats.original_bytes as f64 / stats.compressed_bytes.max(1) as f64,
+            vramswap::ByteSize(stats.slot_bytes)
+        );
+    }
     let mut csv = String::from(
         "backend,device,direction,request_bytes,threads,gb_per_s,ceiling_gb_per_s,ratio\n",
     );
@@ -411,7 +472,7 @@ fn main() {
     for (k, dir) in [Dir::ToVram, Dir::FromVram].into_iter().enumerate() {
         for &request in &args.requests {
             for &threads in &args.threads {
-                let gbs = store_rate(&store, dir, request, threads, args.seconds);
+                let gbs = store_rate(&store, dir, request, threads, args.seconds, args.random_pct);
                 let ratio = gbs / ceilings[k];
                 println!(
                     "{:<11} {:>8} {:>7} {:>9.2} {:>8.0}%",
