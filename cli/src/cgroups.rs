@@ -263,6 +263,20 @@ pub(crate) mod fixtures {
         system.fixture(&format!("{dir}/memory.high"), &format!("{high}\n"));
     }
 
+    /// `hog.scope`, at its 128 MiB limit with 100 MiB in swap; returns its
+    /// `memory.max` and `memory.high` as they are when called.
+    pub(crate) fn tight_cgroup(system: &FakeSystem) -> impl Fn(&FakeSystem) -> (String, String) {
+        cgroup(
+            system,
+            "hog.scope",
+            128 << 20,
+            100 << 20,
+            "134217728",
+            "max",
+        );
+        |system| limits(system, "hog.scope")
+    }
+
     /// `memory.max` and `memory.high` of the cgroup at `path`, as they are.
     pub(crate) fn limits(system: &FakeSystem, path: &str) -> (String, String) {
         let dir = Path::new(ROOT).join(path);

@@ -273,26 +273,12 @@ mod tests {
         assert!(!system.calls.contains(&Call::Signal(11, libc::SIGTERM)));
     }
 
-    /// A cgroup at its 128 MiB limit with 100 MiB in swap; returns its
-    /// `memory.max` as it is when called.
-    fn tight_cgroup(system: &FakeSystem) -> impl Fn(&FakeSystem) -> String {
-        cgroups::fixtures::cgroup(
-            system,
-            "hog.scope",
-            128 << 20,
-            100 << 20,
-            "134217728",
-            "max",
-        );
-        |system| cgroups::fixtures::limits(system, "hog.scope").0
-    }
-
     #[test]
     fn suspend_lifts_the_limits_its_swapoff_would_meet_and_resume_puts_them_back() {
         let mut system = machine();
-        let max = tight_cgroup(&system);
+        let limits = cgroups::fixtures::tight_cgroup(&system);
         suspend(&mut system, &gpus()).unwrap();
-        assert_eq!(max(&system), "max");
+        assert_eq!(limits(&system).0, "max");
         for (pid, started) in [(20, "a"), (21, "b")] {
             system.on_run.push((
                 format!("nbdkit --unix /run/vramswap/{started}"),
@@ -302,14 +288,14 @@ mod tests {
             system.alive.insert(pid, true);
         }
         resume(&mut system, &gpus()).unwrap();
-        assert_eq!(max(&system), "134217728");
+        assert_eq!(limits(&system).0, "134217728");
         assert!(!cgroups::pending(&system));
     }
 
     #[test]
     fn a_suspend_that_does_not_sleep_puts_the_limits_back() {
         let mut system = machine();
-        let max = tight_cgroup(&system);
+        let limits = cgroups::fixtures::tight_cgroup(&system);
         system.fixture(
             "/proc/swaps",
             "Filename Type Size Used Priority\n/dev/nbd0 partition 65532 0 50\n/dev/nbd1 partition 65532 9000 50\n",
@@ -322,7 +308,7 @@ mod tests {
         ));
         system.alive.insert(20, true);
         suspend(&mut system, &gpus()).unwrap_err();
-        assert_eq!(max(&system), "134217728");
+        assert_eq!(limits(&system).0, "134217728");
         assert!(!cgroups::pending(&system));
     }
 

@@ -415,24 +415,10 @@ mod tests {
         assert!(!system.exists(std::path::Path::new("/run/vramswap/default")));
     }
 
-    /// A cgroup at its 128 MiB limit with 100 MiB in swap; returns its
-    /// `memory.max` and `memory.high` as they are when called.
-    fn tight_cgroup(system: &FakeSystem) -> impl Fn(&FakeSystem) -> (String, String) {
-        crate::cgroups::fixtures::cgroup(
-            system,
-            "hog.scope",
-            128 << 20,
-            100 << 20,
-            "134217728",
-            "max",
-        );
-        |system| crate::cgroups::fixtures::limits(system, "hog.scope")
-    }
-
     #[test]
     fn stop_lifts_the_limits_its_swapoff_would_meet_and_puts_them_back() {
         let mut system = running();
-        let limits = tight_cgroup(&system);
+        let limits = crate::cgroups::fixtures::tight_cgroup(&system);
         run(&mut system, &[], false).unwrap();
         let max = std::path::PathBuf::from("/sys/fs/cgroup/hog.scope/memory.max");
         let lifted = system
@@ -453,7 +439,7 @@ mod tests {
     #[test]
     fn a_cgroup_left_over_its_limit_stays_lifted_for_the_next_start() {
         let mut system = running();
-        let limits = tight_cgroup(&system);
+        let limits = crate::cgroups::fixtures::tight_cgroup(&system);
         // Its pages are back in RAM, and no swap is left to push them to.
         system.on_run.push((
             "swapoff /dev/nbd0".into(),
