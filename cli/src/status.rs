@@ -10,6 +10,9 @@ use crate::nbd;
 use crate::state::{self, InstanceDir, State};
 use crate::system::System;
 
+/// The page the kernel swaps, and a compressed store packs, one at a time.
+const PAGE: u64 = 4096;
+
 #[derive(Debug, Serialize, PartialEq)]
 pub struct InstanceStatus {
     pub name: String,
@@ -34,6 +37,13 @@ pub struct InstanceStatus {
     /// What the server reports about itself (failed requests, a lost
     /// device), when it has written its status file.
     pub server: Option<serde_json::Value>,
+    /// A compressed area: the bytes of pages it still holds whose swap
+    /// slots the kernel has freed (its pages less the kernel's used swap).
+    /// Linux tells a swap device of freed slots only by discarding whole
+    /// free 1 MiB clusters (zram alone hears of each slot), so these keep
+    /// their VRAM until the kernel writes the slot again or its cluster
+    /// empties.
+    pub stale_bytes: Option<u64>,
     /// An elastic area's slices and watcher (`start --elastic`).
     pub elastic: Option<ElasticStatus>,
 }
@@ -85,6 +95,7 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
         swap_used: None,
         priority: None,
         server: None,
+        stale_bytes: None,
         elastic: None,
     };
     let state = match State::load(system, &instance) {
@@ -150,12 +161,27 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
                 status.problems.push(format!("{n} {what}"));
             }
         }
-        if report["compress"]["full"].as_bool() == Some(true) {
-            status.problems.push(
-                "its VRAM is full of compressed pages: swap-outs to it fail (ENOSPC) \
-                 until pages are freed; a larger size= or a lower ratio= gives room"
-                    .into(),
-            );
+        let compress = &report["compress"];
+        if let (Some(used), Some(stored)) = (status.swap_used, compress["pages_stored"].as_u64()) {
+            let pages = stored + compress["pages_same"].as_u64().unwrap_or(0);
+            // Less the swap header, which mkswap wrote and the kernel does
+            // not count as used.
+            let held = pages.saturating_sub(1) * PAGE;
+            status.stale_bytes = Some(held.saturating_sub(used));
+        }
+        if compress["full"].as_bool() == Some(true) {
+            let stale = match status.stale_bytes {
+                Some(stale) if stale > 0 => format!(
+                    "; {} of its pages are ones the kernel has freed but not discarded: with \
+                     ratio= at most the ratio status shows, freed pages cannot fill it",
+                    ByteSize(stale)
+                ),
+                _ => String::new(),
+            };
+            status.problems.push(format!(
+                "its VRAM is full of compressed pages: swap-outs to it fail (ENOSPC) until \
+                 pages are freed; a larger size= or a lower ratio= gives room{stale}"
+            ));
         }
         if let Some(signal) = report["daemon"]["quit_pending"]["signal"].as_str() {
             status.problems.push(format!(
@@ -265,7 +291,7 @@ fn elastic_lines(e: &ElasticStatus) -> Vec<String> {
 
 /// `compress=`'s counts as zramctl names them: the bytes of the pages
 /// written (DATA), compressed (COMPR), and the VRAM they take (TOTAL).
-fn compress_line(report: &serde_json::Value) -> Option<String> {
+fn compress_line(report: &serde_json::Value, stale: Option<u64>) -> Option<String> {
     let c = &report["compress"];
     let algorithm = c["algorithm"].as_str()?;
     let n = |key: &str| c[key].as_u64().unwrap_or(0);
@@ -273,9 +299,16 @@ fn compress_line(report: &serde_json::Value) -> Option<String> {
         0 => "-".to_string(),
         used => format!("{:.2}", n("original_bytes") as f64 / used as f64),
     };
+    let stale = match stale {
+        Some(stale) if stale > 0 => format!(
+            ", {} of them freed by the kernel, not discarded yet",
+            ByteSize(stale)
+        ),
+        _ => String::new(),
+    };
     Some(format!(
         "compress {algorithm}: DATA {} COMPR {} TOTAL {} of {} VRAM (ratio {ratio}), \
-         {} pages stored ({} raw), {} same-filled",
+         {} pages stored ({} raw), {} same-filled{stale}",
         ByteSize(n("original_bytes")),
         ByteSize(n("compressed_bytes")),
         ByteSize(n("vram_used")),
@@ -335,7 +368,11 @@ pub fn run(system: &dyn System, names: &[String], json: bool) -> Result<()> {
                     s.problems.join("; ")
                 }
             );
-            if let Some(line) = s.server.as_ref().and_then(compress_line) {
+            if let Some(line) = s
+                .server
+                .as_ref()
+                .and_then(|report| compress_line(report, s.stale_bytes))
+            {
                 println!("{:<12} {line}", "");
             }
             for line in s.elastic.iter().flat_map(elastic_lines) {
@@ -519,12 +556,29 @@ mod tests {
             "/run/vramswap/good/server.json",
             &format!(r#"{{"failure":null,{compress}}}"#),
         );
+        // The kernel uses a slot for each of its 320,000 pages, less the
+        // swap header.
+        let swaps = |used_kib: u64| {
+            format!("Filename Type Size Used Priority\n/dev/nbd0 partition 8388604 {used_kib} 50\n")
+        };
+        system.fixture("/proc/swaps", &swaps(319_999 * 4));
         let packed = inspect(&system, "good").unwrap();
         assert!(packed.healthy, "{packed:?}");
+        assert_eq!(packed.stale_bytes, Some(0));
         assert_eq!(
-            compress_line(packed.server.as_ref().unwrap()).unwrap(),
+            compress_line(packed.server.as_ref().unwrap(), packed.stale_bytes).unwrap(),
             "compress lz4: DATA 1.22 GiB COMPR 429.15 MiB TOTAL 468 MiB of 4 GiB VRAM (ratio 2.67), \
              300000 pages stored (1000 raw), 20000 same-filled"
+        );
+        // The kernel has freed 64,000 of those slots without a discard.
+        system.fixture("/proc/swaps", &swaps(255_999 * 4));
+        let stale = inspect(&system, "good").unwrap();
+        assert_eq!(stale.stale_bytes, Some(64_000 * 4096));
+        assert_eq!(
+            compress_line(stale.server.as_ref().unwrap(), stale.stale_bytes).unwrap(),
+            "compress lz4: DATA 1.22 GiB COMPR 429.15 MiB TOTAL 468 MiB of 4 GiB VRAM (ratio 2.67), \
+             300000 pages stored (1000 raw), 20000 same-filled, 250 MiB of them freed by the \
+             kernel, not discarded yet"
         );
         system.fixture(
             "/run/vramswap/good/server.json",
@@ -534,9 +588,14 @@ mod tests {
             ),
         );
         let full = inspect(&system, "good").unwrap();
-        assert!(
-            full.problems[0].starts_with("its VRAM is full of compressed pages"),
-            "{full:?}"
+        assert_eq!(
+            full.problems,
+            [
+                "its VRAM is full of compressed pages: swap-outs to it fail (ENOSPC) until pages \
+              are freed; a larger size= or a lower ratio= gives room; 250 MiB of its pages are \
+              ones the kernel has freed but not discarded: with ratio= at most the ratio \
+              status shows, freed pages cannot fill it"
+            ]
         );
         assert_eq!(
             run(&system, &["nope".into()], false)
