@@ -157,32 +157,20 @@ mod tests {
         system.exists(&resume_file())
     }
     use crate::devices::fake::{gpu, FakeGpus};
-    use crate::state::STATE_VERSION;
     use crate::system::fake::{Call, FakeSystem};
 
     fn running(system: &mut FakeSystem, name: &str, device: &str, pid: u32) {
         let state = State {
-            version: STATE_VERSION,
-            name: name.into(),
-            pid,
-            socket: format!("/run/vramswap/{name}/nbd.sock").into(),
-            nbd_device: device.into(),
             size: 64 << 20,
-            backend: "vulkan".into(),
             device_name: "gpu".into(),
-            device_uuid: "00".into(),
-            priority: 50,
-            connections: 4,
             settings: Settings {
                 size: Some("64M".into()),
                 plugin: Some("/plugin.so".into()),
                 ..Default::default()
             },
-            started: 0,
             // 'b' is one GPU of group 'g' (start g --device all).
             group: (name == "b").then(|| "g".to_string()),
-            crypt: None,
-            elastic: None,
+            ..crate::state::test_state(name, device, pid)
         };
         system.fixture(
             &format!("/run/vramswap/{name}/state.json"),

@@ -235,6 +235,30 @@ pub fn read_pid(system: &dyn System, pidfile: &Path) -> Option<u32> {
     system.read(pidfile).ok()?.trim().parse().ok()
 }
 
+/// A running instance's state, for tests: `name` on `device`, served by
+/// `pid`, 256 MiB on lavapipe; a test changes what it needs.
+#[cfg(test)]
+pub(crate) fn test_state(name: &str, device: &str, pid: u32) -> State {
+    State {
+        version: STATE_VERSION,
+        name: name.into(),
+        pid,
+        socket: format!("/run/vramswap/{name}/nbd.sock").into(),
+        nbd_device: device.into(),
+        size: 256 << 20,
+        backend: "vulkan".into(),
+        device_name: "llvmpipe".into(),
+        device_uuid: "00".into(),
+        priority: 50,
+        connections: 4,
+        settings: Default::default(),
+        started: 0,
+        group: None,
+        crypt: None,
+        elastic: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

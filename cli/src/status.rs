@@ -394,27 +394,12 @@ pub fn run(system: &dyn System, names: &[String], json: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::STATE_VERSION;
     use crate::system::fake::FakeSystem;
 
     fn instance(system: &mut FakeSystem, name: &str, device: &str, pid: u32) {
         let state = State {
-            version: STATE_VERSION,
-            name: name.into(),
-            pid,
-            socket: format!("/run/vramswap/{name}/nbd.sock").into(),
-            nbd_device: device.into(),
-            size: 256 << 20,
-            backend: "vulkan".into(),
-            device_name: "llvmpipe".into(),
             device_uuid: "6d657361-3232-2e33-2e36-000000000000".into(),
-            priority: 50,
-            connections: 4,
-            settings: Default::default(),
-            started: 0,
-            group: None,
-            crypt: None,
-            elastic: None,
+            ..crate::state::test_state(name, device, pid)
         };
         system.fixture(
             &format!("/run/vramswap/{name}/state.json"),

@@ -261,29 +261,11 @@ pub fn swapoff(system: &mut dyn System, device: &str, used_kib: u64) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::STATE_VERSION;
     use crate::system::fake::{Call, FakeSystem};
 
     fn running() -> FakeSystem {
         let mut system = FakeSystem::new();
-        let state = State {
-            version: STATE_VERSION,
-            name: "default".into(),
-            pid: 4321,
-            socket: "/run/vramswap/default/nbd.sock".into(),
-            nbd_device: "/dev/nbd0".into(),
-            size: 256 << 20,
-            backend: "vulkan".into(),
-            device_name: "llvmpipe".into(),
-            device_uuid: "00".into(),
-            priority: 50,
-            connections: 4,
-            settings: Default::default(),
-            started: 0,
-            group: None,
-            crypt: None,
-            elastic: None,
-        };
+        let state = crate::state::test_state("default", "/dev/nbd0", 4321);
         system.fixture("/run/vramswap/default/state.json", &state.to_json());
         system.fixture("/run/vramswap/default/nbdkit.pid", "4321\n");
         system.fixture("/sys/block/nbd0/pid", "99\n");

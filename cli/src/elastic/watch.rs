@@ -475,7 +475,6 @@ mod tests {
     use std::path::Path;
 
     use crate::elastic::{layout, ElasticOptions};
-    use crate::state::STATE_VERSION;
     use crate::system::fake::{Call, FakeSystem};
 
     const M: u64 = 1 << 20;
@@ -491,22 +490,8 @@ mod tests {
             budget_file: Some("/budget".into()),
         };
         let state = State {
-            version: STATE_VERSION,
-            name: "el".into(),
-            pid: 4321,
-            socket: "/run/vramswap/el/nbd.sock".into(),
-            nbd_device: "/dev/nbd0".into(),
-            size: 256 * M,
-            backend: "vulkan".into(),
-            device_name: "llvmpipe".into(),
-            device_uuid: "00".into(),
-            priority: 50,
-            connections: 4,
-            settings: Default::default(),
-            started: 0,
-            group: None,
-            crypt: None,
             elastic: Some(layout("el", 256 * M, 50, &options).unwrap()),
+            ..crate::state::test_state("el", "/dev/nbd0", 4321)
         };
         system.fixture("/run/vramswap/el/state.json", &state.to_json());
         for i in 0..4 {
