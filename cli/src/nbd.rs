@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
-use crate::system::System;
+use crate::system::{Cmd, System};
 
 /// `/dev/nbd3` → `nbd3`.
 pub fn kernel_name(device: &str) -> Result<&str> {
@@ -128,6 +128,21 @@ pub fn mapper_paths(system: &dyn System, mapping: &str) -> Vec<String> {
         }
     }
     paths
+}
+
+/// `mkswap` of `device`, labelled `label`.
+pub fn mkswap_command(label: &str, device: &str) -> Cmd {
+    Cmd::new("mkswap").arg("-L").arg(label).arg(device)
+}
+
+/// `swapon` of `device` at `priority`, with `--discard` (trims reach the
+/// server, which frees the VRAM behind them) where asked.
+pub fn swapon_command(priority: i32, device: &str, discard: bool) -> Cmd {
+    let cmd = Cmd::new("swapon")
+        .arg("--priority")
+        .arg(priority.to_string());
+    let cmd = if discard { cmd.arg("--discard") } else { cmd };
+    cmd.arg(device)
 }
 
 pub fn swap_area(system: &dyn System, device: &str) -> Option<SwapArea> {

@@ -79,20 +79,6 @@ pub fn device(system: &dyn System, slice: &Slice) -> String {
         .unwrap_or_else(|| slice.path())
 }
 
-/// `mkswap` of a slice, on `device`.
-pub fn mkswap_command(slice: &Slice, device: &str) -> Cmd {
-    Cmd::new("mkswap").arg("-L").arg(&slice.mapping).arg(device)
-}
-
-/// `swapon` of a slice at its priority, on `device`.
-pub fn swapon_command(slice: &Slice, device: &str, discard: bool) -> Cmd {
-    let cmd = Cmd::new("swapon")
-        .arg("--priority")
-        .arg(slice.priority.to_string());
-    let cmd = if discard { cmd.arg("--discard") } else { cmd };
-    cmd.arg(device)
-}
-
 /// Whether the kernel has the slice's device-mapper table (its
 /// /dev/mapper node may be left over where no udev removes it).
 pub fn is_mapped(system: &dyn System, slice: &Slice) -> bool {
@@ -446,8 +432,8 @@ impl Watcher {
         let discard = self.state.settings.discard != Some(false);
         let device = device(system, slice);
         for cmd in [
-            mkswap_command(slice, &device),
-            swapon_command(slice, &device, discard),
+            crate::nbd::mkswap_command(&slice.mapping, &device),
+            crate::nbd::swapon_command(slice.priority, &device, discard),
         ] {
             if self.stand_in {
                 info!("stand-in: {cmd} not run");

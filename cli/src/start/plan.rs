@@ -268,22 +268,18 @@ impl Plan {
     }
 
     fn mkswap_command(&self) -> Cmd {
-        Cmd::new("mkswap")
-            .arg("-L")
-            .arg(format!("vramswap-{}", self.instance.name))
-            .arg(self.swap_device())
+        nbd::mkswap_command(
+            &format!("vramswap-{}", self.instance.name),
+            &self.swap_device(),
+        )
     }
 
     fn swapon_command(&self) -> Cmd {
-        let cmd = Cmd::new("swapon")
-            .arg("--priority")
-            .arg(self.options.priority.to_string());
-        let cmd = if self.options.discard {
-            cmd.arg("--discard")
-        } else {
-            cmd
-        };
-        cmd.arg(self.swap_device())
+        nbd::swapon_command(
+            self.options.priority,
+            &self.swap_device(),
+            self.options.discard,
+        )
     }
 
     /// What a step does, as `--dry-run` prints it.
@@ -314,13 +310,13 @@ impl Plan {
             },
             Step::Slices => self.each_slice(|s| self.slice_command(s)),
             Step::Mkswap => match &self.elastic {
-                Some(_) => self.each_slice(|s| watch::mkswap_command(s, &s.path())),
+                Some(_) => self.each_slice(|s| nbd::mkswap_command(&s.mapping, &s.path())),
                 None => self.mkswap_command().to_string(),
             },
             Step::Swapon => match &self.elastic {
-                Some(_) => {
-                    self.each_slice(|s| watch::swapon_command(s, &s.path(), self.options.discard))
-                }
+                Some(_) => self.each_slice(|s| {
+                    nbd::swapon_command(s.priority, &s.path(), self.options.discard)
+                }),
                 None => self.swapon_command().to_string(),
             },
             Step::WriteState => format!("write {}", self.instance.state().display()),
@@ -472,12 +468,14 @@ impl Plan {
             },
             Step::Slices => self.run_each(system, |_, s| self.slice_command(s)),
             Step::Mkswap => match &self.elastic {
-                Some(_) => self.run_each(system, |device, s| watch::mkswap_command(s, device)),
+                Some(_) => {
+                    self.run_each(system, |device, s| nbd::mkswap_command(&s.mapping, device))
+                }
                 None => run_ok(system, &self.mkswap_command()),
             },
             Step::Swapon => match &self.elastic {
                 Some(_) => self.run_each(system, |device, s| {
-                    watch::swapon_command(s, device, self.options.discard)
+                    nbd::swapon_command(s.priority, device, self.options.discard)
                 }),
                 None => run_ok(system, &self.swapon_command()),
             },
