@@ -100,7 +100,11 @@ pub enum Command {
     /// them back. Memory cgroups whose limits could not take their pages
     /// back (memory.max, memory.high) are lifted first, the old values
     /// recorded in /run/vramswap/cgroup-limits.json, so that no swapoff
-    /// ends in an OOM kill.
+    /// ends in an OOM kill. Where NVIDIA's driver keeps video memory across
+    /// sleep (NVreg_PreserveVideoMemoryAllocations=1) the areas are swapped
+    /// off all the same: the driver would save every chunk a server holds,
+    /// not only the pages in use, and swap I/O would have to be held from
+    /// its save to its restore (RELIABILITY.md).
     Suspend,
     /// Start again the instances `suspend` stopped, then put back the
     /// memory limits it lifted.
