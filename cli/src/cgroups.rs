@@ -144,25 +144,20 @@ pub fn restore(system: &mut dyn System) -> Result<()> {
 const HIGH_STEP: u64 = 16 << 20;
 
 /// One cgroup's limits back, `memory.high` at the limit first (see
-/// [`restore`]), lowered to it in steps of [`HIGH_STEP`].
+/// [`restore`]), lowered to it in steps of [`HIGH_STEP`]; then its own
+/// value, also in steps where that is lower still (a cgroup held by
+/// `memory.high` alone, as systemd's `MemoryHigh=` sets).
 fn put_back(system: &mut dyn System, dir: &Path, entry: &Lifted) -> Result<()> {
-    let limit: Option<u64> = entry.max.parse().ok();
     let current = |system: &dyn System| -> Option<u64> {
         read(system, &dir.join("memory.current"))
             .ok()
             .and_then(|c| c.parse().ok())
     };
-    if let Some(limit) = limit {
-        let mut high = current(system).unwrap_or(limit);
-        while high > limit.saturating_add(HIGH_STEP) {
-            high -= HIGH_STEP;
-            system.write_attribute(&dir.join("memory.high"), &high.to_string())?;
-        }
+    if let Ok(limit) = entry.max.parse::<u64>() {
+        let from = current(system);
+        lower_high(system, dir, from, limit)?;
         system.write_attribute(&dir.join("memory.high"), &entry.max)?;
-    }
-    let current = current(system);
-    if let (Some(limit), Some(current)) = (limit, current) {
-        if current > limit {
+        if let Some(current) = current(system).filter(|&current| current > limit) {
             bail!(
                 "it holds {} over its memory.max of {}, with nowhere to swap it: the limit \
                  stays lifted (memory.high holds it there meanwhile) until a later try, \
@@ -173,7 +168,22 @@ fn put_back(system: &mut dyn System, dir: &Path, entry: &Lifted) -> Result<()> {
         }
     }
     system.write_attribute(&dir.join("memory.max"), &entry.max)?;
+    if let Ok(high) = entry.high.parse::<u64>() {
+        let from = current(system);
+        lower_high(system, dir, from, high)?;
+    }
     system.write_attribute(&dir.join("memory.high"), &entry.high)?;
+    Ok(())
+}
+
+/// Lowers `memory.high` from `from` (what the cgroup holds; unknown: no
+/// step) in steps of [`HIGH_STEP`] until one more step would reach `to`.
+fn lower_high(system: &mut dyn System, dir: &Path, from: Option<u64>, to: u64) -> Result<()> {
+    let mut high = from.unwrap_or(to);
+    while high > to.saturating_add(HIGH_STEP) {
+        high -= HIGH_STEP;
+        system.write_attribute(&dir.join("memory.high"), &high.to_string())?;
+    }
     Ok(())
 }
 
@@ -412,6 +422,34 @@ mod tests {
         assert_eq!(
             limits(&system, "work.slice/hog.service"),
             ((128 * MIB).to_string(), "max".into())
+        );
+        assert!(!pending(&system));
+    }
+
+    #[test]
+    fn a_cgroup_held_by_memory_high_alone_comes_down_to_it_in_steps() {
+        let mut system = machine();
+        lift(&mut system, "suspend").unwrap();
+        // Its 30 MiB came back on top of the 170 it held: 200 MiB, where
+        // its memory.high is 64.
+        let soft = Path::new(ROOT).join("soft.service");
+        system
+            .write(
+                &soft.join("memory.current"),
+                &(200 * MIB).to_string(),
+                0o644,
+            )
+            .unwrap();
+        let calls = system.calls.len();
+        restore(&mut system).unwrap();
+        // 184, 168, … 72 MiB, then 64: one write far below would push
+        // far more than is over out to swap.
+        let high = Call::Write(soft.join("memory.high"));
+        let steps = system.calls[calls..].iter().filter(|c| **c == high).count();
+        assert_eq!(steps, 9);
+        assert_eq!(
+            limits(&system, "soft.service"),
+            ("max".into(), (64 * MIB).to_string())
         );
         assert!(!pending(&system));
     }
