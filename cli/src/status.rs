@@ -44,6 +44,12 @@ pub struct InstanceStatus {
     /// their VRAM until the kernel writes the slot again or its cluster
     /// empties.
     pub stale_bytes: Option<u64>,
+    /// A compressed area: about how many bytes of pages its VRAM holds if
+    /// pages go on packing as those stored so far did (once they are
+    /// [`HOLDS_AFTER`] or more). Less than `size`: the VRAM fills before the
+    /// swap area does, and swap-outs then fail with ENOSPC while the kernel
+    /// still counts free slots.
+    pub holds_bytes: Option<u64>,
     /// An elastic area's slices and watcher (`start --elastic`).
     pub elastic: Option<ElasticStatus>,
 }
@@ -96,6 +102,7 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
         priority: None,
         server: None,
         stale_bytes: None,
+        holds_bytes: None,
         elastic: None,
     };
     let state = match State::load(system, &instance) {
@@ -169,6 +176,7 @@ pub fn inspect(system: &dyn System, name: &str) -> Result<InstanceStatus> {
             let held = pages.saturating_sub(1) * PAGE;
             status.stale_bytes = Some(held.saturating_sub(used));
         }
+        status.holds_bytes = holds(compress);
         if compress["full"].as_bool() == Some(true) {
             let stale = match status.stale_bytes {
                 Some(stale) if stale > 0 => format!(
@@ -289,6 +297,36 @@ fn elastic_lines(e: &ElasticStatus) -> Vec<String> {
     lines
 }
 
+/// Bytes of pages stored before the ratio they pack to is taken to
+/// forecast what the VRAM holds: fewer say little of the pages to come.
+const HOLDS_AFTER: u64 = 64 << 20;
+
+/// About how many bytes of pages a compressed area's VRAM holds, at the
+/// ratio of the pages it stores (slack and same-filled pages included).
+fn holds(compress: &serde_json::Value) -> Option<u64> {
+    let n = |key: &str| compress[key].as_u64();
+    let (budget, original, used) = (n("budget")?, n("original_bytes")?, n("vram_used")?);
+    if original < HOLDS_AFTER || used == 0 {
+        return None;
+    }
+    u64::try_from(u128::from(budget) * u128::from(original) / u128::from(used)).ok()
+}
+
+/// The line under a compressed area whose VRAM, at the ratio its pages
+/// pack to, fills before the swap area does.
+fn fills_first_line(holds: u64, size: u64) -> Option<String> {
+    (holds < size).then(|| {
+        format!(
+            "at this ratio its VRAM holds about {} of pages, {} % of the {} area: past that, \
+             swap-outs fail (ENOSPC) while the kernel counts free slots; a ratio= at most \
+             this one keeps the VRAM from filling first",
+            ByteSize(holds),
+            holds * 100 / size,
+            ByteSize(size)
+        )
+    })
+}
+
 /// `compress=`'s counts as zramctl names them: the bytes of the pages
 /// written (DATA), compressed (COMPR), and the VRAM they take (TOTAL).
 fn compress_line(report: &serde_json::Value, stale: Option<u64>) -> Option<String> {
@@ -372,6 +410,13 @@ pub fn run(system: &dyn System, names: &[String], json: bool) -> Result<()> {
                 .server
                 .as_ref()
                 .and_then(|report| compress_line(report, s.stale_bytes))
+            {
+                println!("{:<12} {line}", "");
+            }
+            if let Some(line) = s
+                .holds_bytes
+                .zip(s.size)
+                .and_then(|(holds, size)| fills_first_line(holds, size))
             {
                 println!("{:<12} {line}", "");
             }
@@ -550,6 +595,10 @@ mod tests {
         let packed = inspect(&system, "good").unwrap();
         assert!(packed.healthy, "{packed:?}");
         assert_eq!(packed.stale_bytes, Some(0));
+        // 4 GiB of VRAM at 2.67:1 hold about 10.7 GiB: more than an 8 GiB
+        // area (this one's record says 256 MiB).
+        assert_eq!(packed.holds_bytes, Some(11_471_600_683));
+        assert_eq!(fills_first_line(11_471_600_683, 8 << 30), None);
         assert_eq!(
             compress_line(packed.server.as_ref().unwrap(), packed.stale_bytes).unwrap(),
             "compress lz4: DATA 1.22 GiB COMPR 429.15 MiB TOTAL 468 MiB of 4 GiB VRAM (ratio 2.67), \
@@ -582,6 +631,30 @@ mod tests {
               status shows, freed pages cannot fill it"
             ]
         );
+        // Pages that pack 1.5:1 fill 4 GiB of VRAM at 6 GiB of an 8 GiB
+        // area; too few pages stored forecast nothing.
+        let worse = |original: u64| {
+            compress
+                .replace("1310720000", &original.to_string())
+                .replace("490733568", &(original * 2 / 3).to_string())
+        };
+        system.fixture(
+            "/run/vramswap/good/server.json",
+            &format!(r#"{{"failure":null,{}}}"#, worse(3 << 30)),
+        );
+        let fills = inspect(&system, "good").unwrap();
+        assert!(fills.healthy, "{fills:?}");
+        assert_eq!(
+            fills_first_line(fills.holds_bytes.unwrap(), 8 << 30).unwrap(),
+            "at this ratio its VRAM holds about 6 GiB of pages, 75 % of the 8 GiB area: past \
+             that, swap-outs fail (ENOSPC) while the kernel counts free slots; a ratio= at \
+             most this one keeps the VRAM from filling first"
+        );
+        system.fixture(
+            "/run/vramswap/good/server.json",
+            &format!(r#"{{"failure":null,{}}}"#, worse(32 << 20)),
+        );
+        assert_eq!(inspect(&system, "good").unwrap().holds_bytes, None);
         assert_eq!(
             run(&system, &["nope".into()], false)
                 .unwrap_err()
