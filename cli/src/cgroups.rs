@@ -305,6 +305,22 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// Runs [`restore`], counting its writes of the `memory.high` of the
+    /// cgroup at `path`.
+    fn restore_counting_high(system: &mut FakeSystem, path: &str) -> (Result<()>, usize) {
+        let calls = system.calls.len();
+        let result = restore(system);
+        let high = Call::Write(Path::new(ROOT).join(path).join("memory.high"));
+        let writes = system.calls[calls..].iter().filter(|c| **c == high).count();
+        (result, writes)
+    }
+
+    /// What the cgroup at `path` holds now, as the kernel would say.
+    fn holds(system: &mut FakeSystem, path: &str, bytes: u64) {
+        let file = Path::new(ROOT).join(path).join("memory.current");
+        system.write(&file, &bytes.to_string(), 0o644).unwrap();
+    }
+
     /// A systemd-like tree: a slice at its MemoryMax with a service that
     /// has 100 MiB swapped out, a roomy service, one with nothing in swap,
     /// one held by memory.high alone, and the root's own files.
@@ -395,17 +411,12 @@ mod tests {
         let mut system = machine();
         lift(&mut system, "suspend").unwrap();
         // Its pages came back and had nowhere to go out again.
-        let hog = Path::new(ROOT).join("work.slice/hog.service");
-        system
-            .write(&hog.join("memory.current"), &(200 * MIB).to_string(), 0o644)
-            .unwrap();
-        let calls = system.calls.len();
-        let err = restore(&mut system).unwrap_err().to_string();
+        holds(&mut system, "work.slice/hog.service", 200 * MIB);
+        let (result, steps) = restore_counting_high(&mut system, "work.slice/hog.service");
+        let err = result.unwrap_err().to_string();
         assert!(err.contains("work.slice/hog.service"), "{err}");
         // memory.high came down in steps: 184, 168, 152, 136 MiB, then
         // the limit of 128.
-        let high = Call::Write(hog.join("memory.high"));
-        let steps = system.calls[calls..].iter().filter(|c| **c == high).count();
         assert_eq!(steps, 5);
         // memory.high at the limit, memory.max still lifted: no OOM kill.
         assert_eq!(
@@ -415,9 +426,7 @@ mod tests {
         // The others are back, and the record waits for the next try.
         assert_eq!(limits(&system, "soft.service").1, (64 * MIB).to_string());
         assert!(pending(&system));
-        system
-            .write(&hog.join("memory.current"), &(100 * MIB).to_string(), 0o644)
-            .unwrap();
+        holds(&mut system, "work.slice/hog.service", 100 * MIB);
         restore(&mut system).unwrap();
         assert_eq!(
             limits(&system, "work.slice/hog.service"),
@@ -432,20 +441,11 @@ mod tests {
         lift(&mut system, "suspend").unwrap();
         // Its 30 MiB came back on top of the 170 it held: 200 MiB, where
         // its memory.high is 64.
-        let soft = Path::new(ROOT).join("soft.service");
-        system
-            .write(
-                &soft.join("memory.current"),
-                &(200 * MIB).to_string(),
-                0o644,
-            )
-            .unwrap();
-        let calls = system.calls.len();
-        restore(&mut system).unwrap();
+        holds(&mut system, "soft.service", 200 * MIB);
+        let (result, steps) = restore_counting_high(&mut system, "soft.service");
+        result.unwrap();
         // 184, 168, … 72 MiB, then 64: one write far below would push
         // far more than is over out to swap.
-        let high = Call::Write(soft.join("memory.high"));
-        let steps = system.calls[calls..].iter().filter(|c| **c == high).count();
         assert_eq!(steps, 9);
         assert_eq!(
             limits(&system, "soft.service"),
