@@ -301,15 +301,22 @@ fn elastic_lines(e: &ElasticStatus) -> Vec<String> {
 /// forecast what the VRAM holds: fewer say little of the pages to come.
 const HOLDS_AFTER: u64 = 64 << 20;
 
-/// About how many bytes of pages a compressed area's VRAM holds, at the
-/// ratio of the pages it stores (slack and same-filled pages included).
-fn holds(compress: &serde_json::Value) -> Option<u64> {
+/// A compressed area's pages (same-filled ones in) and the VRAM they take:
+/// the 64 KiB slabs their slots are in, slack of slabs partly used
+/// included (a server from before `slab_bytes` was reported: the slots
+/// alone). Not the VRAM taken, which an eager area takes whole at start.
+fn packed(compress: &serde_json::Value) -> Option<(u64, u64)> {
     let n = |key: &str| compress[key].as_u64();
-    let (budget, original, used) = (n("budget")?, n("original_bytes")?, n("vram_used")?);
-    if original < HOLDS_AFTER || used == 0 {
-        return None;
-    }
-    u64::try_from(u128::from(budget) * u128::from(original) / u128::from(used)).ok()
+    let taken = n("slab_bytes").or_else(|| n("slot_bytes"))?;
+    Some((n("original_bytes")?, taken)).filter(|&(_, taken)| taken > 0)
+}
+
+/// About how many bytes of pages a compressed area's VRAM holds, at the
+/// ratio of the pages it stores.
+fn holds(compress: &serde_json::Value) -> Option<u64> {
+    let budget = compress["budget"].as_u64()?;
+    let (original, taken) = packed(compress).filter(|&(original, _)| original >= HOLDS_AFTER)?;
+    u64::try_from(u128::from(budget) * u128::from(original) / u128::from(taken)).ok()
 }
 
 /// The line under a compressed area whose VRAM, at the ratio its pages
@@ -328,14 +335,16 @@ fn fills_first_line(holds: u64, size: u64) -> Option<String> {
 }
 
 /// `compress=`'s counts as zramctl names them: the bytes of the pages
-/// written (DATA), compressed (COMPR), and the VRAM they take (TOTAL).
+/// written (DATA), compressed (COMPR), and the VRAM they take (TOTAL);
+/// and how densely they pack, DATA over the slabs they take (what to hold
+/// `ratio=` to).
 fn compress_line(report: &serde_json::Value, stale: Option<u64>) -> Option<String> {
     let c = &report["compress"];
     let algorithm = c["algorithm"].as_str()?;
     let n = |key: &str| c[key].as_u64().unwrap_or(0);
-    let ratio = match n("vram_used") {
-        0 => "-".to_string(),
-        used => format!("{:.2}", n("original_bytes") as f64 / used as f64),
+    let ratio = match packed(c) {
+        Some((original, taken)) => format!("{:.2}", original as f64 / taken as f64),
+        None => "-".to_string(),
     };
     let stale = match stale {
         Some(stale) if stale > 0 => format!(
@@ -345,7 +354,7 @@ fn compress_line(report: &serde_json::Value, stale: Option<u64>) -> Option<Strin
         _ => String::new(),
     };
     Some(format!(
-        "compress {algorithm}: DATA {} COMPR {} TOTAL {} of {} VRAM (ratio {ratio}), \
+        "compress {algorithm}: DATA {} COMPR {} TOTAL {} of {} VRAM (packed {ratio}:1), \
          {} pages stored ({} raw), {} same-filled{stale}",
         ByteSize(n("original_bytes")),
         ByteSize(n("compressed_bytes")),
@@ -581,7 +590,7 @@ mod tests {
         );
         // A compressed area counts its pages as zramctl does, and one whose
         // VRAM is full says so.
-        let compress = r#""compress":{"algorithm":"lz4","budget":4294967296,"pages_stored":300000,"pages_same":20000,"pages_raw":1000,"original_bytes":1310720000,"compressed_bytes":450000000,"slot_bytes":470000000,"vram_used":490733568,"full_writes":0,"full":false,"corrupt_reads":0}"#;
+        let compress = r#""compress":{"algorithm":"lz4","budget":4294967296,"pages_stored":300000,"pages_same":20000,"pages_raw":1000,"original_bytes":1310720000,"compressed_bytes":450000000,"slot_bytes":470000000,"slab_bytes":479985664,"vram_used":490733568,"full_writes":0,"full":false,"corrupt_reads":0}"#;
         system.fixture(
             "/run/vramswap/good/server.json",
             &format!(r#"{{"failure":null,{compress}}}"#),
@@ -595,13 +604,13 @@ mod tests {
         let packed = inspect(&system, "good").unwrap();
         assert!(packed.healthy, "{packed:?}");
         assert_eq!(packed.stale_bytes, Some(0));
-        // 4 GiB of VRAM at 2.67:1 hold about 10.7 GiB: more than an 8 GiB
+        // 4 GiB of VRAM at 2.73:1 hold about 10.9 GiB: more than an 8 GiB
         // area (this one's record says 256 MiB).
-        assert_eq!(packed.holds_bytes, Some(11_471_600_683));
-        assert_eq!(fills_first_line(11_471_600_683, 8 << 30), None);
+        assert_eq!(packed.holds_bytes, Some(11_728_474_320));
+        assert_eq!(fills_first_line(11_728_474_320, 8 << 30), None);
         assert_eq!(
             compress_line(packed.server.as_ref().unwrap(), packed.stale_bytes).unwrap(),
-            "compress lz4: DATA 1.22 GiB COMPR 429.15 MiB TOTAL 468 MiB of 4 GiB VRAM (ratio 2.67), \
+            "compress lz4: DATA 1.22 GiB COMPR 429.15 MiB TOTAL 468 MiB of 4 GiB VRAM (packed 2.73:1), \
              300000 pages stored (1000 raw), 20000 same-filled"
         );
         // The kernel has freed 64,000 of those slots without a discard.
@@ -610,7 +619,7 @@ mod tests {
         assert_eq!(stale.stale_bytes, Some(64_000 * 4096));
         assert_eq!(
             compress_line(stale.server.as_ref().unwrap(), stale.stale_bytes).unwrap(),
-            "compress lz4: DATA 1.22 GiB COMPR 429.15 MiB TOTAL 468 MiB of 4 GiB VRAM (ratio 2.67), \
+            "compress lz4: DATA 1.22 GiB COMPR 429.15 MiB TOTAL 468 MiB of 4 GiB VRAM (packed 2.73:1), \
              300000 pages stored (1000 raw), 20000 same-filled, 250 MiB of them freed by the \
              kernel, not discarded yet"
         );
@@ -632,11 +641,13 @@ mod tests {
             ]
         );
         // Pages that pack 1.5:1 fill 4 GiB of VRAM at 6 GiB of an 8 GiB
-        // area; too few pages stored forecast nothing.
+        // area, whether the area took its VRAM as it went or all at start;
+        // too few pages stored forecast nothing.
         let worse = |original: u64| {
             compress
                 .replace("1310720000", &original.to_string())
-                .replace("490733568", &(original * 2 / 3).to_string())
+                .replace("479985664", &(original * 2 / 3).to_string())
+                .replace("490733568", "4294967296")
         };
         system.fixture(
             "/run/vramswap/good/server.json",
@@ -649,6 +660,18 @@ mod tests {
             "at this ratio its VRAM holds about 6 GiB of pages, 75 % of the 8 GiB area: past \
              that, swap-outs fail (ENOSPC) while the kernel counts free slots; a ratio= at \
              most this one keeps the VRAM from filling first"
+        );
+        // A server from before slab_bytes: its slots' bytes instead.
+        system.fixture(
+            "/run/vramswap/good/server.json",
+            &format!(
+                r#"{{"failure":null,{}}}"#,
+                compress.replace(r#""slab_bytes":479985664,"#, "")
+            ),
+        );
+        assert_eq!(
+            inspect(&system, "good").unwrap().holds_bytes,
+            Some(11_977_658_583)
         );
         system.fixture(
             "/run/vramswap/good/server.json",

@@ -97,6 +97,7 @@ fn compress_report(c: &CompressStats) -> serde_json::Value {
         "original_bytes": c.original_bytes,
         "compressed_bytes": c.compressed_bytes,
         "slot_bytes": c.slot_bytes,
+        "slab_bytes": c.slabs * vramswap::backend::BLOCK_SIZE,
         "vram_used": c.vram_used,
         "compacted_slabs": c.compacted_slabs,
         "full_writes": c.full_writes,
