@@ -65,3 +65,32 @@ stop_peer() {
     echo "$(basename "$0"): peer $1 ignored SIGTERM for 30 s; killing it" >&2
     kill -9 "$pid" 2>/dev/null || true
 }
+
+# write_source FILE BYTES KIND: FILE of BYTES bytes for write tests to
+# read (put it in /dev/shm: in memory): random bytes (KIND random), or
+# (KIND swap) 64 MiB of bench/swap-guest/swaphog.c's pages (RANDOM_PCT 25:
+# every word names its page and index, a quarter of them hashed) repeated.
+write_source() {
+    local file=$1 bytes=$2 kind=$3 piece=$1.piece
+    if [ "$kind" = swap ]; then
+        python3 - "$piece" <<'PY'
+import struct, sys
+M = (1 << 64) - 1
+def mix(x):
+    x = (x + 0x9e3779b97f4a7c15) & M
+    x = ((x ^ (x >> 30)) * 0xbf58476d1ce4e5b9) & M
+    x = ((x ^ (x >> 27)) * 0x94d049bb133111eb) & M
+    return x ^ (x >> 31)
+with open(sys.argv[1], "wb") as out:
+    for page in range(16384):
+        tags = [(page << 9) ^ i ^ 0x5a5a000000000000 for i in range(512)]
+        out.write(struct.pack("<512Q", *(t if i < 384 else mix(t) for i, t in enumerate(tags))))
+PY
+    else
+        head -c $((256 << 20)) /dev/urandom >"$piece"
+    fi
+    : >"$file"
+    while [ "$(stat -c %s "$file")" -lt "$bytes" ]; do cat "$piece" >>"$file"; done
+    truncate -s "$bytes" "$file"
+    rm -f "$piece"
+}

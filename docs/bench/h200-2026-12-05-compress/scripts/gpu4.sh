@@ -50,24 +50,8 @@ cleanup() {
   rm -rf "$work" "$src"
 }
 trap cleanup EXIT
-python3 - "$work/piece" <<'PY'
-# bench/swap's pages, as bench/nbd-compare --data swap makes them.
-import struct, sys
-M = (1 << 64) - 1
-def mix(x):
-    x = (x + 0x9e3779b97f4a7c15) & M
-    x = ((x ^ (x >> 30)) * 0xbf58476d1ce4e5b9) & M
-    x = ((x ^ (x >> 27)) * 0x94d049bb133111eb) & M
-    return x ^ (x >> 31)
-with open(sys.argv[1], "wb") as out:
-    for page in range(16384):
-        tags = [(page << 9) ^ i ^ 0x5a5a000000000000 for i in range(512)]
-        out.write(struct.pack("<512Q", *(t if i < 384 else mix(t) for i, t in enumerate(tags))))
-PY
-: > "$src"
 bytes=$(numfmt --from=iec "$SIZE")
-while [ "$(stat -c %s "$src")" -lt "$bytes" ]; do cat "$work/piece" >> "$src"; done
-truncate -s "$bytes" "$src"
+write_source "$src" "$bytes" swap
 # probe NAME DIRECTION: one nbdcopy at 8 connections, with the CPU it took.
 # nbdkit's worker threads live as long as their connection, so they are
 # read every 0.1 s while the copy runs: each thread's CPU from when it was
