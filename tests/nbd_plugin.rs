@@ -892,6 +892,58 @@ fn every_page_of_the_servers_code_is_in_memory_and_locked_before_it_serves() {
     );
 }
 
+/// The loader loads every installed Vulkan driver, and the server locks
+/// what it maps: Mesa's drivers for Intel and AMD GPUs must not be loaded
+/// where the machine has no display controller of theirs (CI: none at
+/// all, lavapipe serves). Without the hold-back, both are in the server.
+#[test]
+fn vulkan_drivers_for_gpus_the_machine_lacks_are_not_loaded() {
+    if !base_args().iter().any(|a| a == "backend=vulkan")
+        || std::env::var_os("VK_DRIVER_FILES").is_some()
+        || std::env::var_os("VK_ICD_FILENAMES").is_some()
+    {
+        return;
+    }
+    let vendors: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
+        .map(|dir| {
+            dir.flatten()
+                .filter(|d| {
+                    std::fs::read_to_string(d.path().join("class"))
+                        .is_ok_and(|c| c.starts_with("0x03"))
+                })
+                .filter_map(|d| std::fs::read_to_string(d.path().join("vendor")).ok())
+                .map(|v| v.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let absent: Vec<&str> = [
+        ("0x8086", "libvulkan_intel"),
+        ("0x1002", "libvulkan_radeon"),
+    ]
+    .into_iter()
+    .filter(|(vendor, library)| {
+        !vendors.iter().any(|v| v == vendor)
+            && std::fs::read_dir("/usr/share/vulkan/icd.d").is_ok_and(|dir| {
+                dir.flatten()
+                    .any(|m| std::fs::read_to_string(m.path()).is_ok_and(|t| t.contains(library)))
+            })
+    })
+    .map(|(_, library)| library)
+    .collect();
+    let server = serve(&["size=16M"]);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", server.pid())).unwrap();
+    assert!(
+        maps.contains("libvulkan"),
+        "no Vulkan driver in the server:\n{maps}"
+    );
+    for library in absent {
+        assert!(
+            !maps.contains(library),
+            "{library} is loaded, with no display controller of its vendor:\n{maps}"
+        );
+    }
+}
+
 /// `storage-daemon=on` (what `vramswap start` sets): a SIGTERM while a
 /// client is connected is held back. The server goes on serving, the
 /// connected client's next request and new clients alike, says so in its

@@ -270,7 +270,19 @@ impl Server for VramSwap {
             settings
                 .export
                 .complete()
-                .map_err(|e| Error::new(libc::EINVAL, e.to_string()))
+                .map_err(|e| Error::new(libc::EINVAL, e.to_string()))?;
+            // Still one thread: the environment may be set.
+            #[cfg(feature = "vulkan")]
+            {
+                let held = vramswap::backend::vulkan::hold_back_unused(&settings.export.device);
+                if !held.is_empty() {
+                    info!(
+                        "Vulkan drivers for hardware this machine lacks are not loaded: {}",
+                        held.join(", ")
+                    );
+                }
+            }
+            Ok(())
         })
     }
 

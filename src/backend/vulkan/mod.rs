@@ -15,13 +15,15 @@
 //! and owns its memory, `lane` records and waits for copies, `compute`
 //! runs the self-test's shaders, `conv` holds every conversion between
 //! Vulkan's values and ours; `budget` reads a device's free VRAM for the
-//! swap watcher without opening it.
+//! swap watcher without opening it; `drivers` keeps a server from loading
+//! (and locking) drivers for hardware the machine lacks.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 mod budget;
 mod compute;
 mod conv;
 mod device;
+mod drivers;
 #[cfg(feature = "cuda")]
 pub(crate) mod export;
 mod instance;
@@ -33,6 +35,7 @@ use std::sync::Arc;
 pub(crate) use self::budget::VulkanBudget;
 use self::compute::VulkanSelfTest;
 use self::device::DeviceShared;
+pub use self::drivers::hold_back_unused;
 use self::instance::Instance;
 use self::lane::VulkanLane;
 use super::selftest::SelfTest;
