@@ -664,6 +664,74 @@ fn compressed_pages_part_mapped_part_not_match_the_model() {
     }
 }
 
+/// Requests written at once by several threads: each request's pages of
+/// one class take neighbouring slots, so reading one back is a step or
+/// two, not a copy per page. (Slots taken one at a time interleaved, and
+/// compressed reads at 8 connections stopped at 2.0 GB/s on an H100,
+/// against 4.7-5.4 for the same pages written one request at a time.)
+#[test]
+fn pages_written_together_lie_together_among_concurrent_writers() {
+    use vramswap::backend::host::HostBackend;
+    const THREADS: u64 = 8;
+    const REQUESTS: u64 = 8;
+    // 128 pages: two batches of 64 pages each way.
+    const REQUEST: u64 = 512 << 10;
+    let counting = Arc::new(Counting::new(Arc::new(HostBackend::new(None))));
+    let config = StoreConfig {
+        compress: Compression::Lz4,
+        ratio: "1".parse().unwrap(),
+        staging_bytes: 1 << 20,
+        ..config(
+            THREADS * REQUESTS * REQUEST + 8 * MIB,
+            AllocationPolicy::Eager,
+        )
+    };
+    let store = BlockStore::open(counting.clone(), &config).unwrap();
+    // A quarter random, the rest zeros: every page packs to about 1 KiB.
+    let request = |t: u64, r: u64| -> Vec<u8> {
+        let mut bytes = vec![0u8; REQUEST as usize];
+        for (n, page) in bytes.chunks_mut(4096).enumerate() {
+            SmallRng::seed_from_u64(t << 32 | r << 16 | n as u64).fill_bytes(&mut page[..1024]);
+        }
+        bytes
+    };
+    let at = |t: u64, r: u64| (r * THREADS + t) * REQUEST;
+    // Each round's requests start together.
+    let round = std::sync::Barrier::new(THREADS as usize);
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let (store, round) = (&store, &round);
+            scope.spawn(move || {
+                for r in 0..REQUESTS {
+                    let bytes = request(t, r);
+                    round.wait();
+                    store.write(&bytes, at(t, r)).unwrap();
+                }
+            });
+        }
+    });
+    let before = counting.downloads.load(Ordering::Relaxed);
+    let mut buf = vec![0u8; REQUEST as usize];
+    for t in 0..THREADS {
+        for r in 0..REQUESTS {
+            store.read(&mut buf, at(t, r)).unwrap();
+            assert!(
+                buf == request(t, r),
+                "request {r} of thread {t} read back wrong"
+            );
+        }
+    }
+    let steps = counting.downloads.load(Ordering::Relaxed) - before;
+    let requests = THREADS * REQUESTS;
+    // One step a batch, and a second where one crosses from one chunk
+    // into the next.
+    let batches = 2 * requests;
+    assert!(
+        steps <= batches + batches / 32,
+        "{steps} download steps to read {requests} requests of 128 pages"
+    );
+}
+
 /// zramctl's columns: pages of each kind, their bytes before and after,
 /// and what the VRAM behind them takes.
 #[test]

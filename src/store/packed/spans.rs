@@ -3,12 +3,14 @@
 //!
 //! Each page is its own slot, so a batch of 64 pages was 64 copies, and
 //! with CUDA every copy is a driver call (the process makes about 450k of
-//! them a second, however many threads call). Pages written together
-//! often take neighbouring slots of their classes; sorted by place they
-//! fall into fewer runs, one step each. On the H200 this did not move
-//! compressed sequential reads off their ~2 GB/s (docs/BENCHMARKS.md,
-//! "Compressed pages on the H200"): Vulkan, whose steps are regions of
-//! one command, stops near there too, so copies are not all of that bound.
+//! them a second, however many threads call). Pages written together take
+//! neighbouring slots of their classes (a write batch takes its slots
+//! under one hold of the slabs' lock: `write.rs`); sorted by place they
+//! fall into few runs, one step each. Where requests written at once took
+//! their slots page by page, interleaved, reading them back was a copy a
+//! page and stopped near 2 GB/s on CUDA and Vulkan alike; the same pages
+//! written one request at a time read at 4.7-5.4 GB/s (H100, 8
+//! connections; docs/BENCHMARKS.md, "Compressed pages on an H100").
 
 use arrayvec::ArrayVec;
 

@@ -139,8 +139,9 @@ impl PackedPages {
     /// Compresses `pages`, takes slots for them and uploads them: their
     /// new entries, to swap in. On failure no slot is left taken. The
     /// packed bytes wait in the back half of staging until every slot of
-    /// the batch is known, then go to the front half in VRAM order, so
-    /// that neighbouring slots take one step (`spans.rs`).
+    /// the batch is known, then go to VRAM: through the mapping, or by
+    /// steps from the front half of staging in VRAM order, so that
+    /// neighbouring slots take one step (`spans.rs`).
     fn pack(
         &self,
         backend: &dyn Backend,
@@ -149,7 +150,8 @@ impl PackedPages {
         pages: Pages<'_>,
     ) -> Result<ArrayVec<Entry, MAX_BATCH>, StoreError> {
         let mut entries: ArrayVec<Entry, MAX_BATCH> = ArrayVec::new();
-        let mut pieces: ArrayVec<Piece, MAX_BATCH> = ArrayVec::new();
+        // (class, page) of each page that needs a slot.
+        let mut wanting: ArrayVec<(usize, usize), MAX_BATCH> = ArrayVec::new();
         let back = lane.staging().len() / 2;
         let count = match pages {
             Pages::Bytes(bytes) => bytes.len() / PAGE,
@@ -169,46 +171,46 @@ impl PackedPages {
                 Packed::Compressed(len) => (len, codec.packed(len)),
                 Packed::Raw => (PAGE, page),
             };
-            let class = class_of(len);
-            let slot = match self.take_slot(backend, lane, back, class) {
-                Ok(slot) => slot,
-                Err(err) => {
-                    self.give_back(backend, lane, &entries);
-                    return Err(err);
-                }
-            };
+            let at = back + n * PAGE;
+            lane.staging()[at..at + len].copy_from_slice(stored);
             let word = match self.verify {
                 true => u64::from(crc32c::crc32c(stored)),
                 false => 0,
             };
-            let (chunk, chunk_offset) = (self.chunk(slot), slot.offset(class));
-            // Where the chunk is mapped VRAM, CPU stores put the bytes
-            // there at once (fenced): no staging, no step.
-            let mapped = backend.chunk_mapped(chunk);
-            let result = match mapped {
-                true => backend.write_mapped(chunk, chunk_offset, Fill::Bytes(stored)),
-                false => {
-                    let at = back + n * PAGE;
-                    lane.staging()[at..at + len].copy_from_slice(stored);
-                    pieces.push(Piece {
-                        at: n,
-                        chunk,
-                        offset: chunk_offset,
-                        len: class_size(class) as u64,
-                        staged: 0,
-                    });
-                    Ok(())
-                }
-            };
+            // The slot is filled in below: until then no one sees it.
             entries.push(Entry {
-                slab: slot.slab,
-                index: slot.index,
+                slab: 0,
+                index: 0,
                 len: len as u16,
                 word,
             });
-            if let Err(err) = result {
-                self.give_back(backend, lane, &entries);
-                return Err(err.into());
+            wanting.push((class_of(len), n));
+        }
+        wanting.sort_unstable();
+        self.take_slots(backend, lane, back, &wanting, &mut entries)?;
+        let mut pieces: ArrayVec<Piece, MAX_BATCH> = ArrayVec::new();
+        for &(class, n) in &wanting {
+            let Some((slot, _)) = entries[n].slot() else {
+                continue;
+            };
+            let (chunk, chunk_offset) = (self.chunk(slot), slot.offset(class));
+            // Where the chunk is mapped VRAM, CPU stores put the bytes
+            // there at once (fenced): no step.
+            if backend.chunk_mapped(chunk) {
+                let at = back + n * PAGE;
+                let stored = &lane.staging()[at..at + entries[n].len as usize];
+                if let Err(err) = backend.write_mapped(chunk, chunk_offset, Fill::Bytes(stored)) {
+                    self.give_back(backend, lane, &entries);
+                    return Err(err.into());
+                }
+            } else {
+                pieces.push(Piece {
+                    at: n,
+                    chunk,
+                    offset: chunk_offset,
+                    len: class_size(class) as u64,
+                    staged: 0,
+                });
             }
         }
         if !pieces.is_empty() {
@@ -225,5 +227,48 @@ impl PackedPages {
             }
         }
         Ok(entries)
+    }
+
+    /// Gives the entries of `wanting` ((class, page) pairs, sorted) their
+    /// slots. As many as the slabs have are taken under one hold of their
+    /// lock, so that a batch's pages of one class lie side by side and
+    /// read back in one step: taken one at a time, the slots of requests
+    /// written at once interleaved, and each page read back was a copy of
+    /// its own (2.0 GB/s at 8 connections on an H100, against 4.7–5.4 for
+    /// the same pages written one request at a time). The rest, where a
+    /// chunk must be taken or compaction must run, one by one. On failure
+    /// no slot is left taken.
+    fn take_slots(
+        &self,
+        backend: &dyn Backend,
+        lane: &mut dyn Lane,
+        room: usize,
+        wanting: &[(usize, usize)],
+        entries: &mut [Entry],
+    ) -> Result<(), StoreError> {
+        let mut taken = 0;
+        {
+            let mut slabs = self.lock_slabs();
+            for &(class, n) in wanting {
+                let Some(slot) = slabs.alloc(class) else {
+                    break;
+                };
+                (entries[n].slab, entries[n].index) = (slot.slab, slot.index);
+                taken += 1;
+            }
+        }
+        for &(class, n) in &wanting[taken..] {
+            match self.take_slot(backend, lane, room, class) {
+                Ok(slot) => (entries[n].slab, entries[n].index) = (slot.slab, slot.index),
+                Err(err) => {
+                    for &(_, n) in &wanting[..taken] {
+                        self.release(backend, lane, entries[n]);
+                    }
+                    return Err(err);
+                }
+            }
+            taken += 1;
+        }
+        Ok(())
     }
 }
