@@ -246,6 +246,9 @@ impl PackedPages {
         wanting: &[(usize, usize)],
         entries: &mut [Entry],
     ) -> Result<(), StoreError> {
+        if wanting.is_empty() {
+            return Ok(());
+        }
         let mut taken = 0;
         {
             let mut slabs = self.lock_slabs();
