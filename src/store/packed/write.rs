@@ -5,7 +5,7 @@
 use arrayvec::ArrayVec;
 
 use super::codec::{fill_word, Codec, Packed};
-use super::slabs::{class_of, class_size};
+use super::slabs::{class_of, class_size, Slot};
 use super::spans::{lay_out, Piece};
 use super::{write_batch_pages, Entry, PackedPages, GROUP, PAGE, SAME};
 use crate::backend::{Backend, Fill, Lane, TransferOp, MAX_BATCH};
@@ -190,8 +190,9 @@ impl PackedPages {
         self.take_slots(backend, lane, back, &wanting, &mut entries)?;
         let mut pieces: ArrayVec<Piece, MAX_BATCH> = ArrayVec::new();
         for &(class, n) in &wanting {
-            let Some((slot, _)) = entries[n].slot() else {
-                continue;
+            let slot = Slot {
+                slab: entries[n].slab,
+                index: entries[n].index,
             };
             let (chunk, chunk_offset) = (self.chunk(slot), slot.offset(class));
             // Where the chunk is mapped VRAM, CPU stores put the bytes
