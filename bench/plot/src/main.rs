@@ -265,12 +265,51 @@ fn bars(
 const HIGHER: [&str; 2] = ["GB/s", "IOPS"];
 const LOWER: [&str; 2] = ["us", "ms"];
 
+/// The vramswap servers and the peers among `servers` (see [`versus`]).
+fn split_servers(
+    dir: &Path,
+    servers: &[String],
+    rows: &[BTreeMap<String, String>],
+) -> (Vec<String>, Vec<String>) {
+    let logged: Vec<String> = servers
+        .iter()
+        .filter(|s| dir.join(format!("peer-{s}.log")).is_file())
+        .cloned()
+        .collect();
+    if logged.is_empty() {
+        let ours: Vec<String> = servers
+            .iter()
+            .filter(|s| {
+                rows.iter()
+                    .any(|r| &r["server"] == *s && r["test"].starts_with("server-rss-lazy-"))
+            })
+            .cloned()
+            .collect();
+        let peers = servers
+            .iter()
+            .filter(|s| *s != "memory" && !ours.contains(s))
+            .cloned()
+            .collect();
+        (ours, peers)
+    } else {
+        let ours = servers
+            .iter()
+            .filter(|s| *s != "memory" && !logged.contains(s))
+            .cloned()
+            .collect();
+        (ours, logged)
+    }
+}
+
 /// One `nbd-vs-PEER.png` per peer in `nbd-compare.csv`: for every shape,
 /// how each vramswap server compares with the peer from the same run, as a
 /// horizontal bar on a log scale around parity: ours / theirs for
 /// throughput and IOPS, theirs / ours for latency, so right of 1 is better
-/// for us either way. vramswap servers are the ones with lazy-export memory
-/// rows (`server-rss-lazy-*`), peers every other server but `memory`.
+/// for us either way. Peers are the servers `nbd-compare --peer` ran: it
+/// keeps each one's log as `DIR/peer-NAME.log`. In a directory without
+/// such logs, vramswap servers are the ones with lazy-export memory rows
+/// (`server-rss-lazy-*`, which a run with `--shapes` but not `huge` lacks)
+/// and peers every other server but `memory`.
 fn versus(dir: &Path, rows: &[BTreeMap<String, String>]) -> Result<Vec<PathBuf>> {
     let mut servers: Vec<String> = Vec::new();
     let mut tests: Vec<(String, String)> = Vec::new();
@@ -282,19 +321,7 @@ fn versus(dir: &Path, rows: &[BTreeMap<String, String>]) -> Result<Vec<PathBuf>>
             tests.push((row["test"].clone(), row["unit"].clone()));
         }
     }
-    let ours: Vec<String> = servers
-        .iter()
-        .filter(|s| {
-            rows.iter()
-                .any(|r| &r["server"] == *s && r["test"].starts_with("server-rss-lazy-"))
-        })
-        .cloned()
-        .collect();
-    let peers: Vec<String> = servers
-        .iter()
-        .filter(|s| *s != "memory" && !ours.contains(s))
-        .cloned()
-        .collect();
+    let (ours, peers) = split_servers(dir, &servers, rows);
     let value = |test: &str, server: &str| -> Option<f64> {
         rows.iter()
             .find(|r| r["test"] == test && r["server"] == server)
@@ -591,4 +618,50 @@ fn main() -> Result<()> {
         println!("{}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(test: &str, server: &str) -> BTreeMap<String, String> {
+        [
+            ("test", test),
+            ("server", server),
+            ("value", "1"),
+            ("unit", "IOPS"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn peers_are_the_servers_nbd_compare_kept_a_log_for() {
+        let dir = std::env::temp_dir().join(format!("bench-plot-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let servers: Vec<String> = ["memory", "cuda", "vulkan", "nbd-vram"]
+            .map(String::from)
+            .to_vec();
+        // A run without the huge shapes has no lazy-export rows: with no
+        // logs either, nothing would be told apart as ours.
+        let rows: Vec<_> = servers.iter().map(|s| row("randread-4k-qd32", s)).collect();
+        assert!(split_servers(&dir, &servers, &rows).0.is_empty());
+        std::fs::write(dir.join("peer-nbd-vram.log"), "").unwrap();
+        let (ours, peers) = split_servers(&dir, &servers, &rows);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(ours, ["cuda", "vulkan"]);
+        assert_eq!(peers, ["nbd-vram"]);
+    }
+
+    #[test]
+    fn without_peer_logs_lazy_export_rows_mark_our_servers() {
+        let dir = std::env::temp_dir().join("bench-plot-test-no-such-dir");
+        let servers: Vec<String> = ["memory", "cuda", "nbd-vram"].map(String::from).to_vec();
+        let mut rows: Vec<_> = servers.iter().map(|s| row("randread-4k-qd32", s)).collect();
+        rows.push(row("server-rss-lazy-256M", "cuda"));
+        let (ours, peers) = split_servers(&dir, &servers, &rows);
+        assert_eq!(ours, ["cuda"]);
+        assert_eq!(peers, ["nbd-vram"]);
+    }
 }
