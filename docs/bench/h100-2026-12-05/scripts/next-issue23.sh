@@ -6,8 +6,8 @@
 # suite of five servers twice takes longer than one ten-minute call, so the
 # run goes on in the background of the warm machine across calls:
 #   call 1:  bash next-issue23.sh start   (starts it, follows it ~560 s)
-#   call 2+: bash next-issue23.sh follow  (follows it ~560 s more; when it
-#            has ended, copies /tmp/speed to $OUT/speed)
+#   call 2+: bash next-issue23.sh follow  (follows it ~560 s more)
+# Each call returns what is there so far, /tmp/speed as $OUT/speed.tgz.
 # Each call must follow the last within the machine's idle release (30 s),
 # or the machine, and the run, are gone. Carry .devdebs, .devpeers
 # (nbd-vram's tarball, nbdkit 1.48.1 and ocl-icd debs) and
@@ -19,9 +19,13 @@ run=/tmp/speed
 follow() {
   local until=$((SECONDS + ${FOLLOW:-560}))
   while [ ! -e $run/done ] && [ $SECONDS -lt $until ]; do sleep 5; done
+  # What has been measured so far comes back each call (one file: the
+  # device tool returns at most eight), so a machine lost mid-run still
+  # leaves the rounds done.
+  mkdir -p "${OUT:-/tmp/out}"
+  tar czf "${OUT:-/tmp/out}/speed.tgz" -C "$(dirname $run)" "$(basename $run)"
   if [ -e $run/done ]; then
     echo "nbd-compare ended: $(cat $run/done)"
-    cp -r $run "${OUT:-/tmp/out}/speed"
     sed -n '/^test /,$p' $run/nbd-compare.txt | head -150
   else
     echo "still running:"; tail -n 3 $run/nbd-compare.txt
