@@ -8,9 +8,12 @@
 //! under one hold of the slabs' lock: `write.rs`); sorted by place they
 //! fall into few runs, one step each. Where requests written at once took
 //! their slots page by page, interleaved, reading them back was a copy a
-//! page and stopped near 2 GB/s on CUDA and Vulkan alike; the same pages
-//! written one request at a time read at 4.7-5.4 GB/s (H100, 8
-//! connections; docs/BENCHMARKS.md, "Compressed pages on an H100").
+//! page and stopped near 2 GB/s on CUDA and Vulkan alike; taking a batch's
+//! slots together, pages written by 8 connections at once read at 5.6
+//! GB/s (H100, 8 connections; docs/BENCHMARKS.md, "Compressed pages on an
+//! H100" and the section after it). Joining pieces up to 32 KiB apart
+//! (carrying the bytes between) bought nothing there: on an area whose
+//! slots churned, a request's pages lie in different chunks.
 
 use arrayvec::ArrayVec;
 
