@@ -271,34 +271,22 @@ fn split_servers(
     servers: &[String],
     rows: &[BTreeMap<String, String>],
 ) -> (Vec<String>, Vec<String>) {
-    let logged: Vec<String> = servers
+    let logged: Vec<&String> = servers
         .iter()
         .filter(|s| dir.join(format!("peer-{s}.log")).is_file())
-        .cloned()
         .collect();
-    if logged.is_empty() {
-        let ours: Vec<String> = servers
+    let is_peer = |s: &String| match logged.is_empty() {
+        true => !rows
             .iter()
-            .filter(|s| {
-                rows.iter()
-                    .any(|r| &r["server"] == *s && r["test"].starts_with("server-rss-lazy-"))
-            })
-            .cloned()
-            .collect();
-        let peers = servers
-            .iter()
-            .filter(|s| *s != "memory" && !ours.contains(s))
-            .cloned()
-            .collect();
-        (ours, peers)
-    } else {
-        let ours = servers
-            .iter()
-            .filter(|s| *s != "memory" && !logged.contains(s))
-            .cloned()
-            .collect();
-        (ours, logged)
-    }
+            .any(|r| &r["server"] == s && r["test"].starts_with("server-rss-lazy-")),
+        false => logged.contains(&s),
+    };
+    let (peers, ours) = servers
+        .iter()
+        .filter(|s| *s != "memory")
+        .cloned()
+        .partition(is_peer);
+    (ours, peers)
 }
 
 /// One `nbd-vs-PEER.png` per peer in `nbd-compare.csv`: for every shape,
