@@ -1,8 +1,9 @@
 #!/bin/bash
-# Ready, not run: issue 23's "one run of bench/nbd-compare --rounds 2" with
+# Issue 23's "one run of bench/nbd-compare --rounds 2" with
 # nbd-vram and nbdkit's vram plugin as peers, the default backend (cuda)
 # and Vulkan, 4 GiB exports, every shape (SHAPES=all) or the goal shapes
-# that fit one call (SHAPES=qd32,qd1,peer,rss, about 9 minutes). The whole
+# that fit one call (SHAPES=qd32,qd1,peer,rss, about 9 minutes; run so on
+# an H100 on 2026-12-05: docs/bench/h100-2026-12-05b/speed/). The whole
 # suite of five servers twice takes longer than one ten-minute call, so the
 # run goes on in the background of the warm machine across calls:
 #   call 1:  bash next-issue23.sh start   (starts it, follows it ~560 s)
