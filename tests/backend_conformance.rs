@@ -5,7 +5,9 @@
 
 mod common;
 
-use vramswap::backend::{BackendError, ChunkId, Fill, Lane, TransferOp, CHUNK_SIZE, MAX_BATCH};
+use vramswap::backend::{
+    BackendError, BackendKind, ChunkId, Fill, Lane, TransferOp, CHUNK_SIZE, MAX_BATCH,
+};
 
 use common::{for_each_backend, open_backend};
 
@@ -340,4 +342,132 @@ fn downloads_into_registered_host_memory_land_in_place_and_bad_ones_are_refused(
         assert_eq!(&buf[..8], &bytes[..8], "{kind}");
         backend.unregister_host(region);
     });
+}
+
+/// A batch's steps take effect as if run one after another, in the order
+/// given, however a backend queues them (the CUDA lane puts runs of
+/// copies into one `cuMemcpyBatchAsync`, whose copies the driver may run
+/// in any order; Vulkan puts barriers between dependent copies): a later
+/// upload over an earlier one wins, a download sees the uploads and zeros
+/// before it, and scattered pieces, the shape of compressed pages in
+/// their slots, land where each one should.
+#[test]
+fn a_batchs_steps_take_effect_in_order() {
+    for_each_backend(|kind| {
+        let backend = open_backend(kind, None);
+        let chunk = backend.allocate_chunk().unwrap();
+        let mut lane = backend.create_lane(STAGING).unwrap();
+        let up = |staging_offset: usize, chunk_offset: u64, len: u64| TransferOp::Upload {
+            staging_offset,
+            chunk,
+            chunk_offset,
+            len,
+        };
+        let down = |staging_offset: usize, chunk_offset: u64, len: u64| TransferOp::Download {
+            staging_offset,
+            chunk,
+            chunk_offset,
+            len,
+        };
+        let pattern: Vec<u8> = (0..16384).map(|i| (i * 13 + i / 251) as u8).collect();
+        let staging = lane.staging();
+        staging.fill(0);
+        staging[..4096].fill(0xaa);
+        staging[4096..8192].fill(0xbb);
+        staging[8192..8192 + 16384].copy_from_slice(&pattern);
+        let (out, late) = (32768, 49152);
+        run(
+            &mut *lane,
+            &[
+                TransferOp::Zero {
+                    chunk,
+                    chunk_offset: 0,
+                    len: 16384,
+                },
+                up(0, 0, 4096),
+                up(4096, 2048, 4096),
+                TransferOp::Zero {
+                    chunk,
+                    chunk_offset: 5120,
+                    len: 512,
+                },
+                down(out, 0, 8192),
+                up(8192, 8192, 4096),
+                up(8192 + 4096, 12288, 4096),
+                down(late, 8192, 8192),
+            ],
+        )
+        .unwrap();
+        let staged = lane.staged();
+        let first = &staged[out..out + 8192];
+        assert!(first[..2048].iter().all(|b| *b == 0xaa), "{kind}");
+        assert!(first[2048..5120].iter().all(|b| *b == 0xbb), "{kind}");
+        assert!(first[5120..5632].iter().all(|b| *b == 0), "{kind}");
+        assert!(first[5632..6144].iter().all(|b| *b == 0xbb), "{kind}");
+        assert!(first[6144..].iter().all(|b| *b == 0), "{kind}");
+        assert_eq!(&staged[late..late + 8192], &pattern[..8192], "{kind}");
+
+        // The pattern scattered into the chunk in pieces of 100 to 1,300
+        // bytes, 37 KiB and some 64-byte slots apart, then gathered back
+        // side by side.
+        lane.staging()[..16384].copy_from_slice(&pattern);
+        let mut pieces = Vec::new();
+        let (mut at, mut n) = (0usize, 0u64);
+        while pieces.len() < MAX_BATCH / 2 {
+            let len = 100 + (n * 389 % 1201) as usize;
+            if at + len > 16384 {
+                break;
+            }
+            pieces.push((at, 65536 + n * 37 * 1024 + n % 7 * 64, len));
+            at += len;
+            n += 1;
+        }
+        let batched = fake_batched_copies();
+        let ups: Vec<TransferOp> = pieces
+            .iter()
+            .map(|&(at, slot, len)| up(at, slot, len as u64))
+            .collect();
+        run(&mut *lane, &ups).unwrap();
+        lane.staging()[..16384].fill(0);
+        let downs: Vec<TransferOp> = pieces
+            .iter()
+            .map(|&(at, slot, len)| down(out + at, slot, len as u64))
+            .collect();
+        run(&mut *lane, &downs).unwrap();
+        assert_eq!(&lane.staged()[out..out + at], &pattern[..at], "{kind}");
+        if let (BackendKind::Cuda, Some(before)) = (kind, batched) {
+            let after = fake_batched_copies().unwrap_or(0);
+            assert!(
+                after >= before + 2 * pieces.len(),
+                "the fake driver queued {} copies in batches, want {} or more",
+                after - before,
+                2 * pieces.len()
+            );
+        }
+        drop(lane);
+        backend.free_chunk(chunk);
+    });
+}
+
+/// With the fake driver `scripts/test-all` builds (tests/fake_cuda): how
+/// many copies it has queued through `cuMemcpyBatchAsync`, from every
+/// thread. None with any other driver, or none loaded.
+fn fake_batched_copies() -> Option<usize> {
+    [c"libcuda.so", c"libcuda.so.1"].iter().find_map(|name| {
+        // SAFETY: RTLD_NOLOAD only finds a library already loaded (cudarc
+        // loaded the driver); nothing is initialised again.
+        let lib = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+        if lib.is_null() {
+            return None;
+        }
+        // SAFETY: looks a symbol up in a library handle that is open.
+        let symbol = unsafe { libc::dlsym(lib, c"fake_cuda_batched_copies".as_ptr()) };
+        // SAFETY: the fake defines it as `size_t fake_cuda_batched_copies(void)`.
+        let count = (!symbol.is_null()).then(|| unsafe {
+            std::mem::transmute::<*mut libc::c_void, extern "C" fn() -> usize>(symbol)()
+        });
+        // SAFETY: drops the reference RTLD_NOLOAD took; cudarc keeps its own.
+        unsafe { libc::dlclose(lib) };
+        count
+    })
 }

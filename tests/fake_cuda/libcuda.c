@@ -14,6 +14,8 @@
  *    delay longer than the backend's spin, so a download read before its
  *    event completes shows stale bytes; cuMemFree and cuCtxSynchronize wait
  *    for every stream, as the driver does;
+ *  - cuMemcpyBatchAsync's copies run in any order, as the driver allows:
+ *    last first here, and a batch whose copies overlap aborts;
  *  - new device memory holds garbage, as stale VRAM does;
  *  - registered host memory must still be mapped when it is unregistered;
  *  - when the last reference to the primary context goes, nothing made in
@@ -60,6 +62,7 @@ enum {
 enum {
     ATTRIBUTE_INTEGRATED = 18,
     ATTRIBUTE_ASYNC_ENGINE_COUNT = 40,
+    ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM = 91,
 };
 
 #define EXPORT __attribute__((visibility("default")))
@@ -356,6 +359,9 @@ EXPORT CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice dev)
         return CUDA_SUCCESS;
     case ATTRIBUTE_ASYNC_ENGINE_COUNT:
         *value = 2;
+        return CUDA_SUCCESS;
+    case ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM:
+        *value = 1;
         return CUDA_SUCCESS;
     default:
         return CUDA_ERROR_INVALID_VALUE;
@@ -654,6 +660,88 @@ EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n,
 EXPORT CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s)
 {
     return step(s, (void *)(uintptr_t)src, dst, n, 0, 0, 0);
+}
+
+/* cuMemcpyBatchAsync's attributes (CUDA 12.8). */
+typedef struct {
+    int type, id;
+} CUmemLocation;
+typedef struct {
+    int src_access_order; /* 1 stream, 2 during the call, 3 any */
+    CUmemLocation src_hint, dst_hint;
+    unsigned flags;
+} CUmemcpyAttributes;
+
+static size_t batched_copies;
+
+/* Not the driver's: how many copies cuMemcpyBatchAsync has queued, for the
+ * tests to see that a lane uses it. */
+EXPORT size_t fake_cuda_batched_copies(void)
+{
+    return __atomic_load_n(&batched_copies, __ATOMIC_RELAXED);
+}
+
+static int overlap(CUdeviceptr a, size_t an, CUdeviceptr b, size_t bn)
+{
+    return a < b + bn && b < a + an;
+}
+
+/* CUDA 12.8's batch of copies (the symbol without _v2 keeps that ABI, with
+ * failIdx). Host addresses are taken as device addresses, as unified
+ * addressing allows for pinned memory. Nothing is queued unless every copy
+ * passes. The driver may run a batch's copies in any order, only the
+ * batch as a whole in stream order: they are queued last first, so that
+ * a caller that put copies that depend on one another in one batch reads
+ * the wrong bytes. */
+EXPORT CUresult cuMemcpyBatchAsync(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes,
+                                   size_t count, CUmemcpyAttributes *attrs, size_t *attrs_idxs,
+                                   size_t num_attrs, size_t *fail_idx, CUstream s)
+{
+    CUresult r = need_ctx();
+    if (r)
+        return r;
+    if (fail_idx)
+        *fail_idx = SIZE_MAX;
+    if (!dsts || !srcs || !sizes || count == 0 || !attrs || !attrs_idxs || num_attrs == 0 ||
+        num_attrs > count || attrs_idxs[0] != 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    for (size_t a = 0; a < num_attrs; a++) {
+        if (attrs[a].src_access_order < 1 || attrs[a].src_access_order > 3 ||
+            attrs[a].flags > 1 || (a > 0 && attrs_idxs[a] <= attrs_idxs[a - 1]) ||
+            attrs_idxs[a] >= count)
+            return CUDA_ERROR_INVALID_VALUE;
+    }
+    pthread_mutex_lock(&lock);
+    int ok = is_stream(s);
+    for (size_t i = 0; ok && i < count; i++) {
+        void *dst = (void *)(uintptr_t)dsts[i], *src = (void *)(uintptr_t)srcs[i];
+        size_t n = sizes[i];
+        unsigned host = (1u << REGISTERED) | (1u << PINNED);
+        ok = n > 0 && ((find(dst, n, 1u << DEVICE) && find(src, n, host)) ||
+                       (find(src, n, 1u << DEVICE) && find(dst, n, host)));
+        if (!ok && fail_idx)
+            *fail_idx = i;
+    }
+    pthread_mutex_unlock(&lock);
+    if (!ok)
+        return CUDA_ERROR_INVALID_VALUE;
+    /* What the driver would run in some order without a word. */
+    for (size_t i = 0; i < count; i++) {
+        for (size_t j = 0; j < count; j++) {
+            int dst_dst = i < j && overlap(dsts[i], sizes[i], dsts[j], sizes[j]);
+            if (dst_dst || (i != j && overlap(dsts[i], sizes[i], srcs[j], sizes[j])))
+                die("cuMemcpyBatchAsync: copy %zu writes what copy %zu %s, and a batch's copies "
+                    "run in any order",
+                    i, j, dst_dst ? "writes" : "reads");
+        }
+    }
+    __atomic_add_fetch(&batched_copies, count, __ATOMIC_RELAXED);
+    for (size_t i = count; i-- > 0;) {
+        r = enqueue(s, (char *)(uintptr_t)dsts[i], (const char *)(uintptr_t)srcs[i], sizes[i], 0);
+        if (r)
+            return r;
+    }
+    return CUDA_SUCCESS;
 }
 
 #ifndef FAKE_CUDA_TOO_OLD

@@ -1,7 +1,7 @@
 //! An open CUDA device: its primary context, and the table of chunk
 //! allocations the lanes copy to and from.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use cudarc::driver::sys;
@@ -40,6 +40,9 @@ pub(super) struct DeviceShared {
     lost: LostFlag,
     /// Whether waiters poll their event or sleep.
     pub(super) waits: WaitPolicy,
+    /// Whether lanes queue a run of copies with one `cuMemcpyBatchAsync`
+    /// (`lane.rs`): where the driver has it, until a call of it fails.
+    pub(super) batch_copies: AtomicBool,
     memory_limit: Option<u64>,
     /// Chunk id → `CUdeviceptr` (0: none). Lanes read it without a lock;
     /// only allocation and free write it, under `memory`.
@@ -72,7 +75,11 @@ impl DeviceShared {
         memory_limit: Option<u64>,
         mapped: MappedMode,
     ) -> Result<Self, BackendError> {
-        let Adapter { device, info } = adapter;
+        let Adapter {
+            device,
+            info,
+            host_pointers,
+        } = adapter;
         let mut ctx: sys::CUcontext = std::ptr::null_mut();
         // SAFETY: a device from `cuDeviceGet`; the out-pointer is valid. The
         // retain is released by `Drop`, also when opening fails below.
@@ -86,6 +93,7 @@ impl DeviceShared {
             ctx,
             lost: LostFlag::default(),
             waits: WaitPolicy::new(SPIN, Naps::POLLED),
+            batch_copies: AtomicBool::new(host_pointers && super::driver::has_batch_copies()),
             memory_limit,
             chunks: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
             memory: Mutex::new(Memory {

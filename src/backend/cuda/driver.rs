@@ -71,26 +71,44 @@ pub(super) const INTEROP_ENTRY_POINTS: &[&CStr] = &[
     c"cuDestroyExternalMemory",
 ];
 
+/// One call for many copies (CUDA 12.8, driver 570, and later): a lane
+/// queues a batch's copies with it where the driver has it (`lane.rs`).
+/// Optional: older drivers serve with a call per copy.
+pub(super) const BATCH_COPY_ENTRY_POINTS: &[&CStr] = &[c"cuMemcpyBatchAsync"];
+
+/// Whether the driver [`init`] loaded has [`BATCH_COPY_ENTRY_POINTS`].
+/// [`init`] must have succeeded.
+pub(super) fn has_batch_copies() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(|| has_all(BATCH_COPY_ENTRY_POINTS, "a call per copy"))
+}
+
+/// Whether the driver [`init`] loaded has every one of `names`, so they
+/// may be called without cudarc panicking on a missing symbol; `without`
+/// says what is done instead when one is missing. [`init`] must have
+/// succeeded.
+fn has_all(names: &[&CStr], without: &str) -> bool {
+    // SAFETY: `init` succeeded, so `culib` finds the library it loaded
+    // rather than panicking.
+    let lib = unsafe { sys::culib() };
+    names.iter().all(|name| {
+        // SAFETY: only looks the symbol up; the pointer is never called
+        // through this type.
+        let found = unsafe { lib.get::<unsafe extern "C" fn()>(*name) };
+        if let Err(err) = &found {
+            debug!("{without}: {err}");
+        }
+        found.is_ok()
+    })
+}
+
 /// Whether the driver [`init`] loaded has every [`INTEROP_ENTRY_POINTS`]
 /// function, so they may be called without cudarc panicking on a missing
 /// symbol. [`init`] must have succeeded.
 #[cfg_attr(not(feature = "vulkan"), allow(dead_code))]
 pub(super) fn has_interop() -> bool {
     static PRESENT: OnceLock<bool> = OnceLock::new();
-    *PRESENT.get_or_init(|| {
-        // SAFETY: `init` succeeded, so `culib` finds the library it loaded
-        // rather than panicking.
-        let lib = unsafe { sys::culib() };
-        INTEROP_ENTRY_POINTS.iter().all(|name| {
-            // SAFETY: only looks the symbol up; the pointer is never called
-            // through this type.
-            let found = unsafe { lib.get::<unsafe extern "C" fn()>(*name) };
-            if let Err(err) = &found {
-                debug!("no mapped CUDA chunks: {err}");
-            }
-            found.is_ok()
-        })
-    })
+    *PRESENT.get_or_init(|| has_all(INTEROP_ENTRY_POINTS, "no mapped CUDA chunks"))
 }
 
 /// Loads and initialises the driver, once per process, and returns how
@@ -143,6 +161,10 @@ fn init_once() -> Result<usize, OpenError> {
 pub(super) struct Adapter {
     pub(super) device: sys::CUdevice,
     pub(super) info: DeviceInfo,
+    /// Whether the device reaches registered host memory at its host
+    /// address (`CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM`, as on x86-64
+    /// Linux), which `cuMemcpyBatchAsync` takes as it is (`lane.rs`).
+    pub(super) host_pointers: bool,
 }
 
 /// Whether describing a device also measures its free memory, which needs
@@ -200,6 +222,9 @@ fn adapter(index: usize, free: FreeMemory) -> Result<Adapter, BackendError> {
     };
     let integrated = attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_INTEGRATED)? != 0;
     let copy_engines = attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_ASYNC_ENGINE_COUNT)?;
+    let host_pointers =
+        attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM)?
+            != 0;
     let mut total: usize = 0;
     // SAFETY: as above.
     conv::check("cuDeviceTotalMem_v2", unsafe {
@@ -219,6 +244,7 @@ fn adapter(index: usize, free: FreeMemory) -> Result<Adapter, BackendError> {
         .unwrap_or(0);
     Ok(Adapter {
         device,
+        host_pointers,
         info: DeviceInfo {
             backend: BackendKind::Cuda,
             index,
@@ -315,7 +341,10 @@ mod tests {
                 .map(|n| n.to_string_lossy().into_owned())
                 .collect()
         };
-        let optional = names(INTEROP_ENTRY_POINTS);
+        let optional: BTreeSet<String> = names(INTEROP_ENTRY_POINTS)
+            .union(&names(BATCH_COPY_ENTRY_POINTS))
+            .cloned()
+            .collect();
         assert!(names(ENTRY_POINTS).is_disjoint(&optional));
         let listed: BTreeSet<String> = names(ENTRY_POINTS).union(&optional).cloned().collect();
         assert!(called.contains("cuInit") && called.contains("cuMemAlloc_v2"));

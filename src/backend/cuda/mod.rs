@@ -15,8 +15,12 @@
 //! (`device::AUTO_MAPS`).
 //! Each lane has its own non-blocking stream, on which a batch's
 //! steps are queued in order (`cuMemcpyHtoDAsync`, `cuMemcpyDtoHAsync`,
-//! `cuMemsetD32Async`), and an event recorded after them; the copy engines
-//! run them by DMA between VRAM and pinned staging memory. `libcuda.so.1`
+//! `cuMemsetD32Async`; a run of copies that may go in any order in one
+//! `cuMemcpyBatchAsync` where the driver has it), and an event recorded
+//! after them; the copy engines run them by DMA between VRAM and pinned
+//! staging memory. Not kernels: a kernel waits for the GPU's time slice
+//! while another process computes (2.4 ms against the copy engines'
+//! unchanged 7.5 µs, docs/BENCHMARKS.md), and swap must not. `libcuda.so.1`
 //! is loaded at run time, so a build with this backend runs on machines
 //! without the NVIDIA driver, where the backend reports itself unavailable.
 //!
