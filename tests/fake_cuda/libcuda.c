@@ -25,6 +25,8 @@
  * would go on silently, aborts the process with a message. Built with
  * -DFAKE_CUDA_TOO_OLD it lacks cuMemsetD32Async, as an old driver would
  * lack an entry point, to test that the backend refuses it without a panic.
+ * Built with -DFAKE_CUDA_BATCH_REFUSED its cuMemcpyBatchAsync refuses every
+ * call, to test that lanes go on with a call per copy.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -57,6 +59,7 @@ enum {
     CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712,
     CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED = 713,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
 };
 
 enum {
@@ -672,6 +675,23 @@ typedef struct {
     unsigned flags;
 } CUmemcpyAttributes;
 
+#ifdef FAKE_CUDA_BATCH_REFUSED
+/* A driver that has the entry point but refuses the call (one that cannot
+ * batch some memory would). */
+EXPORT CUresult cuMemcpyBatchAsync(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes,
+                                   size_t count, CUmemcpyAttributes *attrs, size_t *attrs_idxs,
+                                   size_t num_attrs, size_t *fail_idx, CUstream s)
+{
+    (void)dsts, (void)srcs, (void)sizes, (void)count, (void)attrs, (void)attrs_idxs;
+    (void)num_attrs, (void)s;
+    CUresult r = need_ctx();
+    if (r)
+        return r;
+    if (fail_idx)
+        *fail_idx = 0;
+    return CUDA_ERROR_NOT_SUPPORTED;
+}
+#else
 static size_t batched_copies;
 
 /* Not the driver's: how many copies cuMemcpyBatchAsync has queued, for the
@@ -743,6 +763,7 @@ EXPORT CUresult cuMemcpyBatchAsync(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t 
     }
     return CUDA_SUCCESS;
 }
+#endif
 
 #ifndef FAKE_CUDA_TOO_OLD
 EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned value, size_t words, CUstream s)
