@@ -19,6 +19,28 @@ fn run(lane: &mut dyn Lane, ops: &[TransferOp]) -> Result<(), BackendError> {
     lane.submit(ops).and_then(|()| lane.wait())
 }
 
+/// `len` bytes from `staging_offset` of the staging to `chunk_offset` of
+/// `chunk`.
+fn upload(chunk: ChunkId, staging_offset: usize, chunk_offset: u64, len: u64) -> TransferOp {
+    TransferOp::Upload {
+        staging_offset,
+        chunk,
+        chunk_offset,
+        len,
+    }
+}
+
+/// `len` bytes from `chunk_offset` of `chunk` to `staging_offset` of the
+/// staging.
+fn download(chunk: ChunkId, staging_offset: usize, chunk_offset: u64, len: u64) -> TransferOp {
+    TransferOp::Download {
+        staging_offset,
+        chunk,
+        chunk_offset,
+        len,
+    }
+}
+
 #[test]
 fn bad_steps_are_refused_and_the_lane_stays_usable() {
     for_each_backend(|kind| {
@@ -26,18 +48,10 @@ fn bad_steps_are_refused_and_the_lane_stays_usable() {
         let chunk = backend.allocate_chunk().unwrap();
         let mut lane = backend.create_lane(STAGING).unwrap();
         assert_eq!(lane.staging().len(), STAGING, "{kind}");
-        let copy = |staging_offset: usize, chunk_offset: u64, len: u64| TransferOp::Upload {
-            staging_offset,
-            chunk,
-            chunk_offset,
-            len,
-        };
-        let fetch = |staging_offset: usize, chunk_offset: u64, len: u64| TransferOp::Download {
-            staging_offset,
-            chunk,
-            chunk_offset,
-            len,
-        };
+        let copy =
+            |staging_offset, chunk_offset, len| upload(chunk, staging_offset, chunk_offset, len);
+        let fetch =
+            |staging_offset, chunk_offset, len| download(chunk, staging_offset, chunk_offset, len);
         let zero = |chunk_offset: u64, len: u64| TransferOp::Zero {
             chunk,
             chunk_offset,
@@ -154,16 +168,7 @@ fn the_memory_limit_caps_allocation_and_what_is_reported_available() {
         // Chunks outlive lanes and go back with the backend.
         let mut lane = backend.create_lane(STAGING).unwrap();
         lane.staging()[..4].copy_from_slice(&[1, 2, 3, 4]);
-        run(
-            &mut *lane,
-            &[TransferOp::Upload {
-                staging_offset: 0,
-                chunk: c,
-                chunk_offset: CHUNK_SIZE - 4,
-                len: 4,
-            }],
-        )
-        .unwrap();
+        run(&mut *lane, &[upload(c, 0, CHUNK_SIZE - 4, 4)]).unwrap();
         drop(lane);
         backend.free_chunk(b);
         backend.free_chunk(b); // a second free is ignored
@@ -191,16 +196,7 @@ fn mapped_writes_are_what_a_lane_downloads() {
                 (CHUNK_SIZE / 2 - 10, 20),
                 (CHUNK_SIZE - 4096, 4096),
             ] {
-                run(
-                    lane,
-                    &[TransferOp::Download {
-                        staging_offset: 0,
-                        chunk,
-                        chunk_offset: offset,
-                        len,
-                    }],
-                )
-                .unwrap();
+                run(lane, &[download(chunk, 0, offset, len)]).unwrap();
                 let got = &lane.staging()[..len as usize];
                 for (i, byte) in got.iter().enumerate() {
                     let at = offset as usize + i;
@@ -264,16 +260,7 @@ fn downloads_into_registered_host_memory_land_in_place_and_bad_ones_are_refused(
         let mut lane = backend.create_lane(STAGING).unwrap();
         let bytes: Vec<u8> = (0..STAGING).map(|i| (i * 7 + 1) as u8).collect();
         lane.staging().copy_from_slice(&bytes);
-        run(
-            &mut *lane,
-            &[TransferOp::Upload {
-                staging_offset: 0,
-                chunk,
-                chunk_offset: 4096,
-                len: STAGING as u64,
-            }],
-        )
-        .unwrap();
+        run(&mut *lane, &[upload(chunk, 0, 4096, STAGING as u64)]).unwrap();
         // An odd start and length, as a malloc'd buffer has.
         let mut host = vec![0xeeu8; 300_001];
         let buf = &mut host[17..17 + 200_000];
@@ -357,18 +344,10 @@ fn a_batchs_steps_take_effect_in_order() {
         let backend = open_backend(kind, None);
         let chunk = backend.allocate_chunk().unwrap();
         let mut lane = backend.create_lane(STAGING).unwrap();
-        let up = |staging_offset: usize, chunk_offset: u64, len: u64| TransferOp::Upload {
-            staging_offset,
-            chunk,
-            chunk_offset,
-            len,
-        };
-        let down = |staging_offset: usize, chunk_offset: u64, len: u64| TransferOp::Download {
-            staging_offset,
-            chunk,
-            chunk_offset,
-            len,
-        };
+        let up =
+            |staging_offset, chunk_offset, len| upload(chunk, staging_offset, chunk_offset, len);
+        let down =
+            |staging_offset, chunk_offset, len| download(chunk, staging_offset, chunk_offset, len);
         let pattern: Vec<u8> = (0..16384).map(|i| (i * 13 + i / 251) as u8).collect();
         let staging = lane.staging();
         staging.fill(0);
